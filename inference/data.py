@@ -1,0 +1,235 @@
+"""MNIST variants: reading idx files, one-off fixed-seed transformations, subsetting.
+
+The data root is resolved as ``--data-dir`` > ``$INVW_DATA_DIR`` > ``./data``. Under the root the
+files are laid out as torchvision's ``MNIST`` expects: ``ROOT/MNIST/raw/train-images-idx3-ubyte``
+(plain or ``.gz``). When ``allow_download`` is set and nothing is found, torchvision downloads
+full MNIST there; otherwise a :class:`DataNotFoundError` names the root and the flag.
+
+Each variant transforms every example once, with a generator seeded by ``data_seed``
+(REFERENCE.md: "Each transformed once per example with a fixed seed"):
+
+=========================  ================================================
+rotated-mnist              rotation ~ U[-rotation, rotation], default 180 deg
+partially-rotated-mnist    rotation ~ U[-90, 90] deg
+translated-mnist           dx, dy ~ U[-translation, translation], default 8 px
+scaled-mnist               exp(s), s ~ U[-log 2, log 2]
+mnist                      untouched
+=========================  ================================================
+"""
+
+from __future__ import annotations
+
+import gzip
+import math
+import os
+from dataclasses import dataclass
+from enum import Enum
+from pathlib import Path
+
+import torch
+
+from models.transforms import affine_generators, warp_images
+
+DATA_ENV_VAR = "INVW_DATA_DIR"
+_IDX_DTYPES = {0x08: torch.uint8}
+_FILES = {
+    ("train", "images"): "train-images-idx3-ubyte",
+    ("train", "labels"): "train-labels-idx1-ubyte",
+    ("test", "images"): "t10k-images-idx3-ubyte",
+    ("test", "labels"): "t10k-labels-idx1-ubyte",
+}
+
+
+class DataNotFoundError(FileNotFoundError):
+    """The dataset is not under the data root and downloading was not allowed (or failed)."""
+
+
+class CorruptDataError(ValueError):
+    """An idx file is truncated, has a bad magic number or disagrees with its labels."""
+
+
+class DatasetName(str, Enum):
+    """The MNIST variants of REFERENCE.md."""
+
+    MNIST = "mnist"
+    ROTATED = "rotated-mnist"
+    PARTIALLY_ROTATED = "partially-rotated-mnist"
+    TRANSLATED = "translated-mnist"
+    SCALED = "scaled-mnist"
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Which data, how transformed, how much of it."""
+
+    dataset: DatasetName = DatasetName.ROTATED
+    data_dir: str | None = None  # None: $INVW_DATA_DIR, else ./data
+    allow_download: bool = False  # let torchvision download full MNIST when it is missing
+    train_size: int | None = None  # None: all training examples (class-balanced subset otherwise)
+    test_size: int | None = None
+    rotation_deg: float | None = None  # None: 180 (rotated) or 90 (partially rotated)
+    translation_px: float = 8.0
+    log_scale: float = math.log(2.0)
+    data_seed: int = 0  # seed of the one-off transformation and of subsetting
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "dataset", DatasetName(self.dataset))
+        for name in ("train_size", "test_size"):
+            value = getattr(self, name)
+            if value is not None and int(value) < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value}")
+
+
+@dataclass
+class Split:
+    """Images ``x: (N, 1, 28, 28)`` in [0, 1] (float32) and labels ``y: (N,)`` (int64)."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+
+    def __len__(self) -> int:
+        return int(self.y.shape[0])
+
+
+@dataclass
+class Datasets:
+    """Train and test splits plus provenance recorded in ``metrics.json``."""
+
+    train: Split
+    test: Split
+    info: dict
+
+
+def resolve_data_dir(data_dir: str | os.PathLike | None) -> Path:
+    """``data_dir`` if given, else ``$INVW_DATA_DIR``, else ``./data``."""
+    return Path(data_dir or os.environ.get(DATA_ENV_VAR) or "data").expanduser()
+
+
+def read_idx(path: str | os.PathLike) -> torch.Tensor:
+    """Read an idx file (plain or gzip) as a uint8 tensor, checking magic number and size.
+
+    Raises
+    ------
+    CorruptDataError
+        On a bad magic number, an unsupported type, or a file shorter or longer than its header says.
+    """
+    path = Path(path)
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rb") as f:
+            raw = f.read()
+    except (OSError, EOFError) as err:  # gzip raises these on truncated or non-gzip files
+        raise CorruptDataError(f"cannot read idx file {path}: {err}") from None
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_DTYPES:
+        raise CorruptDataError(f"{path} is not an idx file of unsigned bytes (bad magic number)")
+    ndim = raw[3]
+    header = 4 + 4 * ndim
+    if len(raw) < header:
+        raise CorruptDataError(f"{path} is truncated inside its header")
+    shape = tuple(int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
+    expected = header + math.prod(shape)
+    if len(raw) != expected:
+        raise CorruptDataError(f"{path} has {len(raw)} bytes but its header {shape} needs {expected} (truncated?)")
+    return torch.frombuffer(bytearray(raw[header:]), dtype=torch.uint8).reshape(shape)
+
+
+def _find(raw_dir: Path, name: str) -> Path | None:
+    for candidate in (raw_dir / name, raw_dir / f"{name}.gz"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def load_mnist_raw(root: Path, allow_download: bool = False) -> dict[str, Split]:
+    """Read the four MNIST idx files under ``root/MNIST/raw`` (downloading first if allowed)."""
+    raw_dir = root / "MNIST" / "raw"
+    if any(_find(raw_dir, n) is None for n in _FILES.values()) and allow_download:
+        import torchvision  # imported lazily: only needed for downloading
+
+        try:
+            torchvision.datasets.MNIST(str(root), train=True, download=True)
+            torchvision.datasets.MNIST(str(root), train=False, download=True)
+        except Exception as err:  # noqa: BLE001 - network errors come in many types
+            raise DataNotFoundError(f"MNIST download into {root} failed: {err}") from None
+    missing = [n for n in _FILES.values() if _find(raw_dir, n) is None]
+    if missing:
+        raise DataNotFoundError(
+            f"MNIST not found under {raw_dir} (missing {', '.join(missing)}); point --data-dir or "
+            f"${DATA_ENV_VAR} at a folder holding MNIST/raw, or pass --download to fetch it"
+        )
+    splits = {}
+    for split in ("train", "test"):
+        x = read_idx(_find(raw_dir, _FILES[(split, "images")]))  # type: ignore[arg-type]
+        y = read_idx(_find(raw_dir, _FILES[(split, "labels")]))  # type: ignore[arg-type]
+        if x.dim() != 3 or y.dim() != 1 or x.shape[0] != y.shape[0]:
+            raise CorruptDataError(f"MNIST {split} images {tuple(x.shape)} and labels {tuple(y.shape)} disagree")
+        if int(y.max()) > 9:
+            raise CorruptDataError(f"MNIST {split} labels out of range 0..9 (max {int(y.max())})")
+        splits[split] = Split(x.unsqueeze(1).float() / 255.0, y.long())
+    return splits
+
+
+def balanced_subset(y: torch.Tensor, size: int, generator: torch.Generator) -> torch.Tensor:
+    """Indices of a class-balanced random subset of ``size`` examples (sorted, original order kept)."""
+    classes = torch.unique(y)
+    per_class, extra = divmod(size, len(classes))
+    picks = []
+    for i, c in enumerate(classes):
+        idx = torch.nonzero(y == c).squeeze(1)
+        take = min(per_class + (1 if i < extra else 0), len(idx))
+        picks.append(idx[torch.randperm(len(idx), generator=generator)[:take]])
+    return torch.sort(torch.cat(picks)).values
+
+
+def transformation_matrices(cfg: DataConfig, n: int, image_size: int, generator: torch.Generator) -> torch.Tensor | None:
+    """One affine matrix per example for the chosen variant, ``(n, 3, 3)`` (None for plain MNIST).
+
+    The matrices act on output coordinates, ``x'(p) = x(T p)``, like :func:`models.warp_images`.
+    """
+    G = affine_generators()
+    u = torch.rand(n, 2, generator=generator) * 2 - 1  # U[-1, 1]
+    if cfg.dataset in (DatasetName.ROTATED, DatasetName.PARTIALLY_ROTATED):
+        default = 180.0 if cfg.dataset is DatasetName.ROTATED else 90.0
+        angle = math.radians(cfg.rotation_deg if cfg.rotation_deg is not None else default)
+        A = (u[:, 0] * angle)[:, None, None] * G[2]
+    elif cfg.dataset is DatasetName.TRANSLATED:
+        shift = cfg.translation_px / ((image_size - 1) / 2)  # pixels -> normalised units
+        A = (u[:, 0] * shift)[:, None, None] * G[0] + (u[:, 1] * shift)[:, None, None] * G[1]
+    elif cfg.dataset is DatasetName.SCALED:
+        s = u[:, 0] * cfg.log_scale  # sampling at p / exp(s) magnifies by exp(s)
+        A = -s[:, None, None] * (G[3] + G[4])
+    else:
+        return None
+    return torch.linalg.matrix_exp(A)
+
+
+def load_datasets(cfg: DataConfig) -> Datasets:
+    """Load, subset and transform the dataset named in ``cfg``.
+
+    Returns
+    -------
+    Datasets
+        ``train`` and ``test`` splits of shape ``(N, 1, 28, 28)`` and ``info`` with the root,
+        sizes and whether the full 60k/10k MNIST or a subset was found.
+    """
+    root = resolve_data_dir(cfg.data_dir)
+    raw = load_mnist_raw(root, cfg.allow_download)
+    gen = torch.Generator().manual_seed(cfg.data_seed)
+    info = {
+        "dataset": cfg.dataset.value,
+        "root": str(root.resolve()),
+        "available_train": len(raw["train"]),
+        "available_test": len(raw["test"]),
+        "full_mnist": len(raw["train"]) == 60000 and len(raw["test"]) == 10000,
+    }
+    splits = {}
+    for name, size in (("train", cfg.train_size), ("test", cfg.test_size)):
+        split = raw[name]
+        if size is not None and size < len(split):
+            idx = balanced_subset(split.y, size, gen)
+            split = Split(split.x[idx], split.y[idx])
+        T = transformation_matrices(cfg, len(split), split.x.shape[-1], gen)
+        x = split.x if T is None else warp_images(split.x, T).clamp_(0.0, 1.0)
+        splits[name] = Split(x.contiguous(), split.y)
+        info[f"{name}_size"] = len(split)
+    return Datasets(splits["train"], splits["test"], info)

@@ -1,0 +1,77 @@
+"""Evaluation: posterior predictive accuracy and NLL, and the ELBO per training example."""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+from pyro import poutine
+
+from inference.data import Split
+from inference.svi import TrainConfig, make_elbo
+from models.network import InvariantNet
+
+
+@torch.no_grad()
+def predictive_log_probs(
+    model: InvariantNet,
+    guide: Callable,
+    x: torch.Tensor,
+    num_samples: int = 1,
+    num_transforms: int | None = None,
+    batch_size: int = 500,
+) -> torch.Tensor:
+    """log p(y | x, D) ~= log (1/M) sum_m (1/S) sum_s softmax f_s(x; theta_m), theta_m ~ q.
+
+    Parameters
+    ----------
+    model, guide : the fitted model and guide.
+    x : torch.Tensor
+        ``(N, C, H, W)``.
+    num_samples : int
+        M weight samples from the guide.
+    num_transforms : int, optional
+        S transformation samples per weight sample (default: the model's).
+    batch_size : int
+        Examples per forward pass (memory grows as ``S * batch_size * hidden``).
+
+    Returns
+    -------
+    torch.Tensor
+        ``(N, classes)`` normalised log-probabilities.
+    """
+    if num_samples < 1:
+        raise ValueError(f"num_samples must be a positive integer, got {num_samples}")
+    out = []
+    for xb in torch.split(x, batch_size):
+        draws = []
+        for _ in range(num_samples):
+            guide_trace = poutine.trace(guide).get_trace(xb, None, num_transforms)
+            draws.append(poutine.replay(model, trace=guide_trace)(xb, None, num_transforms))
+        stacked = torch.stack(draws)  # (M, b, classes)
+        out.append(torch.logsumexp(stacked, 0) - math.log(num_samples))
+    return torch.cat(out)
+
+
+def accuracy_and_nll(log_probs: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
+    """Accuracy and mean negative log-likelihood of labels ``y`` under ``log_probs (N, classes)``."""
+    acc = (log_probs.argmax(-1) == y).float().mean().item()
+    nll = -log_probs.gather(1, y[:, None]).mean().item()
+    return acc, nll
+
+
+@torch.no_grad()
+def elbo_per_example(
+    model: InvariantNet, guide: Callable, data: Split, cfg: TrainConfig, batch_size: int = 500
+) -> float:
+    """ELBO / N over the whole training set: sum_b (B_b / N) ELBO_b, each ELBO_b scaled by N / B_b.
+
+    Summed that way the KL term is counted once and every example's likelihood once.
+    """
+    elbo = make_elbo(cfg)
+    n = len(data)
+    total = 0.0
+    for xb, yb in zip(torch.split(data.x, batch_size), torch.split(data.y, batch_size)):
+        total += -elbo.loss(model, guide, xb, yb) * len(yb) / n
+    return total / n

@@ -1,0 +1,199 @@
+"""Train an invariant network on an MNIST variant and write metrics.
+
+Usage::
+
+    python -m inference.train --dataset rotated-mnist --out runs/rotated --data-dir ../shared/data
+
+Writes ``OUT/metrics.json`` (learned eta per generator in the units of T, test accuracy, test
+NLL, ELBO per example, training time, data provenance and the full config) and
+``OUT/eta_history.csv`` (step, one column per generator).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import pyro
+import torch
+
+from guides.factory import GuideKind, InitLoc, make_guide
+from inference.data import CorruptDataError, DataConfig, DataNotFoundError, DatasetName, load_datasets
+from inference.evaluate import accuracy_and_nll, elbo_per_example, predictive_log_probs
+from inference.svi import TrainConfig, eta_dict, fit
+from models.config import GENERATOR_PRESETS, Averaging, FirstLayer, ModelConfig, TransformMode
+from models.network import InvariantNet
+from models.transforms import GENERATOR_NAMES
+
+
+def parse_generators(text: str) -> tuple[str, ...]:
+    """A preset name (``none``, ``rotation``, ``translation``, ``scale``, ``affine``) or a comma list."""
+    if text in GENERATOR_PRESETS:
+        return GENERATOR_PRESETS[text]
+    names = tuple(t.strip() for t in text.split(",") if t.strip())
+    unknown = [n for n in names if n not in GENERATOR_NAMES]
+    if unknown:
+        raise argparse.ArgumentTypeError(
+            f"unknown generator(s) {unknown}: use a preset {sorted(GENERATOR_PRESETS)} or names from {list(GENERATOR_NAMES)}"
+        )
+    return names
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    d, m, t = DataConfig(), ModelConfig(), TrainConfig()
+    g = p.add_argument_group("data")
+    g.add_argument("--dataset", type=DatasetName, choices=list(DatasetName), default=d.dataset, metavar="NAME",
+                   help=f"one of {[x.value for x in DatasetName]}")
+    g.add_argument("--data-dir", default=None, help="data root holding MNIST/raw (default: $INVW_DATA_DIR, else ./data)")
+    g.add_argument("--download", action="store_true", help="let torchvision download MNIST if it is missing")
+    g.add_argument("--train-size", type=int, default=None, help="class-balanced training subset (default: all)")
+    g.add_argument("--test-size", type=int, default=None, help="class-balanced test subset (default: all)")
+    g.add_argument("--rotation-deg", type=float, default=None, help="data rotation range U[-a, a] (default 180 / 90)")
+    g.add_argument("--translation-px", type=float, default=d.translation_px, help="data translation range in pixels")
+    g.add_argument("--log-scale", type=float, default=d.log_scale, help="data scale exp(s), s ~ U[-v, v]")
+    g.add_argument("--data-seed", type=int, default=d.data_seed, help="seed of the one-off data transformation")
+    g = p.add_argument_group("model")
+    g.add_argument("--hidden", type=int, default=m.hidden, help="hidden units D")
+    g.add_argument("--first-layer", type=FirstLayer, choices=list(FirstLayer), default=m.first_layer)
+    g.add_argument("--transform-mode", type=TransformMode, choices=list(TransformMode), default=m.transform_mode)
+    g.add_argument("--averaging", type=Averaging, choices=list(Averaging), default=m.averaging)
+    g.add_argument("--num-transforms", type=int, default=8, help="S transformation samples per training step")
+    g.add_argument("--eval-transforms", type=int, default=m.num_transforms, help="S at evaluation")
+    g.add_argument("--eval-samples", type=int, default=1, help="weight samples from q at evaluation")
+    g.add_argument("--generators", type=parse_generators, default="affine",
+                   help=f"preset {sorted(GENERATOR_PRESETS)} or comma list of {list(GENERATOR_NAMES)}")
+    g.add_argument("--eta-init-deg", type=float, default=math.degrees(m.eta_init),
+                   help="initial eta in degrees (radians for rotate; the same number in T's units for the others)")
+    g.add_argument("--fixed-eta", action="store_true", help="keep eta at its initial value (fixed-eta baselines)")
+    g.add_argument("--prior-scale", type=float, default=m.prior_scale, help="alpha: weights ~ N(0, alpha^2)")
+    g.add_argument("--no-first-layer-prior", action="store_true",
+                   help="mask log p(W1, b1): with the hybrid guide W1 is a hyperparameter (the paper's ReLU setup)")
+    g = p.add_argument_group("inference")
+    g.add_argument("--guide", type=GuideKind, choices=list(GuideKind), default=GuideKind.HYBRID)
+    g.add_argument("--init-scale", type=float, default=0.01, help="initial std of Gaussian guide factors")
+    g.add_argument("--init-loc", type=InitLoc, choices=list(InitLoc), default=InitLoc.XAVIER)
+    g.add_argument("--num-steps", type=int, default=t.num_steps)
+    g.add_argument("--batch-size", type=int, default=t.batch_size)
+    g.add_argument("--lr", type=float, default=t.lr)
+    g.add_argument("--eta-lr", type=float, default=t.eta_lr)
+    g.add_argument("--num-particles", type=int, default=t.num_particles, help="K weight samples per step")
+    g.add_argument("--no-vectorize", action="store_true", help="loop over particles instead of vectorising")
+    g.add_argument("--no-cosine", action="store_true", help="constant learning rates")
+    g = p.add_argument_group("run")
+    g.add_argument("--out", required=True, help="output directory")
+    g.add_argument("--seed", type=int, default=t.seed)
+    g.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    g.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
+
+
+def configs_from_args(args: argparse.Namespace) -> tuple[DataConfig, ModelConfig, TrainConfig]:
+    """Turn parsed arguments into the three typed configs (validation happens in their constructors)."""
+    data = DataConfig(dataset=args.dataset, data_dir=args.data_dir, allow_download=args.download,
+                      train_size=args.train_size, test_size=args.test_size, rotation_deg=args.rotation_deg,
+                      translation_px=args.translation_px, log_scale=args.log_scale, data_seed=args.data_seed)
+    model = ModelConfig(hidden=args.hidden, first_layer=args.first_layer, transform_mode=args.transform_mode,
+                        averaging=args.averaging, num_transforms=args.num_transforms, generators=args.generators,
+                        eta_init=math.radians(args.eta_init_deg), learn_eta=not args.fixed_eta,
+                        prior_scale=args.prior_scale, first_layer_prior=not args.no_first_layer_prior)
+    train = TrainConfig(num_steps=args.num_steps, batch_size=args.batch_size, lr=args.lr, eta_lr=args.eta_lr,
+                        num_particles=args.num_particles, vectorize_particles=not args.no_vectorize,
+                        cosine=not args.no_cosine, seed=args.seed)
+    if args.eval_transforms < 1 or args.eval_samples < 1:
+        raise ValueError("--eval-transforms and --eval-samples must be positive integers")
+    if args.init_scale <= 0:
+        raise ValueError(f"--init-scale must be > 0, got {args.init_scale}")
+    return data, model, train
+
+
+def resolve_device(name: str) -> torch.device:
+    """``cpu`` or ``cuda``; asking for CUDA without a GPU is an error, not a silent fallback."""
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda was requested but torch sees no CUDA device")
+    return torch.device(name)
+
+
+def write_eta_history(path: Path, history: list[dict[str, float]]) -> None:
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["step", *GENERATOR_NAMES])
+        writer.writeheader()
+        writer.writerows(history)
+
+
+def main(args: argparse.Namespace) -> dict:
+    """Train, evaluate and write ``metrics.json`` and ``eta_history.csv``; returns the metrics."""
+    data_cfg, model_cfg, train_cfg = configs_from_args(args)
+    device = resolve_device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    pyro.set_rng_seed(args.seed)
+    pyro.clear_param_store()
+    data = load_datasets(data_cfg)
+    train, test = data.train, data.test
+    train.x, train.y, test.x, test.y = (t.to(device) for t in (train.x, train.y, test.x, test.y))
+    model = InvariantNet(model_cfg, num_data=len(train)).to(device)
+    guide = make_guide(model, args.guide, init_scale=args.init_scale, init_loc=args.init_loc)
+    print(f"data: {data.info['dataset']} train={len(train)} test={len(test)} from {data.info['root']}"
+          f"{'' if data.info['full_mnist'] else ' (subset, not full MNIST)'}", file=sys.stderr)
+    result = fit(model, guide, train, train_cfg, progress=not args.no_progress)
+    start = time.perf_counter()
+    log_p = predictive_log_probs(model, guide, test.x, args.eval_samples, args.eval_transforms)
+    acc, nll = accuracy_and_nll(log_p, test.y)
+    elbo = elbo_per_example(model, guide, train, train_cfg)
+    metrics = {
+        "eta": eta_dict(model),
+        "test_accuracy": acc,
+        "test_nll": nll,
+        "elbo_per_example": elbo,
+        "train_seconds": result.seconds,
+        "eval_seconds": time.perf_counter() - start,
+        "final_train_loss": result.losses[-1],
+        "data": data.info,
+        "config": {
+            "data": asdict(data_cfg),
+            "model": asdict(model_cfg),
+            "train": asdict(train_cfg),
+            "guide": {"kind": GuideKind(args.guide).value, "init_scale": args.init_scale,
+                      "init_loc": InitLoc(args.init_loc).value},
+            "eval": {"num_transforms": args.eval_transforms, "num_samples": args.eval_samples},
+            "device": str(device),
+            "seed": args.seed,
+        },
+    }
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2, default=_json_default))
+    write_eta_history(out / "eta_history.csv", result.eta_history)
+    print(json.dumps({k: metrics[k] for k in ("eta", "test_accuracy", "test_nll", "elbo_per_example",
+                                               "train_seconds")}, indent=2))
+    return metrics
+
+
+def _json_default(obj):
+    if hasattr(obj, "value"):  # Enums
+        return obj.value
+    raise TypeError(f"not JSON serialisable: {type(obj)}")
+
+
+def cli(argv: list[str] | None = None) -> int:
+    """Console entry point: user errors become one-line messages and exit code 2."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        main(args)
+    except (DataNotFoundError, CorruptDataError, ValueError, FloatingPointError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

@@ -1,0 +1,88 @@
+"""Typed configuration of the invariant network and string choices shared by code, CLI and docs."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from enum import Enum
+
+from models.transforms import GENERATOR_NAMES
+
+
+class FirstLayer(str, Enum):
+    """First-layer feature map phi(W1 x + b1)."""
+
+    RELU = "relu"  # learned W1 with a prior, ReLU activation (paper Sec. 5.2)
+    RFF = "rff"  # fixed random W1 and b1, cosine activation: random Fourier features (Sec. 5.1)
+
+
+class TransformMode(str, Enum):
+    """Where the sampled transformation acts."""
+
+    WEIGHTS = "weights"  # (W1 o T) x: cost grows with hidden units (the paper's method)
+    INPUTS = "inputs"  # W1 (T^-1 x): Augerino-style, cost grows with the batch
+
+
+class Averaging(str, Enum):
+    """How the S transformed predictions are combined inside the likelihood."""
+
+    PROBS = "probs"  # log (1/S sum_s softmax f_s): multi-sample Jensen bound of the main text
+    LOGITS = "logits"  # log softmax((1/S) sum_s f_s): the supplement's variant
+
+
+GENERATOR_PRESETS: dict[str, tuple[str, ...]] = {
+    "none": (),
+    "rotation": ("rotate",),
+    "translation": ("translate_x", "translate_y"),
+    "scale": ("scale_x", "scale_y"),
+    "affine": GENERATOR_NAMES,
+}
+"""Named sets of active generators ("+ rotation", "+ affine", ... of Table 2)."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Architecture, prior and invariance settings of :class:`models.InvariantNet`.
+
+    Shapes: inputs ``(B, C, H, W)``, ``W1: (D, C*H*W)``, ``W2: (num_classes, D)``.
+    """
+
+    image_shape: tuple[int, int, int] = (1, 28, 28)  # (C, H, W)
+    num_classes: int = 10
+    hidden: int = 1024  # D
+    first_layer: FirstLayer = FirstLayer.RELU
+    transform_mode: TransformMode = TransformMode.WEIGHTS
+    averaging: Averaging = Averaging.PROBS
+    num_transforms: int = 32  # S, transformation samples per forward pass
+    generators: tuple[str, ...] = GENERATOR_NAMES  # active generators; the others have eta = 0
+    eta_init: float = math.radians(5.0)  # initial eta of every active generator (5 degrees)
+    learn_eta: bool = True  # False: eta stays at eta_init (the fixed-eta baselines)
+    prior_scale: float = 1.0  # alpha: weights ~ N(0, alpha^2) a priori
+    first_layer_prior: bool = True  # False: W1, b1 keep their sites but log p(W1, b1) is masked out, so a
+    # point-estimate guide treats them as hyperparameters, as in the paper's ReLU network (ML-II for W1)
+    rff_scale: float = 1.0  # RFF only: W1 ~ N(0, rff_scale^2 / (C*H*W))
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "first_layer", FirstLayer(self.first_layer))
+        object.__setattr__(self, "transform_mode", TransformMode(self.transform_mode))
+        object.__setattr__(self, "averaging", Averaging(self.averaging))
+        object.__setattr__(self, "image_shape", tuple(int(s) for s in self.image_shape))
+        object.__setattr__(self, "generators", tuple(self.generators))
+        unknown = sorted(set(self.generators) - set(GENERATOR_NAMES))
+        if unknown:
+            raise ValueError(f"unknown generator(s) {unknown}; choose from {list(GENERATOR_NAMES)}")
+        for name in ("num_classes", "hidden", "num_transforms"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)}")
+        if len(self.image_shape) != 3 or min(self.image_shape) < 1:
+            raise ValueError(f"image_shape must be (C, H, W) with positive sizes, got {self.image_shape}")
+        if not self.eta_init > 0:
+            raise ValueError(f"eta_init must be > 0 (eta is a positive parameter), got {self.eta_init}")
+        if not self.prior_scale > 0:
+            raise ValueError(f"prior_scale must be > 0, got {self.prior_scale}")
+
+    @property
+    def num_pixels(self) -> int:
+        """C * H * W, the input dimension of the first layer."""
+        C, H, W = self.image_shape
+        return C * H * W

@@ -1,0 +1,230 @@
+"""The invariant shallow network as a Pyro program (``PyroModule``).
+
+Generative model (van der Ouderaa & van der Wilk, 2022, Eqs. 1-6)::
+
+    W1, b1, W2, b2 ~ N(0, alpha^2)                 prior sample sites (W1, b1 only for ReLU)
+    eps            ~ U[-1, 1]^(S x K)              sample site "eps", K = 6 generators
+    eta            > 0                              pyro.param "eta" (empirical Bayes)
+    T_s            = expm(sum_k eps_sk eta_k G_k)   s = 1..S
+    f_s(x)         = W2 phi((W1 o T_s) x + b1) + b2
+    y | x          ~ Categorical(mean_s softmax f_s(x))      (averaging="probs")
+                   or Categorical(softmax(mean_s f_s(x)))    (averaging="logits")
+
+Shapes: x ``(B, C, H, W)``, y ``(B,)``, W1 ``(D, C*H*W)``, W2 ``(num_classes, D)``,
+eps ``(S, K)``. Under vectorised particles or ``Predictive(parallel=True)`` every sample site
+gains leading dimensions ``(P, 1)``, where the trailing 1 is the slot of the ``data`` plate;
+the forward pass flattens them to one dimension P and restores them at the end.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pyro
+import pyro.distributions as dist
+from pyro import poutine
+import torch
+from pyro.nn import PyroModule, PyroParam, PyroSample
+from torch.distributions import constraints
+
+from models.config import Averaging, FirstLayer, ModelConfig, TransformMode
+from models.transforms import GENERATOR_NAMES, affine_generators, affine_matrices, warp_filters, warp_images
+
+
+def _normal_prior(shape: tuple[int, ...]):
+    def prior(self: InvariantNet) -> dist.Distribution:
+        return dist.Normal(self.prior_loc, self.prior_scale).expand(shape).to_event(len(shape))
+
+    return prior
+
+
+class InvariantNet(PyroModule):
+    """Shallow Bayesian network made invariant by averaging over transformed first-layer weights.
+
+    Parameters
+    ----------
+    config : ModelConfig
+        Architecture, prior and invariance settings.
+    num_data : int
+        Size N of the training set; the likelihood of a minibatch of B examples is scaled by N / B
+        through ``pyro.plate("data", N, subsample=...)``.
+
+    Notes
+    -----
+    Sample sites: ``W1``, ``b1`` (ReLU only; the RFF first layer is a fixed random buffer),
+    ``W2``, ``b2``, ``eps`` and the observed ``obs``. Param site: ``eta`` (positive), unless
+    ``config.learn_eta`` is False, in which case eta is a buffer. Generators outside
+    ``config.generators`` are masked to eta = 0.
+
+    Examples
+    --------
+    >>> model = InvariantNet(ModelConfig(hidden=16, num_transforms=4), num_data=100)
+    >>> log_p = model(torch.rand(8, 1, 28, 28), torch.randint(0, 10, (8,)))
+    >>> log_p.shape
+    torch.Size([8, 10])
+    """
+
+    def __init__(self, config: ModelConfig, num_data: int) -> None:
+        super().__init__()
+        if int(num_data) < 1:
+            raise ValueError(f"num_data must be a positive integer, got {num_data}")
+        self.config = config
+        self.num_data = int(num_data)
+        D, P = config.hidden, config.num_pixels
+        self.register_buffer("generators", affine_generators())  # (K, 3, 3)
+        mask = torch.tensor([name in config.generators for name in GENERATOR_NAMES], dtype=torch.float)
+        self.register_buffer("generator_mask", mask)  # (K,)
+        self.register_buffer("prior_loc", torch.tensor(0.0))
+        self.register_buffer("prior_scale", torch.tensor(float(config.prior_scale)))
+        eta0 = torch.full((len(GENERATOR_NAMES),), float(config.eta_init))
+        if config.learn_eta:
+            self.eta = PyroParam(eta0, constraint=constraints.positive)
+        else:
+            self.register_buffer("eta", eta0)
+        if config.first_layer is FirstLayer.RFF:  # fixed W1 ~ N(0, s^2 / P), b1 ~ U[0, 2 pi)
+            self.register_buffer("W1", torch.randn(D, P) * config.rff_scale / math.sqrt(P))
+            self.register_buffer("b1", torch.rand(D) * 2 * math.pi)
+        for name, shape in self.weight_shapes().items():
+            setattr(self, name, PyroSample(_normal_prior(shape)))
+
+    # ------------------------------------------------------------------ pieces
+    @property
+    def eta_effective(self) -> torch.Tensor:
+        """eta with inactive generators masked to zero, shape ``(K,)``."""
+        return self.eta * self.generator_mask
+
+    @property
+    def has_transforms(self) -> bool:
+        """False when no generator is active: then the S samples coincide and are skipped."""
+        return bool(self.config.generators)
+
+    def eps_prior(self, num_transforms: int) -> dist.Distribution:
+        """p(eps) = U[-1, 1]^(S x K), event shape ``(S, K)``."""
+        low = -torch.ones(num_transforms, len(GENERATOR_NAMES), device=self.prior_loc.device)
+        return dist.Uniform(low, -low).to_event(2)
+
+    def weight_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Event shapes of the weight sample sites, in the order the model samples them."""
+        D, P, C = self.config.hidden, self.config.num_pixels, self.config.num_classes
+        shapes: dict[str, tuple[int, ...]] = {}
+        if self.config.first_layer is FirstLayer.RELU:
+            shapes.update({"W1": (D, P), "b1": (D,)})
+        shapes.update({"W2": (C, D), "b2": (C,)})
+        return shapes
+
+    def weight_priors(self) -> dict[str, dist.Distribution]:
+        """p(theta) per weight site: ``N(0, alpha^2)`` with the site's event shape."""
+        return {name: _normal_prior(shape)(self) for name, shape in self.weight_shapes().items()}
+
+    def initial_values(self) -> dict[str, torch.Tensor]:
+        """Xavier-uniform weights and zero biases (the paper's initialisation), for guide init."""
+        values: dict[str, torch.Tensor] = {}
+        for name, shape in self.weight_shapes().items():
+            if len(shape) == 2:
+                bound = math.sqrt(6.0 / (shape[0] + shape[1]))
+                values[name] = (torch.rand(shape, device=self.prior_loc.device) * 2 - 1) * bound
+            else:
+                values[name] = torch.zeros(shape, device=self.prior_loc.device)
+        return values
+
+    def _check_inputs(self, x: torch.Tensor, y: torch.Tensor | None) -> None:
+        C, H, W = self.config.image_shape
+        if x.dim() != 4 or tuple(x.shape[1:]) != (C, H, W):
+            raise ValueError(f"expected images of shape (B, {C}, {H}, {W}), got {tuple(x.shape)}")
+        if y is not None and (y.shape != x.shape[:1]):
+            raise ValueError(f"expected labels of shape ({x.shape[0]},), got {tuple(y.shape)}")
+
+    def transformed_logits(
+        self, x: torch.Tensor, W1: torch.Tensor, b1: torch.Tensor, W2: torch.Tensor, b2: torch.Tensor, eps: torch.Tensor
+    ) -> torch.Tensor:
+        """Logits of every transformed copy of the network, f_s(x).
+
+        Parameters
+        ----------
+        x : torch.Tensor
+            ``(B, C, H, W)``.
+        W1, b1, W2, b2 : torch.Tensor
+            ``(P, D, C*H*W)``, ``(P, D)``, ``(P, classes, D)``, ``(P, classes)``.
+        eps : torch.Tensor
+            ``(P, S, K)``.
+
+        Returns
+        -------
+        torch.Tensor
+            ``(P, S', B, classes)`` with S' = S, or S' = 1 when no generator is active.
+        """
+        B = x.shape[0]
+        x_flat = x.reshape(B, -1)  # (B, CHW)
+        if not self.has_transforms:
+            pre = torch.matmul(x_flat, W1.transpose(-1, -2)).unsqueeze(1)  # (P, 1, B, D)
+        elif self.config.transform_mode is TransformMode.WEIGHTS:
+            T = affine_matrices(self.eta_effective, eps, self.generators)  # (P, S, 3, 3)
+            W1_T = warp_filters(W1, T, self.config.image_shape)  # (P, S, D, CHW)
+            pre = torch.matmul(x_flat, W1_T.transpose(-1, -2))  # (P, S, B, D)
+        else:  # inputs: W1 (T^-1 x); T^-1 = expm(-A)
+            T_inv = affine_matrices(self.eta_effective, -eps, self.generators)  # (P, S, 3, 3)
+            Pn, S = T_inv.shape[:2]
+            xs = x.unsqueeze(0).expand(Pn * S, *x.shape).reshape(Pn * S * B, *x.shape[1:])
+            Ts = T_inv.reshape(Pn * S, 1, 3, 3).expand(Pn * S, B, 3, 3).reshape(-1, 3, 3)
+            x_T = warp_images(xs, Ts).reshape(Pn, S, B, -1)  # (P, S, B, CHW)
+            pre = torch.matmul(x_T, W1.transpose(-1, -2).unsqueeze(1))  # (P, S, B, D)
+        pre = pre + b1[:, None, None, :]
+        if self.config.first_layer is FirstLayer.RELU:
+            h = torch.relu(pre)
+        else:
+            h = math.sqrt(2.0 / self.config.hidden) * torch.cos(pre)
+        return torch.matmul(h, W2.transpose(-1, -2).unsqueeze(1)) + b2[:, None, None, :]  # (P, S, B, classes)
+
+    def average(self, logits: torch.Tensor) -> torch.Tensor:
+        """Combine the S copies into normalised log-probabilities (Eq. 7 / supplement).
+
+        ``(P, S, B, classes) -> (P, B, classes)``.
+        """
+        if self.config.averaging is Averaging.PROBS:
+            S = logits.shape[1]
+            return torch.logsumexp(torch.log_softmax(logits, -1), dim=1) - math.log(S)
+        return torch.log_softmax(logits.mean(1), -1)
+
+    # ------------------------------------------------------------------ model
+    def forward(
+        self, x: torch.Tensor, y: torch.Tensor | None = None, num_transforms: int | None = None
+    ) -> torch.Tensor:
+        """Run the generative model; observe ``y`` when given.
+
+        Parameters
+        ----------
+        x : torch.Tensor
+            Images ``(B, C, H, W)``.
+        y : torch.Tensor, optional
+            Labels ``(B,)`` in ``[0, num_classes)``.
+        num_transforms : int, optional
+            S for this call (default ``config.num_transforms``), e.g. 32 at evaluation.
+
+        Returns
+        -------
+        torch.Tensor
+            Log predictive probabilities given the sampled weights, ``(*lead, B, classes)``.
+        """
+        self._check_inputs(x, y)
+        S = int(num_transforms or self.config.num_transforms)
+        if S < 1:
+            raise ValueError(f"num_transforms must be a positive integer, got {S}")
+        with poutine.mask(mask=self.config.first_layer_prior):
+            W1, b1 = self.W1, self.b1
+        W2, b2 = self.W2, self.b2
+        eps = pyro.sample("eps", self.eps_prior(S))  # (*lead, S, K)
+        lead = torch.broadcast_shapes(W1.shape[:-2], b1.shape[:-1], W2.shape[:-2], b2.shape[:-1], eps.shape[:-2])
+
+        def flat(t: torch.Tensor, event: int) -> torch.Tensor:
+            return t.expand(*lead, *t.shape[t.dim() - event :]).reshape(-1, *t.shape[t.dim() - event :])
+
+        logits = self.transformed_logits(x, flat(W1, 2), flat(b1, 1), flat(W2, 2), flat(b2, 1), flat(eps, 2))
+        log_p = self.average(logits)  # (P, B, classes)
+        if lead:  # (..., 1) where the trailing 1 is the data plate's slot
+            log_p = log_p.reshape(*lead[:-1], *log_p.shape[-2:])
+        else:
+            log_p = log_p.squeeze(0)
+        B = x.shape[0]
+        with pyro.plate("data", self.num_data, subsample=torch.arange(B, device=x.device)):
+            pyro.sample("obs", dist.Categorical(logits=log_p), obs=y)
+        return log_p

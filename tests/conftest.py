@@ -1,0 +1,88 @@
+"""Shared fixtures: a clean Pyro state per test, the device under test and the MNIST data root.
+
+Environment variables
+---------------------
+INVW_DEVICE
+    Device the model/guide tests run on (default ``cpu``; ``cuda`` needs a GPU, else those tests skip).
+INVW_DATA_DIR
+    Data root holding ``MNIST/raw`` (default ``<repo>/../shared/data``); data tests skip if it is missing.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import pyro
+import pytest
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+MNIST_FILES = (
+    "train-images-idx3-ubyte",
+    "train-labels-idx1-ubyte",
+    "t10k-images-idx3-ubyte",
+    "t10k-labels-idx1-ubyte",
+)
+
+
+def _cuda_available() -> bool:
+    return torch.cuda.is_available()
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # pyproject turns every warning into an error. When a hypothesis test fails, hypothesis' pytest
+    # plugin imports libcst, which triggers a third-party DeprecationWarning inside a pytest hook and
+    # would turn an ordinary test failure into an INTERNALERROR. Ignore exactly that warning.
+    config.addinivalue_line("filterwarnings", "ignore:mypy_extensions.TypedDict is deprecated:DeprecationWarning")
+    # Keep hypothesis' storage (constants cache, failure patches) out of the repository.
+    try:
+        from hypothesis.configuration import set_hypothesis_home_dir
+    except ImportError:  # pragma: no cover - hypothesis is a dev dependency
+        return
+    set_hypothesis_home_dir(os.path.join(tempfile.gettempdir(), "invw-tests-hypothesis"))
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    if item.get_closest_marker("cuda") is not None and not _cuda_available():
+        pytest.skip("needs a CUDA device (torch.cuda.is_available() is False)")
+
+
+@pytest.fixture(autouse=True)
+def _fresh_pyro_state():
+    """Every test starts from an empty param store, validation on and the same seed."""
+    pyro.clear_param_store()
+    pyro.enable_validation(True)
+    pyro.set_rng_seed(0)
+    yield
+    pyro.clear_param_store()
+
+
+@pytest.fixture
+def device() -> torch.device:
+    """``$INVW_DEVICE`` (default ``cpu``); skips when it names CUDA and no GPU is visible."""
+    name = os.environ.get("INVW_DEVICE", "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not _cuda_available():
+        pytest.skip(f"INVW_DEVICE={name} but torch sees no CUDA device")
+    return dev
+
+
+def _default_data_dir() -> Path:
+    env = os.environ.get("INVW_DATA_DIR")
+    return Path(env).expanduser() if env else (REPO_ROOT.parent / "shared" / "data")
+
+
+def _has_mnist(root: Path) -> bool:
+    raw = root / "MNIST" / "raw"
+    return all((raw / n).is_file() or (raw / f"{n}.gz").is_file() for n in MNIST_FILES)
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    """Root holding ``MNIST/raw``: ``$INVW_DATA_DIR`` if set, else ``<repo>/../shared/data``."""
+    root = _default_data_dir()
+    if not _has_mnist(root):
+        pytest.skip(f"MNIST idx files not found under {root / 'MNIST' / 'raw'} (set INVW_DATA_DIR)")
+    return root.resolve()

@@ -1,0 +1,253 @@
+"""Variational families: every GuideKind x InitLoc builds, steps and matches the model; MeanField == AutoNormal."""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import pyro
+import pyro.optim
+import pytest
+import torch
+from pyro import poutine
+from pyro.infer import SVI, Trace_ELBO
+from pyro.util import check_model_guide_match  # lives in pyro.util in pyro 1.9
+
+from guides import EpsFromPrior, GuideKind, InitLoc, MeanFieldGuide, make_guide
+from models import GENERATOR_NAMES, InvariantNet, ModelConfig
+
+IMAGE = (1, 5, 5)
+D, S, B, N = 6, 2, 4, 12
+K = len(GENERATOR_NAMES)
+
+
+def tiny_model(device, first_layer="relu", **overrides) -> InvariantNet:
+    cfg = ModelConfig(image_shape=IMAGE, hidden=D, num_transforms=S, first_layer=first_layer, **overrides)
+    return InvariantNet(cfg, num_data=N).to(device)
+
+
+def tiny_batch(device):
+    return torch.rand(B, *IMAGE, device=device), torch.randint(0, 10, (B,), device=device)
+
+
+def latent_sites(trace) -> set[str]:
+    return {
+        n for n, s in trace.nodes.items()
+        if s["type"] == "sample" and not s["is_observed"] and type(s["fn"]).__name__ != "_Subsample"
+    }
+
+
+def traces(model, guide, *args):
+    guide_trace = poutine.trace(guide).get_trace(*args)
+    model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(*args)
+    return model_trace, guide_trace
+
+
+def guide_locs(model: InvariantNet, kind: GuideKind) -> dict[str, torch.Tensor]:
+    """Current means / point estimates of the guide, by weight site, read from the param store."""
+    store = pyro.get_param_store()
+    out = {}
+    for name in model.weight_shapes():
+        candidates = [k for k in store.keys() if k.endswith(f"locs.{name}") or k.endswith(f".{name}")]
+        candidates = [k for k in candidates if "scales" not in k]
+        assert len(candidates) == 1, (kind, name, candidates)
+        out[name] = store[candidates[0]].detach()
+    return out
+
+
+@pytest.mark.parametrize("first_layer", ["relu", "rff"])
+@pytest.mark.parametrize("init_loc", list(InitLoc), ids=lambda i: i.value)
+@pytest.mark.parametrize("kind", list(GuideKind), ids=lambda k: k.value)
+def test_every_guide_builds_steps_and_matches_model(device, kind, init_loc, first_layer):
+    model = tiny_model(device, first_layer)
+    guide = make_guide(model, kind, init_loc=init_loc)
+    x, y = tiny_batch(device)
+    elbo = Trace_ELBO(num_particles=2, vectorize_particles=True, max_plate_nesting=1)
+    svi = SVI(model, guide, pyro.optim.Adam({"lr": 1e-2}), loss=elbo)
+    eta_before = model.eta.detach().clone()  # the model registers eta on first access
+    loss = svi.step(x, y)
+    assert math.isfinite(loss)
+    assert not torch.equal(model.eta.detach(), eta_before), "eta should be learned by the SVI step"
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model_trace, guide_trace = traces(model, guide, x, y)
+        check_model_guide_match(model_trace, guide_trace, max_plate_nesting=1)
+        # and at a different number of transformation samples (evaluation uses another S)
+        model_trace7, guide_trace7 = traces(model, guide, x, y, 7)
+        check_model_guide_match(model_trace7, guide_trace7, max_plate_nesting=1)
+    assert tuple(guide_trace7.nodes["eps"]["value"].shape) == (7, K)
+    expected = set(model.weight_shapes()) | {"eps"}
+    assert latent_sites(model_trace) == expected
+    assert expected <= latent_sites(guide_trace)
+
+    # every variational parameter (and eta) is updated by a further step; none belongs to eps
+    store = pyro.get_param_store()
+    before = {n: store[n].detach().clone() for n in store.keys()}
+    assert len(before) > 1 and not any("eps" in n for n in before)
+    assert math.isfinite(svi.step(x, y))
+    unchanged = [n for n, v in before.items() if torch.equal(store[n].detach(), v)]
+    assert not unchanged, f"params without updates: {unchanged}"
+
+
+def _built_locs(device, kind, init_loc):
+    """Build a guide with a fixed seed; returns (model, its guide's initial locs, the Xavier values of that seed)."""
+    x, y = tiny_batch(device)
+    pyro.set_rng_seed(5)
+    model = tiny_model(device)
+    pyro.set_rng_seed(5)
+    expected_xavier = model.initial_values()
+    pyro.set_rng_seed(5)
+    guide = make_guide(model, kind, init_loc=init_loc)
+    guide(x, y)
+    return model, guide_locs(model, kind), expected_xavier
+
+
+@pytest.mark.parametrize("kind", list(GuideKind), ids=lambda k: k.value)
+def test_xavier_init_locs(device, kind):
+    model, locs, expected = _built_locs(device, kind, InitLoc.XAVIER)
+    for name, shape in model.weight_shapes().items():
+        loc = locs[name]
+        assert loc.shape == shape
+        torch.testing.assert_close(loc, expected[name], atol=1e-6, rtol=1e-6)
+        if len(shape) == 2:  # Xavier-uniform: |w| <= sqrt(6 / (fan_in + fan_out))
+            bound = math.sqrt(6.0 / sum(shape))
+            assert bound / 2 < loc.abs().max() <= bound, name
+        else:  # zero biases
+            assert torch.count_nonzero(loc) == 0, name
+
+
+@pytest.mark.parametrize("kind", list(GuideKind), ids=lambda k: k.value)
+def test_sample_init_locs(device, kind):
+    model, locs, xavier = _built_locs(device, kind, InitLoc.SAMPLE)
+    for name, shape in model.weight_shapes().items():
+        loc = locs[name]
+        assert loc.shape == shape
+        assert torch.count_nonzero(loc) == loc.numel(), name  # one draw from N(0, 1)
+        assert not torch.allclose(loc, xavier[name]), name
+    w1 = locs["W1"]
+    assert 0.5 < w1.std().item() < 1.5  # prior scale alpha = 1, 150 draws
+
+
+_MEDIAN_BUG = pytest.mark.xfail(
+    strict=True,
+    reason="BUG: guides/factory.py uses pyro's init_to_median, an empirical median of 15 prior draws "
+    "(random, sd ~0.3 per weight), not the exact prior median 0 that InitLoc.MEDIAN documents and that "
+    "the meanfield guide uses",
+)
+
+
+@pytest.mark.parametrize(
+    "kind",
+    [pytest.param(GuideKind.NORMAL, marks=_MEDIAN_BUG), GuideKind.MEANFIELD, pytest.param(GuideKind.HYBRID, marks=_MEDIAN_BUG)],
+    ids=lambda k: k.value,
+)
+def test_median_init_locs_are_the_prior_median_zero(device, kind):
+    model, locs, _ = _built_locs(device, kind, InitLoc.MEDIAN)
+    for name, shape in model.weight_shapes().items():
+        assert locs[name].shape == shape
+        assert torch.count_nonzero(locs[name]) == 0, name
+
+
+@pytest.mark.parametrize("first_layer", ["relu", "rff"])
+def test_meanfield_and_autonormal_give_the_same_elbo(device, first_layer):
+    """Same init values, init scale and random stream -> the same ELBO (Trace_ELBO is a one-sample estimate)."""
+    x, y = tiny_batch(device)
+    pyro.set_rng_seed(1)
+    model = tiny_model(device, first_layer)
+    values = model.initial_values()
+    scale = 0.05
+
+    # AutoNormal over the weights exactly as make_guide builds it, from the same values dict
+    from pyro.infer.autoguide import AutoGuideList, AutoNormal, init_to_value
+
+    auto = AutoGuideList(model)
+    auto.append(AutoNormal(poutine.block(model, expose=list(model.weight_shapes())),
+                           init_loc_fn=init_to_value(values=values), init_scale=scale))
+    auto.append(EpsFromPrior(model))
+    hand = MeanFieldGuide(model, values, init_scale=scale)
+    auto(x, y)  # set up the autoguide's params (its prototype trace consumes random numbers)
+    hand(x, y)
+
+    for name, value in values.items():
+        torch.testing.assert_close(pyro.param(f"AutoGuideList.0.locs.{name}").detach(), value)
+        torch.testing.assert_close(pyro.param(f"MeanFieldGuide.locs.{name}").detach(), value)
+        torch.testing.assert_close(pyro.param(f"AutoGuideList.0.scales.{name}").detach(),
+                                   pyro.param(f"MeanFieldGuide.scales.{name}").detach(), atol=1e-7, rtol=1e-5)
+
+    elbo = Trace_ELBO(max_plate_nesting=1)
+    for seed in (11, 12, 13):
+        pyro.set_rng_seed(seed)
+        loss_auto = elbo.loss(model, auto, x, y)
+        pyro.set_rng_seed(seed)
+        loss_hand = elbo.loss(model, hand, x, y)
+        assert loss_hand == pytest.approx(loss_auto, rel=1e-5), seed
+    # a different random stream gives a different one-sample estimate (the comparison above is not vacuous)
+    pyro.set_rng_seed(99)
+    assert elbo.loss(model, hand, x, y) != pytest.approx(loss_auto, rel=1e-5)
+
+
+def test_make_guide_normal_and_meanfield_share_initialisation(device):
+    """make_guide draws the Xavier values from model.initial_values(): same seed -> same means."""
+    x, y = tiny_batch(device)
+    model = tiny_model(device)
+    pyro.set_rng_seed(2)
+    auto = make_guide(model, "normal")
+    pyro.set_rng_seed(2)
+    hand = make_guide(model, "meanfield")
+    auto(x, y)
+    hand(x, y)
+    for name in model.weight_shapes():
+        torch.testing.assert_close(pyro.param(f"AutoGuideList.0.locs.{name}"), pyro.param(f"MeanFieldGuide.locs.{name}"))
+    elbo = Trace_ELBO(max_plate_nesting=1)
+    pyro.set_rng_seed(3)
+    loss_auto = elbo.loss(model, auto, x, y)
+    pyro.set_rng_seed(3)
+    assert elbo.loss(model, hand, x, y) == pytest.approx(loss_auto, rel=1e-5)
+
+
+@pytest.mark.parametrize("kind", list(GuideKind), ids=lambda k: k.value)
+def test_eps_is_drawn_from_its_prior_not_learned(device, kind):
+    model = tiny_model(device)
+    guide = make_guide(model, kind)
+    x, y = tiny_batch(device)
+    svi = SVI(model, guide, pyro.optim.Adam({"lr": 1e-2}), loss=Trace_ELBO(max_plate_nesting=1))
+    svi.step(x, y)
+    assert not [n for n in pyro.get_param_store().keys() if "eps" in n]
+    guide_trace = poutine.trace(guide).get_trace(x, y)
+    site = guide_trace.nodes["eps"]
+    fn = site["fn"]
+    while hasattr(fn, "base_dist"):
+        fn = fn.base_dist
+    assert isinstance(fn, torch.distributions.Uniform)
+    assert torch.all(fn.low == -1) and torch.all(fn.high == 1)
+    assert tuple(site["value"].shape) == (S, K)
+    # q(eps) = p(eps): the log densities cancel in the ELBO
+    model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(x, y)
+    torch.testing.assert_close(guide_trace.nodes["eps"]["fn"].log_prob(site["value"]),
+                               model_trace.nodes["eps"]["fn"].log_prob(site["value"]))
+
+
+def test_make_guide_rejects_bad_arguments(device):
+    model = tiny_model(device)
+    with pytest.raises(ValueError, match=r"guides: \['normal', 'meanfield', 'hybrid'\]"):
+        make_guide(model, "laplace")
+    with pytest.raises(ValueError, match=r"init locs: \['xavier', 'median', 'sample'\]"):
+        make_guide(model, "normal", init_loc="zeros")
+    with pytest.raises(ValueError, match="init_scale must be > 0"):
+        make_guide(model, "normal", init_scale=0.0)
+    with pytest.raises(ValueError, match="init_scale must be > 0"):
+        MeanFieldGuide(model, model.initial_values(), init_scale=-1.0)
+
+
+def test_hybrid_guide_point_estimates_first_layer(device):
+    """hybrid: W1, b1 are Delta (point) sites, W2, b2 Gaussian."""
+    model = tiny_model(device)
+    guide = make_guide(model, "hybrid")
+    x, y = tiny_batch(device)
+    guide_trace = poutine.trace(guide).get_trace(x, y)
+    for name in ("W1", "b1"):
+        assert type(guide_trace.nodes[name]["fn"]).__name__ == "Delta"
+        assert f"{name}_unconstrained" not in guide_trace.nodes
+    for name in ("W2", "b2"):
+        assert f"{name}_unconstrained" in guide_trace.nodes  # AutoNormal's auxiliary Gaussian site

@@ -1,0 +1,139 @@
+"""SVI loop pieces and evaluation: per-parameter learning rates, minibatches, fit, predictive, ELBO scaling."""
+
+from __future__ import annotations
+
+import math
+
+import pyro
+import pyro.distributions as dist
+import pytest
+import torch
+
+from guides import make_guide
+from inference.data import Split
+from inference.evaluate import accuracy_and_nll, elbo_per_example, predictive_log_probs
+from inference.svi import TrainConfig, eta_dict, fit, make_optimizer, minibatches
+from models import GENERATOR_NAMES, InvariantNet, ModelConfig
+
+IMAGE = (1, 5, 5)
+
+
+def tiny(device, n: int = 12, **overrides):
+    kwargs = dict(image_shape=IMAGE, hidden=6, num_transforms=2)
+    kwargs.update(overrides)
+    model = InvariantNet(ModelConfig(**kwargs), num_data=n).to(device)
+    data = Split(torch.rand(n, *IMAGE, device=device), torch.arange(n, device=device) % 10)
+    return model, data
+
+
+def param_lrs(optim) -> dict[str, float]:
+    store = pyro.get_param_store()
+    out = {}
+    for param, obj in optim.optim_objs.items():
+        opt = getattr(obj, "optimizer", obj)  # schedulers wrap the torch optimizer
+        out[store.param_name(param)] = opt.param_groups[0]["lr"]
+    return out
+
+
+@pytest.mark.parametrize("cosine", [False, True])
+def test_optimizer_gives_eta_its_own_learning_rate(device, cosine):
+    model, data = tiny(device)
+    guide = make_guide(model, "hybrid")
+    cfg = TrainConfig(num_steps=4, batch_size=4, lr=1e-3, eta_lr=5e-2, cosine=cosine, log_every=2)
+    optim = make_optimizer(cfg)
+    svi = pyro.infer.SVI(model, guide, optim, loss=pyro.infer.Trace_ELBO(max_plate_nesting=1))
+    svi.step(data.x[:4], data.y[:4])
+    lrs = param_lrs(optim)
+    assert lrs.pop("eta") == pytest.approx(5e-2)
+    assert lrs and all(lr == pytest.approx(1e-3) for lr in lrs.values())
+
+
+def test_fit_records_losses_eta_history_and_anneals_to_zero(device):
+    model, data = tiny(device)
+    guide = make_guide(model, "hybrid")
+    cfg = TrainConfig(num_steps=5, batch_size=4, log_every=2, num_particles=2)
+    calls = []
+    result = fit(model, guide, data, cfg, callback=lambda step, loss: calls.append(step), progress=False)
+    assert len(result.losses) == 5 and all(math.isfinite(v) for v in result.losses)
+    assert calls == [1, 2, 3, 4, 5]
+    assert [h["step"] for h in result.eta_history] == [1, 2, 4, 5]
+    assert set(result.eta_history[-1]) == {"step", *GENERATOR_NAMES}
+    assert result.eta_history[-1] == {"step": 5, **eta_dict(model)}
+    assert result.eta_history[0]["rotate"] != result.eta_history[-1]["rotate"]  # eta is learned
+    assert result.seconds > 0
+
+
+def test_cosine_schedule_reaches_zero_after_num_steps(device):
+    model, data = tiny(device)
+    guide = make_guide(model, "meanfield")
+    cfg = TrainConfig(num_steps=4, batch_size=6, cosine=True)
+    optim = make_optimizer(cfg)
+    svi = pyro.infer.SVI(model, guide, optim, loss=pyro.infer.Trace_ELBO(max_plate_nesting=1))
+    for _ in range(cfg.num_steps):
+        svi.step(data.x[:6], data.y[:6])
+        optim.step()
+    assert all(lr == pytest.approx(0.0, abs=1e-12) for lr in param_lrs(optim).values())
+
+
+def test_fit_rejects_num_data_mismatch(device):
+    model, data = tiny(device, n=12)
+    with pytest.raises(ValueError, match="model.num_data = 12 but the training set has 8"):
+        fit(model, make_guide(model), Split(data.x[:8], data.y[:8]), TrainConfig(num_steps=1), progress=False)
+
+
+def test_minibatches_are_epoch_permutations():
+    gen = torch.Generator().manual_seed(0)
+    stream = minibatches(10, 4, gen)
+    epoch = [next(stream) for _ in range(2)]  # 10 // 4 = 2 full batches, the last 2 dropped
+    assert all(b.shape == (4,) for b in epoch)
+    assert len(torch.unique(torch.cat(epoch))) == 8
+    big = next(minibatches(5, 64, gen))  # batch larger than the data: one batch of everything
+    assert sorted(big.tolist()) == [0, 1, 2, 3, 4]
+
+
+def test_train_config_validation():
+    for field in ("num_steps", "batch_size", "num_particles", "log_every"):
+        with pytest.raises(ValueError, match=f"{field} must be a positive integer"):
+            TrainConfig(**{field: 0})
+    with pytest.raises(ValueError, match="eta_lr must be > 0"):
+        TrainConfig(eta_lr=0.0)
+
+
+@pytest.mark.parametrize("num_samples", [1, 3])
+def test_predictive_log_probs_are_normalised(device, num_samples):
+    model, data = tiny(device)
+    guide = make_guide(model, "hybrid")
+    guide(data.x, data.y)
+    log_p = predictive_log_probs(model, guide, data.x, num_samples=num_samples, num_transforms=5, batch_size=5)
+    assert log_p.shape == (12, 10) and not log_p.requires_grad
+    torch.testing.assert_close(torch.logsumexp(log_p, -1), torch.zeros(12, device=device), atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="num_samples must be a positive integer"):
+        predictive_log_probs(model, guide, data.x, num_samples=0)
+
+
+def test_accuracy_and_nll_exact():
+    log_p = torch.log(torch.tensor([[0.7, 0.2, 0.1], [0.1, 0.3, 0.6], [0.5, 0.25, 0.25], [0.2, 0.2, 0.6]]))
+    y = torch.tensor([0, 1, 0, 2])
+    acc, nll = accuracy_and_nll(log_p, y)
+    assert acc == pytest.approx(0.75)
+    assert nll == pytest.approx(-(math.log(0.7) + math.log(0.3) + math.log(0.5) + math.log(0.6)) / 4)
+
+
+def test_elbo_per_example_counts_kl_once_and_every_example_once(device):
+    """With a point-mass guide and no active generator the ELBO is deterministic:
+    ELBO = log p(theta) + sum_n log p(y_n | x_n, theta), whatever the evaluation batch size."""
+    model, data = tiny(device, n=12, generators=())
+    theta = {name: 0.5 * torch.randn(shape, device=device) for name, shape in model.weight_shapes().items()}
+
+    def delta_guide(x, y=None, num_transforms=None):
+        for name, value in theta.items():
+            pyro.sample(name, dist.Delta(value, event_dim=value.dim()))
+        pyro.sample("eps", model.eps_prior(int(num_transforms or model.config.num_transforms)))
+
+    log_prior = sum(p.log_prob(theta[n]) for n, p in model.weight_priors().items())
+    log_lik = pyro.poutine.condition(model, data={**theta, "eps": torch.zeros(2, 6, device=device)})(data.x, data.y)
+    log_lik = log_lik.gather(1, data.y[:, None]).sum()
+    expected = ((log_prior + log_lik) / len(data)).item()
+    cfg = TrainConfig()
+    for batch_size in (12, 5, 1):
+        assert elbo_per_example(model, delta_guide, data, cfg, batch_size=batch_size) == pytest.approx(expected, rel=1e-5)

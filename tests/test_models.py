@@ -1,0 +1,364 @@
+"""The Pyro model: sites and shapes, vectorised particles, eta, averaging rules, transform modes, input checks."""
+
+from __future__ import annotations
+
+import math
+
+import pyro
+import pytest
+import torch
+from pyro import poutine
+from pyro.infer import Trace_ELBO
+from torch.distributions import constraints
+
+from guides import make_guide
+from models import GENERATOR_NAMES, InvariantNet, ModelConfig
+
+IMAGE = (1, 6, 6)
+D, S, B, N = 8, 3, 5, 20
+K = len(GENERATOR_NAMES)
+
+
+def tiny_config(**overrides) -> ModelConfig:
+    kwargs = dict(image_shape=IMAGE, hidden=D, num_transforms=S, eta_init=0.3)
+    kwargs.update(overrides)
+    return ModelConfig(**kwargs)
+
+
+def make_model(device, **overrides) -> InvariantNet:
+    return InvariantNet(tiny_config(**overrides), num_data=N).to(device)
+
+
+def batch(device, b: int = B, shape=IMAGE):
+    return torch.rand(b, *shape, device=device), torch.randint(0, 10, (b,), device=device)
+
+
+def weights_for(model: InvariantNet) -> dict[str, torch.Tensor]:
+    """One fixed draw of every weight site, so that two models can be compared on the same theta."""
+    dev = model.prior_loc.device
+    return {name: torch.randn(shape, device=dev) for name, shape in model.weight_shapes().items()}
+
+
+def sample_sites(trace) -> dict[str, dict]:
+    return {n: s for n, s in trace.nodes.items() if s["type"] == "sample"}
+
+
+def particles(fn, num: int):
+    """Run ``fn`` inside the vectorised-particle plate that Trace_ELBO uses (dim -2 with one model plate)."""
+
+    def wrapped(*args, **kwargs):
+        with pyro.plate("num_particles_vectorized", num, dim=-2):
+            return fn(*args, **kwargs)
+
+    return wrapped
+
+
+# --------------------------------------------------------------------------- sites and shapes
+@pytest.mark.parametrize("transform_mode", ["weights", "inputs"])
+def test_relu_sites_and_shapes(device, transform_mode):
+    model = make_model(device, transform_mode=transform_mode)
+    x, y = batch(device)
+    trace = poutine.trace(model).get_trace(x, y)
+    trace.compute_log_prob()
+    shapes = trace.format_shapes()
+    assert "eta" in shapes and "W1" in shapes
+    sites = sample_sites(trace)
+    assert list(sites) == ["W1", "b1", "W2", "b2", "eps", "data", "obs"]
+    P = math.prod(IMAGE)
+    expected = {"W1": (D, P), "b1": (D,), "W2": (10, D), "b2": (10,), "eps": (S, K), "obs": (B,)}
+    for name, shape in expected.items():
+        assert tuple(sites[name]["value"].shape) == shape, name
+    assert sites["obs"]["is_observed"] and torch.equal(sites["obs"]["value"], y)
+    assert sites["obs"]["log_prob"].shape == (B,)
+    assert sites["obs"]["scale"] == pytest.approx(N / B)  # minibatch likelihood scaled by N / B
+    assert tuple(sites["eps"]["fn"].event_shape) == (S, K)
+    assert trace.nodes["eta"]["type"] == "param" and tuple(trace.nodes["eta"]["value"].shape) == (K,)
+    assert tuple(trace.nodes["_RETURN"]["value"].shape) == (B, 10)
+
+
+def test_num_transforms_argument_overrides_config(device):
+    model = make_model(device)
+    x, _ = batch(device)
+    trace = poutine.trace(model).get_trace(x, None, 7)
+    assert tuple(trace.nodes["eps"]["value"].shape) == (7, K)
+    assert not trace.nodes["obs"]["is_observed"]  # y=None samples labels from the predictive
+
+
+def test_rff_first_layer_has_no_W1_sample_site(device):
+    model = make_model(device, first_layer="rff")
+    x, y = batch(device)
+    sites = sample_sites(poutine.trace(model).get_trace(x, y))
+    assert "W1" not in sites and "b1" not in sites
+    assert list(sites) == ["W2", "b2", "eps", "data", "obs"]
+    assert set(model.weight_shapes()) == {"W2", "b2"}
+    buffers = dict(model.named_buffers())
+    assert buffers["W1"].shape == (D, math.prod(IMAGE)) and buffers["b1"].shape == (D,)
+
+
+@pytest.mark.parametrize("first_layer", ["relu", "rff"])
+@pytest.mark.parametrize("transform_mode", ["weights", "inputs"])
+def test_vectorized_particle_shapes(device, first_layer, transform_mode):
+    model = make_model(device, first_layer=first_layer, transform_mode=transform_mode)
+    guide = make_guide(model, "hybrid")
+    x, y = batch(device)
+    Pn = 3
+    guide_trace = poutine.trace(particles(guide, Pn)).get_trace(x, y)
+    model_trace = poutine.trace(poutine.replay(particles(model, Pn), trace=guide_trace)).get_trace(x, y)
+    sites = sample_sites(model_trace)
+    for name, shape in model.weight_shapes().items():
+        assert tuple(sites[name]["value"].shape) == (Pn, 1, *shape), name
+    assert tuple(sites["eps"]["value"].shape) == (Pn, 1, S, K)
+    assert tuple(sites["obs"]["fn"].batch_shape) == (Pn, B)
+    assert tuple(model_trace.nodes["_RETURN"]["value"].shape) == (Pn, B, 10)
+
+    elbo = Trace_ELBO(num_particles=3, vectorize_particles=True, max_plate_nesting=1)
+    loss = elbo.loss(model, guide, x, y)
+    assert math.isfinite(loss)
+
+
+def test_vectorized_particle_rows_equal_single_particle_runs(device):
+    """Row p of the vectorised forward pass is exactly the unvectorised model run on particle p."""
+    model = make_model(device)
+    x, y = batch(device)
+    Pn = 3
+    trace = poutine.trace(particles(model, Pn)).get_trace(x, y)
+    out = trace.nodes["_RETURN"]["value"]
+    for p in range(Pn):
+        data = {n: trace.nodes[n]["value"][p, 0] for n in (*model.weight_shapes(), "eps")}
+        single = poutine.condition(model, data=data)(x, y)
+        torch.testing.assert_close(out[p], single, atol=1e-5, rtol=1e-5)
+
+
+def test_vectorized_and_sequential_particle_elbo_agree_in_expectation(device):
+    """Both particle estimators target the same ELBO.
+
+    Vectorised: 10 calls x 200 particles (2000 in all); sequential: one call with 40 particles.
+    The single-particle standard deviation sd is estimated from the spread of the 10 vectorised
+    means (sd = std(means) * sqrt(200)); the two estimates must agree within 5 standard errors,
+    se = sd * sqrt(1/40 + 1/2000).
+    """
+    model = InvariantNet(ModelConfig(image_shape=(1, 4, 4), hidden=4, num_transforms=2, eta_init=0.5), num_data=8)
+    model = model.to(device)
+    guide = make_guide(model, "normal", init_scale=0.1)
+    x, y = batch(device, 8, (1, 4, 4))
+    guide(x, y)  # set up the guide's params before drawing the estimates
+    n_calls, n_per_call, n_seq = 10, 200, 40
+    vec_elbo = Trace_ELBO(num_particles=n_per_call, vectorize_particles=True, max_plate_nesting=1)
+    means = torch.tensor([vec_elbo.loss(model, guide, x, y) for _ in range(n_calls)], dtype=torch.float64)
+    vec, sd = means.mean().item(), means.std().item() * math.sqrt(n_per_call)
+    seq = Trace_ELBO(num_particles=n_seq, vectorize_particles=False, max_plate_nesting=1).loss(model, guide, x, y)
+    se = sd * math.sqrt(1 / n_seq + 1 / (n_calls * n_per_call))
+    assert math.isfinite(vec) and math.isfinite(seq) and sd > 0
+    assert abs(seq - vec) < 5 * se, (seq, vec, se)
+
+
+# --------------------------------------------------------------------------- eta
+def test_eta_is_a_positive_param_with_one_entry_per_generator(device):
+    model = make_model(device)
+    x, y = batch(device)
+    poutine.trace(model).get_trace(x, y)
+    store = pyro.get_param_store()
+    assert "eta" in store.keys()
+    eta = store["eta"]
+    assert eta.shape == (K,) and torch.all(eta > 0)
+    torch.testing.assert_close(eta, torch.full((K,), 0.3, device=device))
+    assert store.get_state()["constraints"]["eta"] is constraints.positive
+    # the unconstrained value is log(eta): any real number maps to a positive eta
+    unconstrained = store["eta"].unconstrained()
+    torch.testing.assert_close(unconstrained.exp(), eta)
+    with torch.no_grad():
+        unconstrained.fill_(-50.0)
+    assert torch.all(store["eta"] > 0)
+
+
+def test_fixed_eta_is_a_buffer_not_a_param(device):
+    model = make_model(device, learn_eta=False)
+    x, y = batch(device)
+    trace = poutine.trace(model).get_trace(x, y)
+    assert "eta" not in trace.nodes and "eta" not in pyro.get_param_store().keys()
+    assert "eta" in dict(model.named_buffers())
+
+
+@pytest.mark.parametrize("generators", [(), ("rotate",), ("scale_x", "translate_y"), GENERATOR_NAMES])
+def test_inactive_generators_have_zero_effective_eta(device, generators):
+    model = make_model(device, generators=generators)
+    eff = model.eta_effective.detach()
+    assert eff.shape == (K,)
+    for k, name in enumerate(GENERATOR_NAMES):
+        if name in generators:
+            assert eff[k].item() == pytest.approx(0.3)
+        else:
+            assert eff[k].item() == 0.0
+    assert model.has_transforms == bool(generators)
+
+
+def test_inactive_generators_do_not_change_the_output(device):
+    """With only "rotate" active, the eps entries of the other generators have no effect."""
+    model = make_model(device, generators=("rotate",))
+    x, y = batch(device)
+    theta = weights_for(model)
+    eps = torch.rand(S, K, device=device) * 2 - 1
+    eps2 = torch.rand(S, K, device=device) * 2 - 1
+    eps2[:, GENERATOR_NAMES.index("rotate")] = eps[:, GENERATOR_NAMES.index("rotate")]
+    a = poutine.condition(model, data={**theta, "eps": eps})(x, y)
+    b = poutine.condition(model, data={**theta, "eps": eps2})(x, y)
+    torch.testing.assert_close(a, b, atol=0, rtol=0)
+
+
+# --------------------------------------------------------------------------- averaging
+@pytest.mark.parametrize("averaging", ["probs", "logits"])
+@pytest.mark.parametrize("transform_mode", ["weights", "inputs"])
+def test_averaging_rules_give_normalised_log_probs(device, averaging, transform_mode):
+    model = make_model(device, averaging=averaging, transform_mode=transform_mode, eta_init=0.8)
+    x, y = batch(device)
+    log_p = model(x, y)
+    assert log_p.shape == (B, 10)
+    assert torch.all(log_p <= 1e-6)
+    torch.testing.assert_close(torch.logsumexp(log_p, -1), torch.zeros(B, device=device), atol=1e-5, rtol=0)
+
+
+def _both_rules(device, **overrides):
+    probs = make_model(device, averaging="probs", **overrides)
+    logits = make_model(device, averaging="logits", **overrides)
+    data = {**weights_for(probs), "eps": torch.rand(S, K, device=device) * 2 - 1}
+    x, y = batch(device)
+    return poutine.condition(probs, data=data)(x, y), poutine.condition(logits, data=data)(x, y)
+
+
+def test_averaging_rules_agree_without_transforms(device):
+    """generators=(): all S copies coincide (S' = 1) and both rules are log_softmax(f)."""
+    a, b = _both_rules(device, generators=())
+    torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
+
+
+def test_averaging_rules_agree_for_vanishing_eta(device):
+    a, b = _both_rules(device, eta_init=1e-7)
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+
+
+def test_averaging_rules_differ_for_distinct_transforms(device):
+    """Sanity check that the two rules above are not trivially identical."""
+    a, b = _both_rules(device, eta_init=math.pi)
+    assert (a - b).abs().max() > 1e-4
+
+
+# --------------------------------------------------------------------------- exact transform equivalences
+def _rotation_eps(rot_eps: list[float], device) -> torch.Tensor:
+    eps = torch.rand(len(rot_eps), K, device=device) * 2 - 1  # other generators are masked anyway
+    eps[:, GENERATOR_NAMES.index("rotate")] = torch.tensor(rot_eps, device=device)
+    return eps
+
+
+@pytest.mark.parametrize("first_layer", ["relu", "rff"])
+@pytest.mark.parametrize("averaging", ["probs", "logits"])
+@pytest.mark.parametrize(
+    ("generators", "eta_init", "gen_eps"),
+    [
+        # eta = pi/2 with eps = +-1: rotations by +-90 degrees (eps on the closed boundary of
+        # U[-1, 1] is fine here: conditioning only sets the value, no log-prob is taken)
+        (("rotate",), math.pi / 2, [1.0, 1.0, -1.0, 0.0]),
+        (("rotate",), math.pi, [0.5, -0.5, 0.0]),  # +-90 degrees and the identity
+        (("translate_x",), 2 * 2.0 / 6, [0.5, -0.5, 0.0]),  # +-1 pixel on a 7-wide image
+    ],
+    ids=["rot90-eta-pi/2", "rot90-eta-pi", "shift-1px"],
+)
+def test_input_mode_equals_weight_mode_for_pixel_permutations(device, first_layer, averaging, generators, eta_init, gen_eps):
+    """(W1 o T) x == W1 (T^-1 x) exactly when every sampled T permutes pixel centres."""
+    shape = (1, 7, 7)
+    common = dict(image_shape=shape, hidden=D, num_transforms=len(gen_eps), generators=generators,
+                  eta_init=eta_init, learn_eta=False, first_layer=first_layer, averaging=averaging)
+    pyro.set_rng_seed(1)
+    m_w = InvariantNet(ModelConfig(transform_mode="weights", **common), num_data=N).to(device)
+    pyro.set_rng_seed(1)  # the same fixed RFF features
+    m_i = InvariantNet(ModelConfig(transform_mode="inputs", **common), num_data=N).to(device)
+    if first_layer == "rff":
+        assert torch.equal(m_w.W1, m_i.W1)
+    k = GENERATOR_NAMES.index(generators[0])
+    eps = torch.rand(len(gen_eps), K, device=device) * 2 - 1
+    eps[:, k] = torch.tensor(gen_eps, device=device)
+    data = {**weights_for(m_w), "eps": eps}
+    x, y = batch(device, B, shape)
+    out_w = poutine.condition(m_w, data=data)(x, y)
+    out_i = poutine.condition(m_i, data=data)(x, y)
+    torch.testing.assert_close(out_w, out_i, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("transform_mode", ["weights", "inputs"])
+@pytest.mark.parametrize("averaging", ["probs", "logits"])
+def test_exact_c4_average_is_rotation_invariant(device, transform_mode, averaging):
+    """Averaging over the four 90-degree rotations makes the network exactly invariant to rot90 of x."""
+    shape = (1, 7, 7)
+    eta = 4 * math.pi / 3  # eps in {0, 3/8, 3/4, -3/8} -> angles {0, 90, 180, -90} degrees
+    model = InvariantNet(ModelConfig(image_shape=shape, hidden=D, num_transforms=4, generators=("rotate",),
+                                     eta_init=eta, learn_eta=False, transform_mode=transform_mode,
+                                     averaging=averaging), num_data=N).to(device)
+    data = {**weights_for(model), "eps": _rotation_eps([0.0, 0.375, 0.75, -0.375], device)}
+    x, y = batch(device, B, shape)
+    conditioned = poutine.condition(model, data=data)
+    out = conditioned(x, y)
+    for k in (1, 2, 3):
+        torch.testing.assert_close(conditioned(torch.rot90(x, k, dims=(-2, -1)), y), out, atol=1e-5, rtol=1e-5)
+
+
+# --------------------------------------------------------------------------- bad inputs
+@pytest.mark.parametrize(
+    ("overrides", "match"),
+    [
+        (dict(num_transforms=0), "num_transforms must be a positive integer"),
+        (dict(hidden=0), "hidden must be a positive integer"),
+        (dict(num_classes=0), "num_classes must be a positive integer"),
+        (dict(generators=("rotation",)), r"unknown generator\(s\) \['rotation'\]; choose from"),
+        (dict(generators=("rotate", "zoom")), r"unknown generator\(s\) \['zoom'\]"),
+        (dict(image_shape=(28, 28)), r"image_shape must be \(C, H, W\)"),
+        (dict(image_shape=(1, 0, 28)), r"image_shape must be \(C, H, W\)"),
+        (dict(eta_init=0.0), "eta_init must be > 0"),
+        (dict(prior_scale=-1.0), "prior_scale must be > 0"),
+        (dict(first_layer="tanh"), "tanh"),
+        (dict(averaging="mean"), "mean"),
+        (dict(transform_mode="both"), "both"),
+    ],
+)
+def test_bad_config_raises_value_error(overrides, match):
+    with pytest.raises(ValueError, match=match):
+        tiny_config(**overrides)
+
+
+def test_bad_num_data_raises():
+    with pytest.raises(ValueError, match="num_data must be a positive integer"):
+        InvariantNet(tiny_config(), num_data=0)
+
+
+@pytest.mark.parametrize(
+    "x_shape", [(B, 6, 6), (B, 1, 6, 7), (B, 2, 6, 6), (B, 36), (1, B, 1, 6, 6)], ids=str
+)
+def test_wrong_image_shape_raises(device, x_shape):
+    model = make_model(device)
+    with pytest.raises(ValueError, match=r"expected images of shape \(B, 1, 6, 6\), got"):
+        model(torch.rand(*x_shape, device=device), None)
+
+
+@pytest.mark.parametrize("y_shape", [(B, 1), (B + 1,), (), (1, B)], ids=str)
+def test_wrong_label_shape_raises(device, y_shape):
+    model = make_model(device)
+    x, _ = batch(device)
+    with pytest.raises(ValueError, match=rf"expected labels of shape \({B},\), got"):
+        model(x, torch.zeros(y_shape, dtype=torch.long, device=device))
+
+
+def test_negative_num_transforms_at_call_raises(device):
+    model = make_model(device)
+    x, y = batch(device)
+    with pytest.raises(ValueError, match="num_transforms must be a positive integer"):
+        model(x, y, -1)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="BUG: InvariantNet.forward uses `int(num_transforms or config.num_transforms)`, so num_transforms=0 "
+    "silently falls back to the config's S instead of raising",
+)
+def test_zero_num_transforms_at_call_raises(device):
+    model = make_model(device)
+    x, y = batch(device)
+    with pytest.raises(ValueError, match="num_transforms must be a positive integer"):
+        model(x, y, 0)
