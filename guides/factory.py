@@ -12,7 +12,7 @@ from typing import Callable
 
 import pyro
 from pyro import poutine
-from pyro.infer.autoguide import AutoDelta, AutoGuideList, AutoNormal, init_to_median, init_to_sample, init_to_value
+from pyro.infer.autoguide import AutoDelta, AutoGuideList, AutoNormal, init_to_mean, init_to_sample, init_to_value
 
 from guides.meanfield import MeanFieldGuide
 from models.network import InvariantNet
@@ -30,7 +30,7 @@ class InitLoc(str, Enum):
     """How the means (or point estimates) of the guide start."""
 
     XAVIER = "xavier"  # Xavier-uniform weights, zero biases (the paper's initialisation)
-    MEDIAN = "median"  # the prior median (all zeros for the Normal priors)
+    MEDIAN = "median"  # the prior median = mean (all zeros for the Normal priors)
     SAMPLE = "sample"  # one draw from the prior
 
 
@@ -41,7 +41,7 @@ class EpsFromPrior:
         self.model = model
 
     def __call__(self, x, y=None, num_transforms: int | None = None):
-        S = int(num_transforms or self.model.config.num_transforms)
+        S = self.model.config.num_transforms if num_transforms is None else int(num_transforms)
         return {"eps": pyro.sample("eps", self.model.eps_prior(S))}
 
 
@@ -49,7 +49,7 @@ def _init_loc_fn(model: InvariantNet, init_loc: InitLoc) -> Callable:
     if init_loc is InitLoc.XAVIER:
         return init_to_value(values=model.initial_values())
     if init_loc is InitLoc.MEDIAN:
-        return init_to_median
+        return init_to_mean
     return init_to_sample
 
 
@@ -88,6 +88,17 @@ def make_guide(
         raise ValueError(f"{err}; guides: {[k.value for k in GuideKind]}, init locs: {[i.value for i in InitLoc]}")
     if not init_scale > 0:
         raise ValueError(f"init_scale must be > 0, got {init_scale}")
+    has_W1_site = "W1" in model.weight_shapes()
+    if kind is not GuideKind.HYBRID and has_W1_site and not model.config.first_layer_prior:
+        raise ValueError(
+            f"the {kind.value!r} guide puts a Gaussian over W1, which needs its prior: build the model with "
+            "first_layer_prior=True (only point estimates of W1, the 'hybrid' guide, can go without it)"
+        )
+    if kind is GuideKind.HYBRID and has_W1_site and init_loc is InitLoc.MEDIAN:
+        raise ValueError(
+            "a point-estimated W1 initialised at the prior median 0 never moves (all ReLU gradients are 0): "
+            "use init_loc 'xavier' or 'sample' with the 'hybrid' guide"
+        )
     if kind is GuideKind.MEANFIELD:
         if init_loc is InitLoc.XAVIER:
             values = model.initial_values()

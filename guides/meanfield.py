@@ -54,5 +54,5 @@ class MeanFieldGuide(PyroModule):
         for name in self.site_names:
             loc, scale = getattr(self.locs, name), getattr(self.scales, name)
             samples[name] = pyro.sample(name, dist.Normal(loc, scale).to_event(loc.dim()))
-        pyro.sample("eps", self._eps_prior(int(num_transforms or self._default_S)))
+        pyro.sample("eps", self._eps_prior(self._default_S if num_transforms is None else int(num_transforms)))
         return samples

@@ -214,7 +214,6 @@ def load_datasets(cfg: DataConfig) -> Datasets:
     """
     root = resolve_data_dir(cfg.data_dir)
     raw = load_mnist_raw(root, cfg.allow_download)
-    gen = torch.Generator().manual_seed(cfg.data_seed)
     info = {
         "dataset": cfg.dataset.value,
         "root": str(root.resolve()),
@@ -223,7 +222,8 @@ def load_datasets(cfg: DataConfig) -> Datasets:
         "full_mnist": len(raw["train"]) == 60000 and len(raw["test"]) == 10000,
     }
     splits = {}
-    for name, size in (("train", cfg.train_size), ("test", cfg.test_size)):
+    for i, (name, size) in enumerate((("train", cfg.train_size), ("test", cfg.test_size))):
+        gen = torch.Generator().manual_seed(2 * cfg.data_seed + i)  # one stream per split
         split = raw[name]
         if size is not None and size < len(split):
             idx = balanced_subset(split.y, size, gen)

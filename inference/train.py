@@ -73,8 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="initial eta in degrees (radians for rotate; the same number in T's units for the others)")
     g.add_argument("--fixed-eta", action="store_true", help="keep eta at its initial value (fixed-eta baselines)")
     g.add_argument("--prior-scale", type=float, default=m.prior_scale, help="alpha: weights ~ N(0, alpha^2)")
-    g.add_argument("--no-first-layer-prior", action="store_true",
-                   help="mask log p(W1, b1): with the hybrid guide W1 is a hyperparameter (the paper's ReLU setup)")
+    g.add_argument("--first-layer-prior", choices=["auto", "on", "off"], default="auto",
+                   help="include log p(W1, b1) in the objective; 'off' makes a point-estimated W1 a hyperparameter "
+                        "(ML-II, the paper's ReLU setup); auto: off for the hybrid guide, on for Gaussian guides")
     g = p.add_argument_group("inference")
     g.add_argument("--guide", type=GuideKind, choices=list(GuideKind), default=GuideKind.HYBRID)
     g.add_argument("--init-scale", type=float, default=0.01, help="initial std of Gaussian guide factors")
@@ -100,10 +101,14 @@ def configs_from_args(args: argparse.Namespace) -> tuple[DataConfig, ModelConfig
     data = DataConfig(dataset=args.dataset, data_dir=args.data_dir, allow_download=args.download,
                       train_size=args.train_size, test_size=args.test_size, rotation_deg=args.rotation_deg,
                       translation_px=args.translation_px, log_scale=args.log_scale, data_seed=args.data_seed)
+    if args.first_layer_prior == "auto":
+        first_layer_prior = GuideKind(args.guide) is not GuideKind.HYBRID
+    else:
+        first_layer_prior = args.first_layer_prior == "on"
     model = ModelConfig(hidden=args.hidden, first_layer=args.first_layer, transform_mode=args.transform_mode,
                         averaging=args.averaging, num_transforms=args.num_transforms, generators=args.generators,
                         eta_init=math.radians(args.eta_init_deg), learn_eta=not args.fixed_eta,
-                        prior_scale=args.prior_scale, first_layer_prior=not args.no_first_layer_prior)
+                        prior_scale=args.prior_scale, first_layer_prior=first_layer_prior)
     train = TrainConfig(num_steps=args.num_steps, batch_size=args.batch_size, lr=args.lr, eta_lr=args.eta_lr,
                         num_particles=args.num_particles, vectorize_particles=not args.no_vectorize,
                         cosine=not args.no_cosine, seed=args.seed)
@@ -121,11 +126,22 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def write_eta_history(path: Path, history: list[dict[str, float]]) -> None:
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=["step", *GENERATOR_NAMES])
-        writer.writeheader()
-        writer.writerows(history)
+class EtaHistoryWriter:
+    """Streams ``step, eta_<generator>...`` rows to a CSV while training, so a run can be watched."""
+
+    def __init__(self, path: Path, model: InvariantNet, every: int, last: int) -> None:
+        self.model, self.every, self.last = model, every, last
+        self.file = open(path, "w", newline="")
+        self.writer = csv.DictWriter(self.file, fieldnames=["step", *GENERATOR_NAMES])
+        self.writer.writeheader()
+
+    def __call__(self, step: int, loss: float) -> None:
+        if step % self.every == 0 or step in (1, self.last):
+            self.writer.writerow({"step": step, **eta_dict(self.model)})
+            self.file.flush()
+
+    def close(self) -> None:
+        self.file.close()
 
 
 def main(args: argparse.Namespace) -> dict:
@@ -145,7 +161,11 @@ def main(args: argparse.Namespace) -> dict:
     guide = make_guide(model, args.guide, init_scale=args.init_scale, init_loc=args.init_loc)
     print(f"data: {data.info['dataset']} train={len(train)} test={len(test)} from {data.info['root']}"
           f"{'' if data.info['full_mnist'] else ' (subset, not full MNIST)'}", file=sys.stderr)
-    result = fit(model, guide, train, train_cfg, progress=not args.no_progress)
+    history = EtaHistoryWriter(out / "eta_history.csv", model, train_cfg.log_every, train_cfg.num_steps)
+    try:
+        result = fit(model, guide, train, train_cfg, callback=history, progress=not args.no_progress)
+    finally:
+        history.close()
     start = time.perf_counter()
     log_p = predictive_log_probs(model, guide, test.x, args.eval_samples, args.eval_transforms)
     acc, nll = accuracy_and_nll(log_p, test.y)
@@ -171,7 +191,6 @@ def main(args: argparse.Namespace) -> dict:
         },
     }
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2, default=_json_default))
-    write_eta_history(out / "eta_history.csv", result.eta_history)
     print(json.dumps({k: metrics[k] for k in ("eta", "test_accuracy", "test_nll", "elbo_per_example",
                                                "train_seconds")}, indent=2))
     return metrics

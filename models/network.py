@@ -206,7 +206,7 @@ class InvariantNet(PyroModule):
             Log predictive probabilities given the sampled weights, ``(*lead, B, classes)``.
         """
         self._check_inputs(x, y)
-        S = int(num_transforms or self.config.num_transforms)
+        S = self.config.num_transforms if num_transforms is None else int(num_transforms)
         if S < 1:
             raise ValueError(f"num_transforms must be a positive integer, got {S}")
         with poutine.mask(mask=self.config.first_layer_prior):
@@ -220,10 +220,9 @@ class InvariantNet(PyroModule):
 
         logits = self.transformed_logits(x, flat(W1, 2), flat(b1, 1), flat(W2, 2), flat(b2, 1), flat(eps, 2))
         log_p = self.average(logits)  # (P, B, classes)
-        if lead:  # (..., 1) where the trailing 1 is the data plate's slot
-            log_p = log_p.reshape(*lead[:-1], *log_p.shape[-2:])
-        else:
-            log_p = log_p.squeeze(0)
+        # drop the data plate's size-1 slot when the leading dims carry one: (P, 1) -> (P,)
+        out_lead = lead[:-1] if lead and lead[-1] == 1 else lead
+        log_p = log_p.reshape(*out_lead, *log_p.shape[-2:])
         B = x.shape[0]
         with pyro.plate("data", self.num_data, subsample=torch.arange(B, device=x.device)):
             pyro.sample("obs", dist.Categorical(logits=log_p), obs=y)

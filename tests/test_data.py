@@ -196,3 +196,12 @@ def test_rotated_variant_preserves_subset_labels_and_rotates_images(data_dir):
     # rotations about the centre keep the total ink roughly (bilinear blur loses a little)
     ratio = rot.train.x.sum((1, 2, 3)) / plain.train.x.sum((1, 2, 3))
     assert ratio.min() > 0.6 and ratio.max() < 1.1
+
+
+def test_test_split_does_not_depend_on_train_size(data_dir):
+    def load(train_size):
+        return load_datasets(DataConfig(dataset="rotated-mnist", data_dir=str(data_dir), train_size=train_size))
+
+    a, b = load(100), load(200)
+    assert torch.equal(a.test.y, b.test.y)
+    assert torch.equal(a.test.x, b.test.x)

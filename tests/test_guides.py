@@ -10,7 +10,7 @@ import pyro.optim
 import pytest
 import torch
 from pyro import poutine
-from pyro.infer import SVI, Trace_ELBO
+from pyro.infer import SVI, Predictive, Trace_ELBO
 from pyro.util import check_model_guide_match  # lives in pyro.util in pyro 1.9
 
 from guides import EpsFromPrior, GuideKind, InitLoc, MeanFieldGuide, make_guide
@@ -60,6 +60,11 @@ def guide_locs(model: InvariantNet, kind: GuideKind) -> dict[str, torch.Tensor]:
 @pytest.mark.parametrize("kind", list(GuideKind), ids=lambda k: k.value)
 def test_every_guide_builds_steps_and_matches_model(device, kind, init_loc, first_layer):
     model = tiny_model(device, first_layer)
+    if (kind, init_loc, first_layer) == (GuideKind.HYBRID, InitLoc.MEDIAN, "relu"):
+        # W1 = 0 exactly would be a dead first layer (zero ReLU gradients): refused with a clear message
+        with pytest.raises(ValueError, match="never moves"):
+            make_guide(model, kind, init_loc=init_loc)
+        return
     guide = make_guide(model, kind, init_loc=init_loc)
     x, y = tiny_batch(device)
     elbo = Trace_ELBO(num_particles=2, vectorize_particles=True, max_plate_nesting=1)
@@ -129,19 +134,7 @@ def test_sample_init_locs(device, kind):
     assert 0.5 < w1.std().item() < 1.5  # prior scale alpha = 1, 150 draws
 
 
-_MEDIAN_BUG = pytest.mark.xfail(
-    strict=True,
-    reason="BUG: guides/factory.py uses pyro's init_to_median, an empirical median of 15 prior draws "
-    "(random, sd ~0.3 per weight), not the exact prior median 0 that InitLoc.MEDIAN documents and that "
-    "the meanfield guide uses",
-)
-
-
-@pytest.mark.parametrize(
-    "kind",
-    [pytest.param(GuideKind.NORMAL, marks=_MEDIAN_BUG), GuideKind.MEANFIELD, pytest.param(GuideKind.HYBRID, marks=_MEDIAN_BUG)],
-    ids=lambda k: k.value,
-)
+@pytest.mark.parametrize("kind", [GuideKind.NORMAL, GuideKind.MEANFIELD], ids=lambda k: k.value)
 def test_median_init_locs_are_the_prior_median_zero(device, kind):
     model, locs, _ = _built_locs(device, kind, InitLoc.MEDIAN)
     for name, shape in model.weight_shapes().items():
@@ -198,7 +191,8 @@ def test_make_guide_normal_and_meanfield_share_initialisation(device):
     auto(x, y)
     hand(x, y)
     for name in model.weight_shapes():
-        torch.testing.assert_close(pyro.param(f"AutoGuideList.0.locs.{name}"), pyro.param(f"MeanFieldGuide.locs.{name}"))
+        auto_loc, hand_loc = pyro.param(f"AutoGuideList.0.locs.{name}"), pyro.param(f"MeanFieldGuide.locs.{name}")
+        torch.testing.assert_close(auto_loc, hand_loc)
     elbo = Trace_ELBO(max_plate_nesting=1)
     pyro.set_rng_seed(3)
     loss_auto = elbo.loss(model, auto, x, y)
@@ -251,3 +245,45 @@ def test_hybrid_guide_point_estimates_first_layer(device):
         assert f"{name}_unconstrained" not in guide_trace.nodes
     for name in ("W2", "b2"):
         assert f"{name}_unconstrained" in guide_trace.nodes  # AutoNormal's auxiliary Gaussian site
+
+
+def _check_predictive(pred: dict, num_samples: int) -> None:
+    assert tuple(pred["obs"].shape) == (num_samples, B)
+    assert tuple(pred["_RETURN"].shape) == (num_samples, B, 10)
+    torch.testing.assert_close(torch.logsumexp(pred["_RETURN"], -1), torch.zeros(num_samples, B), atol=1e-5, rtol=0)
+
+
+def test_prior_predictive_parallel(device):
+    model = tiny_model(device)
+    x, _ = tiny_batch(device)
+    pred = Predictive(model, num_samples=5, parallel=True, return_sites=["obs", "_RETURN"])(x)
+    _check_predictive({k: v.cpu() for k, v in pred.items()}, 5)
+
+
+@pytest.mark.parametrize(
+    "parallel",
+    [
+        False,
+        True,
+    ],
+    ids=["sequential", "parallel"],
+)
+@pytest.mark.parametrize("kind", list(GuideKind), ids=lambda k: k.value)
+def test_posterior_predictive(device, kind, parallel):
+    model = tiny_model(device)
+    guide = make_guide(model, kind)
+    x, y = tiny_batch(device)
+    guide(x, y)
+    pred = Predictive(model, guide=guide, num_samples=4, parallel=parallel, return_sites=["obs", "_RETURN"])(x)
+    _check_predictive({k: v.cpu() for k, v in pred.items()}, 4)
+
+
+def test_gaussian_guides_need_the_first_layer_prior(device):
+    """Without log p(W1, b1) only a point estimate of W1 is proper (the ELBO's entropy term would diverge)."""
+    model = tiny_model(device, first_layer_prior=False)
+    for kind in (GuideKind.NORMAL, GuideKind.MEANFIELD):
+        with pytest.raises(ValueError, match="first_layer_prior"):
+            make_guide(model, kind)
+    guide = make_guide(model, GuideKind.HYBRID)
+    x, y = tiny_batch(device)
+    assert math.isfinite(Trace_ELBO(max_plate_nesting=1).loss(model, guide, x, y))

@@ -262,7 +262,9 @@ def _rotation_eps(rot_eps: list[float], device) -> torch.Tensor:
     ],
     ids=["rot90-eta-pi/2", "rot90-eta-pi", "shift-1px"],
 )
-def test_input_mode_equals_weight_mode_for_pixel_permutations(device, first_layer, averaging, generators, eta_init, gen_eps):
+def test_input_mode_equals_weight_mode_for_pixel_permutations(
+    device, first_layer, averaging, generators, eta_init, gen_eps
+):
     """(W1 o T) x == W1 (T^-1 x) exactly when every sampled T permutes pixel centres."""
     shape = (1, 7, 7)
     common = dict(image_shape=shape, hidden=D, num_transforms=len(gen_eps), generators=generators,
@@ -352,13 +354,46 @@ def test_negative_num_transforms_at_call_raises(device):
         model(x, y, -1)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: InvariantNet.forward uses `int(num_transforms or config.num_transforms)`, so num_transforms=0 "
-    "silently falls back to the config's S instead of raising",
-)
 def test_zero_num_transforms_at_call_raises(device):
     model = make_model(device)
     x, y = batch(device)
     with pytest.raises(ValueError, match="num_transforms must be a positive integer"):
         model(x, y, 0)
+
+
+# --------------------------------------------------------------------------- first-layer prior mask
+def test_first_layer_prior_false_masks_only_the_first_layer_log_prior(device):
+    x, y = batch(device)
+    on = make_model(device)
+    off = make_model(device, first_layer_prior=False)
+    data = {**weights_for(on), "eps": torch.rand(S, K, device=device) * 2 - 1}
+    traces = {}
+    for key, model in (("on", on), ("off", off)):
+        trace = poutine.trace(poutine.condition(model, data=data)).get_trace(x, y)
+        trace.compute_log_prob()
+        traces[key] = trace
+    for name in ("W1", "b1"):
+        assert traces["on"].nodes[name]["log_prob_sum"].item() < 0
+        assert traces["off"].nodes[name]["log_prob_sum"].item() == 0.0
+    for name in ("W2", "b2", "eps", "obs"):
+        torch.testing.assert_close(traces["on"].nodes[name]["log_prob_sum"], traces["off"].nodes[name]["log_prob_sum"])
+    # the forward pass itself is unchanged
+    torch.testing.assert_close(traces["on"].nodes["_RETURN"]["value"], traces["off"].nodes["_RETURN"]["value"])
+
+
+# --------------------------------------------------------------------------- devices
+@pytest.mark.cuda
+@pytest.mark.parametrize("transform_mode", ["weights", "inputs"])
+def test_cuda_forward_matches_cpu(transform_mode):
+    cpu = make_model("cpu", transform_mode=transform_mode)
+    gpu = InvariantNet(cpu.config, num_data=N).to("cuda")
+    data = {**weights_for(cpu), "eps": torch.rand(S, K) * 2 - 1}
+    x, y = batch("cpu")
+    out_cpu = poutine.condition(cpu, data=data)(x, y)
+    out_gpu = poutine.condition(gpu, data={k: v.cuda() for k, v in data.items()})(x.cuda(), y.cuda())
+    assert out_gpu.device.type == "cuda"
+    torch.testing.assert_close(out_gpu.cpu(), out_cpu, atol=1e-4, rtol=1e-4)
+    guide = make_guide(gpu, "hybrid")
+    elbo = Trace_ELBO(num_particles=2, vectorize_particles=True, max_plate_nesting=1)
+    loss = elbo.loss(gpu, guide, x.cuda(), y.cuda())
+    assert math.isfinite(loss)

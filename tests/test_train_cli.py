@@ -52,9 +52,16 @@ def assert_one_line_error(proc: subprocess.CompletedProcess, *needles: str) -> s
     return lines[0]
 
 
-def test_tiny_training_run_writes_metrics_and_eta_history(data_dir, tmp_path):
-    out = tmp_path / "run"
+@pytest.fixture(scope="module")
+def tiny_run(data_dir, tmp_path_factory) -> tuple[subprocess.CompletedProcess, Path]:
+    """One tiny training run in a subprocess (3 steps), shared by the tests that inspect its outputs."""
+    out = tmp_path_factory.mktemp("tiny-run") / "run"
     proc = run_train(*tiny_args(data_dir, out, "--threads", "1"))  # one core: the machine is shared
+    return proc, out
+
+
+def test_tiny_training_run_writes_metrics(tiny_run, data_dir):
+    proc, out = tiny_run
     assert proc.returncode == 0, proc.stderr
     assert "Traceback" not in proc.stderr
 
@@ -81,15 +88,30 @@ def test_tiny_training_run_writes_metrics_and_eta_history(data_dir, tmp_path):
     assert data["full_mnist"] is False
     assert Path(data["root"]) == data_dir.resolve()
 
-    columns, rows = read_history(out / "eta_history.csv")
-    assert columns == ["step", *GENERATOR_NAMES]
-    assert [int(r["step"]) for r in rows] == [1, 3]  # step 1, every log_every (10) steps, and the last
-    last = {k: float(v) for k, v in rows[-1].items() if k != "step"}
-    assert last == pytest.approx(metrics["eta"])
-
     # the summary printed on stdout is valid JSON with the headline numbers
     summary = json.loads(proc.stdout)
     assert summary["test_accuracy"] == metrics["test_accuracy"]
+
+
+def test_tiny_training_run_writes_eta_history(tiny_run):
+    proc, out = tiny_run
+    assert proc.returncode == 0, proc.stderr
+    columns, rows = read_history(out / "eta_history.csv")
+    assert columns == ["step", *GENERATOR_NAMES]
+    assert rows and int(rows[0]["step"]) == 1
+    steps = [int(r["step"]) for r in rows]
+    assert steps == sorted(set(steps)) and steps[-1] <= 3
+    assert all(float(v) > 0 for r in rows for k, v in r.items() if k != "step")
+
+
+def test_eta_history_ends_with_the_final_eta(tiny_run):
+    proc, out = tiny_run
+    assert proc.returncode == 0, proc.stderr
+    metrics = json.loads((out / "metrics.json").read_text())
+    _, rows = read_history(out / "eta_history.csv")
+    assert [int(r["step"]) for r in rows] == [1, 3]  # step 1, every log_every (10) steps, and the last
+    last = {k: float(v) for k, v in rows[-1].items() if k != "step"}
+    assert last == pytest.approx(metrics["eta"])
 
 
 def test_in_process_run_with_other_options(data_dir, tmp_path):
@@ -111,7 +133,7 @@ def test_in_process_run_with_other_options(data_dir, tmp_path):
     assert metrics["config"]["model"]["first_layer"] == "rff"
     assert metrics["config"]["train"]["vectorize_particles"] is False
     _, rows = read_history(out / "eta_history.csv")
-    assert all(float(r["rotate"]) == pytest.approx(math.radians(30.0), rel=1e-6) for r in rows)
+    assert rows and all(float(r["rotate"]) == pytest.approx(math.radians(30.0), rel=1e-6) for r in rows)
 
 
 def test_missing_data_dir_is_a_one_line_error(tmp_path):

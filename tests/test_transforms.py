@@ -28,7 +28,10 @@ ATOL = 1e-5  # float32 interpolation / matrix_exp round-off (cos(pi/2) is ~ -4e-
 
 
 def single(name: str, value: float, dtype=torch.float64) -> torch.Tensor:
-    """T = expm(value * G_name), shape (3, 3); float64 so that cos(pi/2) rounds to ~0 (warps cast T to the image dtype)."""
+    """T = expm(value * G_name), shape (3, 3).
+
+    float64 by default so that cos(pi/2) rounds to ~0; the warps cast T to the image dtype.
+    """
     eta = torch.zeros(NUM_GENERATORS, dtype=dtype)
     eps = torch.zeros(NUM_GENERATORS, dtype=dtype)
     eta[IDX[name]] = abs(value)
@@ -109,12 +112,16 @@ def test_rotation_closed_form(theta):
 @pytest.mark.parametrize("t", [0.25, -0.7])
 def test_translation_scale_and_shear_closed_forms(t):
     f64 = torch.float64
-    torch.testing.assert_close(single("translate_x", t, f64), torch.tensor([[1, 0, t], [0, 1, 0], [0, 0, 1.0]], dtype=f64))
-    torch.testing.assert_close(single("translate_y", t, f64), torch.tensor([[1, 0, 0], [0, 1, t], [0, 0, 1.0]], dtype=f64))
-    torch.testing.assert_close(single("scale_x", t, f64), torch.diag(torch.tensor([math.exp(t), 1, 1], dtype=f64)))
-    torch.testing.assert_close(single("scale_y", t, f64), torch.diag(torch.tensor([1, math.exp(t), 1], dtype=f64)))
-    ch, sh = math.cosh(t), math.sinh(t)
-    torch.testing.assert_close(single("shear", t, f64), torch.tensor([[ch, sh, 0], [sh, ch, 0], [0, 0, 1.0]], dtype=f64))
+    ch, sh, ex = math.cosh(t), math.sinh(t), math.exp(t)
+    expected = {
+        "translate_x": [[1, 0, t], [0, 1, 0], [0, 0, 1.0]],
+        "translate_y": [[1, 0, 0], [0, 1, t], [0, 0, 1.0]],
+        "scale_x": [[ex, 0, 0], [0, 1, 0], [0, 0, 1.0]],
+        "scale_y": [[1, 0, 0], [0, ex, 0], [0, 0, 1.0]],
+        "shear": [[ch, sh, 0], [sh, ch, 0], [0, 0, 1.0]],
+    }
+    for name, matrix in expected.items():
+        torch.testing.assert_close(single(name, t, f64), torch.tensor(matrix, dtype=f64), atol=1e-12, rtol=0)
 
 
 def test_eta_and_eps_multiply_per_generator():
