@@ -1,6 +1,16 @@
 """Variational families q(theta) for the invariant network."""
 
-from guides.factory import EpsFromPrior, GuideKind, InitLoc, make_guide
+from guides.factory import POINT_FIRST_LAYER, EpsFromPrior, GuideKind, InitLoc, default_priors, make_guide
 from guides.meanfield import MeanFieldGuide
+from guides.paper import ClasswiseFullCovGuide
 
-__all__ = ["EpsFromPrior", "GuideKind", "InitLoc", "MeanFieldGuide", "make_guide"]
+__all__ = [
+    "POINT_FIRST_LAYER",
+    "ClasswiseFullCovGuide",
+    "EpsFromPrior",
+    "GuideKind",
+    "InitLoc",
+    "MeanFieldGuide",
+    "default_priors",
+    "make_guide",
+]

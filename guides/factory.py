@@ -1,37 +1,77 @@
 """One factory for variational families: ``make_guide(model, kind=...)``.
 
-Every guide draws the transformation noise from its prior (q(eps) = p(eps)): eps is a
-nuisance variable averaged over, not inferred. The choices are a string Enum so that the CLI,
-the docs and the code share one list.
+Every guide draws the transformation noise from its prior (q(eps) = p(eps)): eps is a nuisance
+variable averaged over, not inferred. The choices are a string Enum so that the CLI, the docs and
+the code share one list.
+
+===========  =====================================================================================
+``normal``   ``AutoNormal``: mean-field Gaussian over every latent site
+``meanfield``  the hand-written mean-field Gaussian (the same family as ``normal``)
+``hybrid``   W1, b1 point estimates (``AutoDelta``) + mean-field Gaussian over the rest
+``paper``    W1, b1 point estimates + a full-covariance Gaussian per class over W2 (the paper's)
+``lowrank``  ``AutoLowRankMultivariateNormal`` over every latent site (rank ``rank``)
+``map``      ``AutoDelta`` over every latent site, with the priors: maximum a posteriori
+``ml``       ``AutoDelta`` with every prior switched off: maximum likelihood, the non-Bayesian baseline
+===========  =====================================================================================
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from enum import Enum
-from typing import Callable
 
 import pyro
 from pyro import poutine
-from pyro.infer.autoguide import AutoDelta, AutoGuideList, AutoNormal, init_to_mean, init_to_sample, init_to_value
+from pyro.infer.autoguide import (
+    AutoDelta,
+    AutoGuideList,
+    AutoLowRankMultivariateNormal,
+    AutoNormal,
+    init_to_mean,
+    init_to_sample,
+    init_to_value,
+)
 
 from guides.meanfield import MeanFieldGuide
+from guides.paper import ClasswiseFullCovGuide
+from models.config import check_positive_float, check_positive_int
 from models.network import InvariantNet
 
 
 class GuideKind(str, Enum):
-    """Variational families for q(theta)."""
+    """Variational families for q(theta) (see the module docstring)."""
 
-    NORMAL = "normal"  # AutoNormal: mean-field Gaussian over every weight and bias
-    MEANFIELD = "meanfield"  # the hand-written mean-field Gaussian (same family as "normal")
-    HYBRID = "hybrid"  # W1, b1 point estimates (AutoDelta) + mean-field Gaussian over W2, b2
+    NORMAL = "normal"
+    MEANFIELD = "meanfield"
+    HYBRID = "hybrid"
+    PAPER = "paper"
+    LOWRANK = "lowrank"
+    MAP = "map"
+    ML = "ml"
+
+
+POINT_FIRST_LAYER = (GuideKind.HYBRID, GuideKind.PAPER)
+"""Guides with a point-estimated W1 (a hyperparameter when the first-layer prior is off)."""
 
 
 class InitLoc(str, Enum):
     """How the means (or point estimates) of the guide start."""
 
     XAVIER = "xavier"  # Xavier-uniform weights, zero biases (the paper's initialisation)
-    MEDIAN = "median"  # the prior median = mean (all zeros for the Normal priors)
+    MEDIAN = "median"  # the prior median = mean (all zeros for the weight priors)
     SAMPLE = "sample"  # one draw from the prior
+
+
+def default_priors(kind: GuideKind | str, hierarchical: bool = False) -> tuple[bool, bool]:
+    """Which weight priors a guide is meant for: ``(first_layer_prior, output_layer_prior)``.
+
+    ``ml`` drops every prior; ``hybrid`` and ``paper`` drop the first layer's (W1 is then a
+    hyperparameter, as in the paper), unless the prior is hierarchical (its scale needs W1's prior).
+    """
+    kind = GuideKind(kind)
+    if kind is GuideKind.ML:
+        return False, False
+    return (kind not in POINT_FIRST_LAYER) or hierarchical, True
 
 
 class EpsFromPrior:
@@ -53,11 +93,41 @@ def _init_loc_fn(model: InvariantNet, init_loc: InitLoc) -> Callable:
     return init_to_sample
 
 
+def _initial_values(model: InvariantNet, init_loc: InitLoc) -> dict:
+    """Constrained initial values of every latent site, for the hand-written guides."""
+    values = model.initial_values()
+    if init_loc is InitLoc.XAVIER:
+        return values
+    sites = model.latent_sites()
+    return {name: (site["fn"].mean if init_loc is InitLoc.MEDIAN else site["fn"].sample()) for name, site in sites.items()}
+
+
+def _check(model: InvariantNet, kind: GuideKind, init_loc: InitLoc) -> None:
+    cfg = model.config
+    has_W1_site = "W1" in model.weight_shapes()
+    if kind not in (*POINT_FIRST_LAYER, GuideKind.MAP, GuideKind.ML) and has_W1_site and not cfg.first_layer_prior:
+        raise ValueError(
+            f"the {kind.value!r} guide puts a distribution over W1, which needs its prior: build the model with "
+            "first_layer_prior=True (only point estimates of W1 can go without it)"
+        )
+    if kind not in (GuideKind.MAP, GuideKind.ML) and not cfg.output_layer_prior:
+        raise ValueError(f"the {kind.value!r} guide needs the output-layer prior (output_layer_prior=True)")
+    if kind is GuideKind.ML and (cfg.first_layer_prior or cfg.output_layer_prior):
+        raise ValueError("the 'ml' guide is maximum likelihood: build the model with first_layer_prior=False and "
+                         "output_layer_prior=False (use 'map' to keep the priors)")
+    if kind in (*POINT_FIRST_LAYER, GuideKind.MAP, GuideKind.ML) and has_W1_site and init_loc is InitLoc.MEDIAN:
+        raise ValueError(
+            "a point-estimated W1 initialised at the prior median 0 never moves (all ReLU gradients are 0): "
+            f"use init_loc 'xavier' or 'sample' with the {kind.value!r} guide"
+        )
+
+
 def make_guide(
     model: InvariantNet,
     kind: GuideKind | str = GuideKind.HYBRID,
-    init_scale: float = 0.01,
+    init_scale: float = 0.1,
     init_loc: InitLoc | str = InitLoc.XAVIER,
+    rank: int = 10,
 ) -> Callable:
     """Build a guide for ``model``.
 
@@ -66,11 +136,13 @@ def make_guide(
     model : InvariantNet
         The Pyro model.
     kind : GuideKind or str
-        One of :class:`GuideKind` ("normal", "meanfield", "hybrid").
+        One of :class:`GuideKind`.
     init_scale : float
-        Initial standard deviation of the Gaussian factors.
+        Initial standard deviation of the Gaussian factors (Cholesky diagonal for ``paper``).
     init_loc : InitLoc or str
         Initial means / point estimates: "xavier", "median" or "sample".
+    rank : int
+        Rank of the ``lowrank`` guide's covariance factor.
 
     Returns
     -------
@@ -85,36 +157,31 @@ def make_guide(
     try:
         kind, init_loc = GuideKind(kind), InitLoc(init_loc)
     except ValueError as err:
-        raise ValueError(f"{err}; guides: {[k.value for k in GuideKind]}, init locs: {[i.value for i in InitLoc]}")
-    if not init_scale > 0:
-        raise ValueError(f"init_scale must be > 0, got {init_scale}")
-    has_W1_site = "W1" in model.weight_shapes()
-    if kind is not GuideKind.HYBRID and has_W1_site and not model.config.first_layer_prior:
         raise ValueError(
-            f"the {kind.value!r} guide puts a Gaussian over W1, which needs its prior: build the model with "
-            "first_layer_prior=True (only point estimates of W1, the 'hybrid' guide, can go without it)"
-        )
-    if kind is GuideKind.HYBRID and has_W1_site and init_loc is InitLoc.MEDIAN:
-        raise ValueError(
-            "a point-estimated W1 initialised at the prior median 0 never moves (all ReLU gradients are 0): "
-            "use init_loc 'xavier' or 'sample' with the 'hybrid' guide"
-        )
+            f"{err}; guides: {[k.value for k in GuideKind]}, init locs: {[i.value for i in InitLoc]}"
+        ) from None
+    check_positive_float("init_scale", init_scale)
+    check_positive_int("rank", rank)
+    _check(model, kind, init_loc)
     if kind is GuideKind.MEANFIELD:
-        if init_loc is InitLoc.XAVIER:
-            values = model.initial_values()
-        else:
-            priors = model.weight_priors()
-            values = {k: p.mean if init_loc is InitLoc.MEDIAN else p.sample() for k, p in priors.items()}
-        return MeanFieldGuide(model, values, init_scale=init_scale)
+        return MeanFieldGuide(model, _initial_values(model, init_loc), init_scale=init_scale)
     loc_fn = _init_loc_fn(model, init_loc)
+    latent = list(model.latent_sites())
     guide = AutoGuideList(model)
-    weights = list(model.weight_shapes())
-    if kind is GuideKind.HYBRID:
-        point = [n for n in weights if n in ("W1", "b1")]
-        if point:
-            guide.append(AutoDelta(poutine.block(model, expose=point), init_loc_fn=loc_fn))
-        weights = [n for n in weights if n not in point]
-    guide.append(AutoNormal(poutine.block(model, expose=weights), init_loc_fn=loc_fn, init_scale=init_scale))
+    if kind in (GuideKind.MAP, GuideKind.ML):
+        guide.append(AutoDelta(poutine.block(model, expose=latent), init_loc_fn=loc_fn))
+    elif kind is GuideKind.LOWRANK:
+        guide.append(AutoLowRankMultivariateNormal(poutine.block(model, expose=latent), init_loc_fn=loc_fn,
+                                                   init_scale=init_scale, rank=rank))
+    else:
+        if kind in POINT_FIRST_LAYER:
+            point = [n for n in latent if n in ("W1", "b1")]
+            if point:
+                guide.append(AutoDelta(poutine.block(model, expose=point), init_loc_fn=loc_fn))
+            latent = [n for n in latent if n not in point]
+        if kind is GuideKind.PAPER:
+            guide.append(ClasswiseFullCovGuide(_initial_values(model, init_loc)["W2"], init_scale=init_scale))
+            latent.remove("W2")
+        guide.append(AutoNormal(poutine.block(model, expose=latent), init_loc_fn=loc_fn, init_scale=init_scale))
     guide.append(EpsFromPrior(model))
     return guide
-

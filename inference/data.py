@@ -21,13 +21,16 @@ from __future__ import annotations
 
 import gzip
 import math
+import numbers
 import os
+import zlib
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 
 import torch
 
+from models.config import check_positive_int
 from models.transforms import affine_generators, warp_images
 
 DATA_ENV_VAR = "INVW_DATA_DIR"
@@ -48,6 +51,10 @@ class CorruptDataError(ValueError):
     """An idx file is truncated, has a bad magic number or disagrees with its labels."""
 
 
+class InvalidDataError(ValueError):
+    """Images or labels in memory do not fit the model: shape, channels, label range or NaN/inf values."""
+
+
 class DatasetName(str, Enum):
     """The MNIST variants of REFERENCE.md."""
 
@@ -56,6 +63,10 @@ class DatasetName(str, Enum):
     PARTIALLY_ROTATED = "partially-rotated-mnist"
     TRANSLATED = "translated-mnist"
     SCALED = "scaled-mnist"
+
+
+_TRANSFORM_RANGES = {"rotation_deg": 360.0, "translation_px": 1e6, "log_scale": 10.0}
+"""Upper ends of the transformation ranges: beyond them the one-off warps overflow (or mean nothing more)."""
 
 
 @dataclass(frozen=True)
@@ -73,11 +84,27 @@ class DataConfig:
     data_seed: int = 0  # seed of the one-off transformation and of subsetting
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "dataset", DatasetName(self.dataset))
+        try:
+            object.__setattr__(self, "dataset", DatasetName(self.dataset))
+        except ValueError:
+            raise ValueError(
+                f"unknown dataset {self.dataset!r}; choose from {[d.value for d in DatasetName]}"
+            ) from None
         for name in ("train_size", "test_size"):
+            if getattr(self, name) is not None:
+                check_positive_int(name, getattr(self, name))
+        for name, high in _TRANSFORM_RANGES.items():
             value = getattr(self, name)
-            if value is not None and int(value) < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value}")
+            if value is not None and not (isinstance(value, numbers.Real) and 0 <= value <= high):
+                raise ValueError(f"{name} must be a number in [0, {high:g}], got {value!r}")
+        check_seed("data_seed", self.data_seed)
+
+
+def check_seed(name: str, value: object) -> int:
+    """``value`` as an ``int`` if it is a valid seed, an integer in ``[0, 2**32)`` (numpy's range)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not 0 <= value < 2**32:
+        raise ValueError(f"{name} must be an integer in [0, 2**32), got {value!r}")
+    return int(value)
 
 
 @dataclass
@@ -89,6 +116,46 @@ class Split:
 
     def __len__(self) -> int:
         return int(self.y.shape[0])
+
+
+def validate_split(split: Split, image_shape: tuple[int, int, int], num_classes: int, name: str = "training") -> None:
+    """Check once per dataset that ``split`` fits a model with ``image_shape`` and ``num_classes``.
+
+    One pass over the data (shape, dtype, label range, NaN/inf), so the training loop need not
+    check every minibatch.
+
+    Raises
+    ------
+    InvalidDataError
+        With a one-line message naming the split and the problem.
+    """
+    x, y = split.x, split.y
+    C, H, W = image_shape
+    if not (isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor)):
+        kinds = f"{type(x).__name__}, {type(y).__name__}"
+        raise InvalidDataError(f"{name} images and labels must be torch tensors, got {kinds}")
+    if x.dim() != 4:
+        raise InvalidDataError(f"{name} images must have shape (N, C, H, W), got {tuple(x.shape)}")
+    if x.shape[1] != C:
+        raise InvalidDataError(f"{name} images have {x.shape[1]} channel(s) but the model expects {C}")
+    if tuple(x.shape[2:]) != (H, W):
+        raise InvalidDataError(f"{name} images are {x.shape[2]}x{x.shape[3]} pixels but the model expects {H}x{W}")
+    if x.shape[0] == 0:
+        raise InvalidDataError(f"the {name} set is empty")
+    if tuple(y.shape) != (x.shape[0],):
+        raise InvalidDataError(
+            f"{name} labels must have shape ({x.shape[0]},) to match the images, got {tuple(y.shape)}"
+        )
+    if not x.is_floating_point():
+        raise InvalidDataError(f"{name} images must be floating point, got {x.dtype}")
+    if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
+        raise InvalidDataError(f"{name} labels must be integers, got {y.dtype}")
+    low, high = int(y.min()), int(y.max())
+    if low < 0 or high >= num_classes:
+        raise InvalidDataError(f"{name} labels must lie in [0, {num_classes}), found values from {low} to {high}")
+    bad = int((~torch.isfinite(x)).sum())
+    if bad:
+        raise InvalidDataError(f"{name} images contain {bad} NaN/inf value(s)")
 
 
 @dataclass
@@ -118,7 +185,7 @@ def read_idx(path: str | os.PathLike) -> torch.Tensor:
     try:
         with opener(path, "rb") as f:
             raw = f.read()
-    except (OSError, EOFError) as err:  # gzip raises these on truncated or non-gzip files
+    except (OSError, EOFError, zlib.error) as err:  # gzip raises these on truncated, corrupt or non-gzip files
         raise CorruptDataError(f"cannot read idx file {path}: {err}") from None
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_DTYPES:
         raise CorruptDataError(f"{path} is not an idx file of unsigned bytes (bad magic number)")
@@ -130,6 +197,8 @@ def read_idx(path: str | os.PathLike) -> torch.Tensor:
     expected = header + math.prod(shape)
     if len(raw) != expected:
         raise CorruptDataError(f"{path} has {len(raw)} bytes but its header {shape} needs {expected} (truncated?)")
+    if expected == header:  # a zero-sized dimension: torch.frombuffer refuses empty buffers
+        return torch.empty(shape, dtype=torch.uint8)
     return torch.frombuffer(bytearray(raw[header:]), dtype=torch.uint8).reshape(shape)
 
 
@@ -163,6 +232,8 @@ def load_mnist_raw(root: Path, allow_download: bool = False) -> dict[str, Split]
         y = read_idx(_find(raw_dir, _FILES[(split, "labels")]))  # type: ignore[arg-type]
         if x.dim() != 3 or y.dim() != 1 or x.shape[0] != y.shape[0]:
             raise CorruptDataError(f"MNIST {split} images {tuple(x.shape)} and labels {tuple(y.shape)} disagree")
+        if x.numel() == 0:
+            raise CorruptDataError(f"MNIST {split} images under {raw_dir} hold no pixels (shape {tuple(x.shape)})")
         if int(y.max()) > 9:
             raise CorruptDataError(f"MNIST {split} labels out of range 0..9 (max {int(y.max())})")
         splits[split] = Split(x.unsqueeze(1).float() / 255.0, y.long())

@@ -43,6 +43,8 @@ def predictive_log_probs(
     """
     if num_samples < 1:
         raise ValueError(f"num_samples must be a positive integer, got {num_samples}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size}")
     out = []
     for xb in torch.split(x, batch_size):
         draws = []
@@ -56,6 +58,12 @@ def predictive_log_probs(
 
 def accuracy_and_nll(log_probs: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
     """Accuracy and mean negative log-likelihood of labels ``y`` under ``log_probs (N, classes)``."""
+    num_classes = log_probs.shape[-1]
+    if log_probs.dim() != 2 or tuple(y.shape) != (log_probs.shape[0],) or y.numel() == 0:
+        raise ValueError(f"expected log_probs (N, classes) and labels (N,) with N >= 1, got "
+                         f"{tuple(log_probs.shape)} and {tuple(y.shape)}")
+    if int(y.min()) < 0 or int(y.max()) >= num_classes:
+        raise ValueError(f"labels must lie in [0, {num_classes}), found values from {int(y.min())} to {int(y.max())}")
     acc = (log_probs.argmax(-1) == y).float().mean().item()
     nll = -log_probs.gather(1, y[:, None]).mean().item()
     return acc, nll

@@ -5,8 +5,13 @@ Usage::
     python -m inference.train --dataset rotated-mnist --out runs/rotated --data-dir ../shared/data
 
 Writes ``OUT/metrics.json`` (learned eta per generator in the units of T, test accuracy, test
-NLL, ELBO per example, training time, data provenance and the full config) and
-``OUT/eta_history.csv`` (step, one column per generator).
+NLL, ELBO per example, training time, data provenance and the full config),
+``OUT/eta_history.csv`` (step, one column per generator) and ``OUT/checkpoints/step-*.pt``
+(every ``--checkpoint-every`` steps, at the last step and on Ctrl-C).
+
+Ctrl-C finishes the current step, saves a checkpoint and prints the command that continues the
+run: the same arguments plus ``--resume OUT``. The resumed run ends where an uninterrupted run
+with the same seed ends; a checkpoint from different settings is refused.
 """
 
 from __future__ import annotations
@@ -15,20 +20,39 @@ import argparse
 import csv
 import json
 import math
+import shlex
 import sys
 import time
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict
 from pathlib import Path
 
 import pyro
 import torch
 
-from guides.factory import GuideKind, InitLoc, make_guide
-from inference.data import CorruptDataError, DataConfig, DataNotFoundError, DatasetName, load_datasets
+from guides.factory import GuideKind, InitLoc, default_priors, make_guide
+from inference.checkpoint import (
+    CHECKPOINT_DIRNAME,
+    Checkpoint,
+    NoCheckpointError,
+    check_compatible,
+    find_latest_valid,
+    list_checkpoints,
+    remove_checkpoints,
+)
+from inference.data import (
+    CorruptDataError,
+    DataConfig,
+    DataNotFoundError,
+    DatasetName,
+    load_datasets,
+    validate_split,
+)
 from inference.evaluate import accuracy_and_nll, elbo_per_example, predictive_log_probs
-from inference.svi import TrainConfig, eta_dict, fit
+from inference.svi import CheckpointPolicy, TrainConfig, TrainingInterrupted, eta_dict, fingerprint_config, fit
 from models.config import GENERATOR_PRESETS, Averaging, FirstLayer, ModelConfig, TransformMode
 from models.network import InvariantNet
+from models.priors import EtaPrior, PriorKind
 from models.transforms import GENERATOR_NAMES
 
 
@@ -64,7 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--first-layer", type=FirstLayer, choices=list(FirstLayer), default=m.first_layer)
     g.add_argument("--transform-mode", type=TransformMode, choices=list(TransformMode), default=m.transform_mode)
     g.add_argument("--averaging", type=Averaging, choices=list(Averaging), default=m.averaging)
-    g.add_argument("--num-transforms", type=int, default=8, help="S transformation samples per training step")
+    g.add_argument("--num-transforms", type=int, default=m.num_transforms, help="S transformation samples per training step")
     g.add_argument("--eval-transforms", type=int, default=m.num_transforms, help="S at evaluation")
     g.add_argument("--eval-samples", type=int, default=1, help="weight samples from q at evaluation")
     g.add_argument("--generators", type=parse_generators, default="affine",
@@ -72,13 +96,16 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--eta-init-deg", type=float, default=math.degrees(m.eta_init),
                    help="initial eta in degrees (radians for rotate; the same number in T's units for the others)")
     g.add_argument("--fixed-eta", action="store_true", help="keep eta at its initial value (fixed-eta baselines)")
+    g.add_argument("--prior", type=PriorKind, choices=list(PriorKind), default=m.prior, help="weight prior family")
     g.add_argument("--prior-scale", type=float, default=m.prior_scale, help="alpha: weights ~ N(0, alpha^2)")
+    g.add_argument("--eta-prior", type=EtaPrior, choices=list(EtaPrior), default=m.eta_prior,
+                   help="'uniform': full Bayes, eta ~ U(0, pi) with q(eta) from the guide; 'none': empirical Bayes")
     g.add_argument("--first-layer-prior", choices=["auto", "on", "off"], default="auto",
                    help="include log p(W1, b1) in the objective; 'off' makes a point-estimated W1 a hyperparameter "
-                        "(ML-II, the paper's ReLU setup); auto: off for the hybrid guide, on for Gaussian guides")
+                        "(ML-II, the paper's ReLU setup); auto: off for hybrid/paper/ml, on otherwise")
     g = p.add_argument_group("inference")
     g.add_argument("--guide", type=GuideKind, choices=list(GuideKind), default=GuideKind.HYBRID)
-    g.add_argument("--init-scale", type=float, default=0.01, help="initial std of Gaussian guide factors")
+    g.add_argument("--init-scale", type=float, default=0.1, help="initial std of Gaussian guide factors")
     g.add_argument("--init-loc", type=InitLoc, choices=list(InitLoc), default=InitLoc.XAVIER)
     g.add_argument("--num-steps", type=int, default=t.num_steps)
     g.add_argument("--batch-size", type=int, default=t.batch_size)
@@ -88,7 +115,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-vectorize", action="store_true", help="loop over particles instead of vectorising")
     g.add_argument("--no-cosine", action="store_true", help="constant learning rates")
     g = p.add_argument_group("run")
-    g.add_argument("--out", required=True, help="output directory")
+    g.add_argument("--out", default=None, help="output directory (required unless --resume is given)")
+    g.add_argument("--resume", default=None, metavar="DIR",
+                   help="continue the run in DIR from its newest valid checkpoint (pass the run's original arguments)")
+    g.add_argument("--checkpoint-every", type=int, default=100, metavar="N",
+                   help="save a checkpoint every N steps (0: only at the end and on Ctrl-C)")
+    g.add_argument("--keep-checkpoints", type=int, default=3, metavar="K", help="keep the newest K checkpoints")
     g.add_argument("--seed", type=int, default=t.seed)
     g.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     g.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
@@ -101,22 +133,62 @@ def configs_from_args(args: argparse.Namespace) -> tuple[DataConfig, ModelConfig
     data = DataConfig(dataset=args.dataset, data_dir=args.data_dir, allow_download=args.download,
                       train_size=args.train_size, test_size=args.test_size, rotation_deg=args.rotation_deg,
                       translation_px=args.translation_px, log_scale=args.log_scale, data_seed=args.data_seed)
-    if args.first_layer_prior == "auto":
-        first_layer_prior = GuideKind(args.guide) is not GuideKind.HYBRID
-    else:
+    first_layer_prior, output_layer_prior = default_priors(args.guide, PriorKind(args.prior) is PriorKind.HIERARCHICAL)
+    if args.first_layer_prior != "auto":
         first_layer_prior = args.first_layer_prior == "on"
     model = ModelConfig(hidden=args.hidden, first_layer=args.first_layer, transform_mode=args.transform_mode,
                         averaging=args.averaging, num_transforms=args.num_transforms, generators=args.generators,
                         eta_init=math.radians(args.eta_init_deg), learn_eta=not args.fixed_eta,
-                        prior_scale=args.prior_scale, first_layer_prior=first_layer_prior)
+                        prior=args.prior, prior_scale=args.prior_scale, eta_prior=args.eta_prior,
+                        first_layer_prior=first_layer_prior, output_layer_prior=output_layer_prior)
     train = TrainConfig(num_steps=args.num_steps, batch_size=args.batch_size, lr=args.lr, eta_lr=args.eta_lr,
                         num_particles=args.num_particles, vectorize_particles=not args.no_vectorize,
                         cosine=not args.no_cosine, seed=args.seed)
     if args.eval_transforms < 1 or args.eval_samples < 1:
         raise ValueError("--eval-transforms and --eval-samples must be positive integers")
-    if args.init_scale <= 0:
-        raise ValueError(f"--init-scale must be > 0, got {args.init_scale}")
+    if not (math.isfinite(args.init_scale) and args.init_scale > 0):
+        raise ValueError(f"--init-scale must be > 0 and finite, got {args.init_scale}")
+    if args.checkpoint_every < 0 or args.keep_checkpoints < 1:
+        raise ValueError("--checkpoint-every must be >= 0 and --keep-checkpoints >= 1")
+    if args.threads is not None and args.threads < 1:
+        raise ValueError(f"--threads must be a positive integer, got {args.threads}")
     return data, model, train
+
+
+def output_dir(args: argparse.Namespace) -> Path:
+    """``--resume DIR`` or ``--out DIR``; both must name the same directory when both are given."""
+    if args.resume is None and args.out is None:
+        raise ValueError("one of --out DIR or --resume DIR is required")
+    if args.resume is not None and args.out is not None and Path(args.out).resolve() != Path(args.resume).resolve():
+        raise ValueError(f"--out {args.out} and --resume {args.resume} name different directories; "
+                         "a resumed run continues in its own directory")
+    return Path(args.resume if args.resume is not None else args.out)
+
+
+def run_settings(args: argparse.Namespace, data_cfg: DataConfig, device: torch.device) -> dict:
+    """Settings beyond the model and train configs that determine training (and a checkpoint's fingerprint)."""
+    return {
+        "data": asdict(data_cfg),
+        "guide": {"kind": GuideKind(args.guide).value, "init_scale": args.init_scale,
+                  "init_loc": InitLoc(args.init_loc).value},
+        "device": str(device),
+    }
+
+
+def latest_checkpoint(run_dir: Path) -> tuple[Checkpoint, list[Exception]]:
+    """The newest valid checkpoint of the run in ``run_dir``, and the errors of corrupt newer ones skipped.
+
+    Raises
+    ------
+    NoCheckpointError
+        When ``run_dir/checkpoints`` holds no checkpoint that loads.
+    """
+    folder = run_dir / CHECKPOINT_DIRNAME
+    checkpoint, skipped = find_latest_valid(folder)
+    if checkpoint is None:
+        reason = f" ({len(skipped)} corrupt, newest: {skipped[0]})" if skipped else ""
+        raise NoCheckpointError(f"--resume {run_dir}: no valid checkpoint in {folder}{reason}")
+    return checkpoint, list(skipped)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -129,11 +201,16 @@ def resolve_device(name: str) -> torch.device:
 class EtaHistoryWriter:
     """Streams ``step, eta_<generator>...`` rows to a CSV while training, so a run can be watched."""
 
-    def __init__(self, path: Path, model: InvariantNet, every: int, last: int) -> None:
+    def __init__(
+        self, path: Path, model: InvariantNet, every: int, last: int, rows: Iterable[Mapping] = ()
+    ) -> None:
+        """Start ``path`` afresh with ``rows`` already recorded (a resumed run's history up to its checkpoint)."""
         self.model, self.every, self.last = model, every, last
         self.file = open(path, "w", newline="")
         self.writer = csv.DictWriter(self.file, fieldnames=["step", *GENERATOR_NAMES])
         self.writer.writeheader()
+        self.writer.writerows(rows)
+        self.file.flush()
 
     def __call__(self, step: int, loss: float) -> None:
         if step % self.every == 0 or step in (1, self.last):
@@ -148,22 +225,33 @@ def main(args: argparse.Namespace) -> dict:
     """Train, evaluate and write ``metrics.json`` and ``eta_history.csv``; returns the metrics."""
     data_cfg, model_cfg, train_cfg = configs_from_args(args)
     device = resolve_device(args.device)
+    out = output_dir(args)
+    resume_from, skipped = latest_checkpoint(out) if args.resume is not None else (None, [])
     if args.threads:
         torch.set_num_threads(args.threads)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     pyro.set_rng_seed(args.seed)
     pyro.clear_param_store()
     data = load_datasets(data_cfg)
     train, test = data.train, data.test
+    for split, name in ((train, "training"), (test, "test")):  # once per dataset, not per step
+        validate_split(split, model_cfg.image_shape, model_cfg.num_classes, name)
+    settings = run_settings(args, data_cfg, device)
+    if resume_from is not None:  # before anything in OUT is touched
+        check_compatible(resume_from, fingerprint_config(model_cfg, train_cfg, len(train), settings))
     train.x, train.y, test.x, test.y = (t.to(device) for t in (train.x, train.y, test.x, test.y))
     model = InvariantNet(model_cfg, num_data=len(train)).to(device)
     guide = make_guide(model, args.guide, init_scale=args.init_scale, init_loc=args.init_loc)
+    out.mkdir(parents=True, exist_ok=True)
     print(f"data: {data.info['dataset']} train={len(train)} test={len(test)} from {data.info['root']}"
           f"{'' if data.info['full_mnist'] else ' (subset, not full MNIST)'}", file=sys.stderr)
-    history = EtaHistoryWriter(out / "eta_history.csv", model, train_cfg.log_every, train_cfg.num_steps)
+    announce_start(out, resume_from, skipped)
+    policy = CheckpointPolicy(out / CHECKPOINT_DIRNAME, every=args.checkpoint_every, keep=args.keep_checkpoints,
+                              run_config=settings)
+    rows = resume_from.state["eta_history"] if resume_from is not None else ()
+    history = EtaHistoryWriter(out / "eta_history.csv", model, train_cfg.log_every, train_cfg.num_steps, rows)
     try:
-        result = fit(model, guide, train, train_cfg, callback=history, progress=not args.no_progress)
+        result = fit(model, guide, train, train_cfg, callback=history, progress=not args.no_progress,
+                     checkpoints=policy, start=resume_from)
     finally:
         history.close()
     start = time.perf_counter()
@@ -178,13 +266,13 @@ def main(args: argparse.Namespace) -> dict:
         "train_seconds": result.seconds,
         "eval_seconds": time.perf_counter() - start,
         "final_train_loss": result.losses[-1],
+        "resumed_from_step": resume_from.step if resume_from is not None else None,
         "data": data.info,
         "config": {
             "data": asdict(data_cfg),
             "model": asdict(model_cfg),
             "train": asdict(train_cfg),
-            "guide": {"kind": GuideKind(args.guide).value, "init_scale": args.init_scale,
-                      "init_loc": InitLoc(args.init_loc).value},
+            "guide": settings["guide"],
             "eval": {"num_transforms": args.eval_transforms, "num_samples": args.eval_samples},
             "device": str(device),
             "seed": args.seed,
@@ -196,20 +284,81 @@ def main(args: argparse.Namespace) -> dict:
     return metrics
 
 
+def announce_start(out: Path, start: Checkpoint | None, skipped: list[Exception]) -> None:
+    """Say on stderr where training starts; a fresh run clears the checkpoints of an earlier run in ``out``."""
+    if start is None:
+        removed = remove_checkpoints(out / CHECKPOINT_DIRNAME)
+        if removed:
+            print(f"note: removed {removed} checkpoint(s) of an earlier run in {out / CHECKPOINT_DIRNAME} "
+                  "(pass --resume to continue a run instead)", file=sys.stderr)
+        return
+    for err in skipped:
+        print(f"warning: skipping {err}", file=sys.stderr)
+    print(f"resuming from {start.path} (step {start.step})", file=sys.stderr)
+
+
+def resume_command(argv: list[str], run_dir: str) -> str:
+    """The command line that continues the run: the original arguments plus ``--resume``."""
+    args = list(argv)
+    if not any(a == "--resume" or a.startswith("--resume=") for a in args):
+        args += ["--resume", run_dir]
+    return shlex.join([Path(sys.executable).name, "-m", "inference.train", *args])
+
+
+def interrupt_message(err: KeyboardInterrupt, args: argparse.Namespace, argv: list[str]) -> str:
+    """One line for Ctrl-C: where training stopped, what was saved, how to continue."""
+    run_dir = args.resume if args.resume is not None else args.out
+    if isinstance(err, TrainingInterrupted):
+        text = str(err)
+        has_checkpoint = err.checkpoint is not None
+    else:
+        newest = list_checkpoints(Path(run_dir) / CHECKPOINT_DIRNAME) if run_dir is not None else []
+        has_checkpoint = bool(newest)
+        text = "interrupted" + (f"; the newest checkpoint is {newest[-1][1]}" if newest else "; nothing was saved")
+    if has_checkpoint:
+        text += f"; continue with: {resume_command(argv, run_dir)}"
+    return text
+
+
+def one_line(err: BaseException) -> str:
+    """The first line of an error message (torch's validation errors append tensor dumps)."""
+    lines = [line for line in str(err).strip().splitlines() if line.strip()]
+    if not lines:
+        return type(err).__name__
+    return lines[0] + (" [...]" if len(lines) > 1 else "")
+
+
 def _json_default(obj):
     if hasattr(obj, "value"):  # Enums
         return obj.value
     raise TypeError(f"not JSON serialisable: {type(obj)}")
 
 
+USER_ERRORS = (DataNotFoundError, CorruptDataError, ValueError, FloatingPointError, OSError)
+"""Errors caused by the arguments, the data or the machine, reported in one line (``ValueError`` covers
+bad settings, invalid data and unusable checkpoints; ``FloatingPointError`` a diverged run)."""
+
+
 def cli(argv: list[str] | None = None) -> int:
-    """Console entry point: user errors become one-line messages and exit code 2."""
+    """Console entry point: user errors become one-line messages and exit code 2; Ctrl-C exits 130.
+
+    Returns
+    -------
+    int
+        0 on success, 2 on a user error, 130 when interrupted (after saving a checkpoint).
+    """
+    argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.out is None and args.resume is None:
+        parser.error("one of --out DIR or --resume DIR is required")
     try:
         main(args)
-    except (DataNotFoundError, CorruptDataError, ValueError, FloatingPointError) as err:
-        print(f"error: {err}", file=sys.stderr)
+    except KeyboardInterrupt as err:
+        print(interrupt_message(err, args, argv), file=sys.stderr)
+        return 130
+    except USER_ERRORS as err:
+        print(f"error: {one_line(err)}", file=sys.stderr)
         return 2
     return 0
 

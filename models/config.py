@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 from enum import Enum
 
+from models.priors import EtaPrior, PriorKind
 from models.transforms import GENERATOR_NAMES
 
 
@@ -23,11 +25,32 @@ class TransformMode(str, Enum):
     INPUTS = "inputs"  # W1 (T^-1 x): Augerino-style, cost grows with the batch
 
 
+class Likelihood(str, Enum):
+    """Observation model p(y | f)."""
+
+    CATEGORICAL = "categorical"  # classification, y in {0..classes-1} (the paper)
+    GAUSSIAN = "gaussian"  # regression, y in R^classes with known noise (the conjugate test case)
+
+
 class Averaging(str, Enum):
     """How the S transformed predictions are combined inside the likelihood."""
 
     PROBS = "probs"  # log (1/S sum_s softmax f_s): multi-sample Jensen bound of the main text
     LOGITS = "logits"  # log softmax((1/S) sum_s f_s): the supplement's variant
+
+
+def check_positive_int(name: str, value: object) -> int:
+    """``value`` as an ``int`` if it is an integer >= 1, else a ``ValueError`` naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return int(value)
+
+
+def check_positive_float(name: str, value: object) -> float:
+    """``value`` as a ``float`` if it is a finite number > 0, else a ``ValueError`` naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{name} must be > 0 and finite, got {value!r}")
+    return float(value)
 
 
 GENERATOR_PRESETS: dict[str, tuple[str, ...]] = {
@@ -58,6 +81,11 @@ class ModelConfig:
     eta_init: float = math.radians(5.0)  # initial eta of every active generator (5 degrees)
     learn_eta: bool = True  # False: eta stays at eta_init (the fixed-eta baselines)
     prior_scale: float = 1.0  # alpha: weights ~ N(0, alpha^2) a priori
+    prior: PriorKind = PriorKind.NORMAL  # family of p(theta), see models/priors.py
+    output_layer_prior: bool = True  # False (with first_layer_prior False): no prior at all, maximum likelihood
+    likelihood: Likelihood = Likelihood.CATEGORICAL
+    noise_scale: float = 1.0  # Gaussian likelihood only: y ~ N(f(x), noise_scale^2)
+    eta_prior: EtaPrior = EtaPrior.NONE  # "uniform": full Bayes over eta instead of empirical Bayes
     first_layer_prior: bool = True  # False: W1, b1 keep their sites but log p(W1, b1) is masked out, so a
     # point-estimate guide treats them as hyperparameters, as in the paper's ReLU network (ML-II for W1)
     rff_scale: float = 1.0  # RFF only: W1 ~ N(0, rff_scale^2 / (C*H*W))
@@ -66,20 +94,24 @@ class ModelConfig:
         object.__setattr__(self, "first_layer", FirstLayer(self.first_layer))
         object.__setattr__(self, "transform_mode", TransformMode(self.transform_mode))
         object.__setattr__(self, "averaging", Averaging(self.averaging))
+        object.__setattr__(self, "prior", PriorKind(self.prior))
+        object.__setattr__(self, "likelihood", Likelihood(self.likelihood))
+        object.__setattr__(self, "eta_prior", EtaPrior(self.eta_prior))
+        if self.eta_prior is not EtaPrior.NONE and not self.learn_eta:
+            raise ValueError("a prior over eta (full Bayes) and a fixed eta exclude each other")
+        if self.prior is PriorKind.HIERARCHICAL and not (self.first_layer_prior and self.output_layer_prior):
+            raise ValueError("the hierarchical prior needs the weight priors switched on")
         object.__setattr__(self, "image_shape", tuple(int(s) for s in self.image_shape))
         object.__setattr__(self, "generators", tuple(self.generators))
         unknown = sorted(set(self.generators) - set(GENERATOR_NAMES))
         if unknown:
             raise ValueError(f"unknown generator(s) {unknown}; choose from {list(GENERATOR_NAMES)}")
         for name in ("num_classes", "hidden", "num_transforms"):
-            if int(getattr(self, name)) < 1:
-                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)}")
+            check_positive_int(name, getattr(self, name))
         if len(self.image_shape) != 3 or min(self.image_shape) < 1:
             raise ValueError(f"image_shape must be (C, H, W) with positive sizes, got {self.image_shape}")
-        if not self.eta_init > 0:
-            raise ValueError(f"eta_init must be > 0 (eta is a positive parameter), got {self.eta_init}")
-        if not self.prior_scale > 0:
-            raise ValueError(f"prior_scale must be > 0, got {self.prior_scale}")
+        for name in ("eta_init", "prior_scale", "rff_scale", "noise_scale"):  # eta is a positive parameter
+            check_positive_float(name, getattr(self, name))
 
     @property
     def num_pixels(self) -> int:

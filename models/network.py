@@ -27,13 +27,18 @@ import torch
 from pyro.nn import PyroModule, PyroParam, PyroSample
 from torch.distributions import constraints
 
-from models.config import Averaging, FirstLayer, ModelConfig, TransformMode
+from models.config import Averaging, FirstLayer, Likelihood, ModelConfig, TransformMode
+from models.priors import EtaPrior, PriorKind, eta_prior, layer_of, tau_prior, weight_prior
 from models.transforms import GENERATOR_NAMES, affine_generators, affine_matrices, warp_filters, warp_images
 
 
-def _normal_prior(shape: tuple[int, ...]):
+def _site_prior(name: str, shape: tuple[int, ...], fan_in: int):
+    """The prior of weight site ``name`` as a ``PyroSample`` callable (reads the layer scale if any)."""
+
     def prior(self: InvariantNet) -> dist.Distribution:
-        return dist.Normal(self.prior_loc, self.prior_scale).expand(shape).to_event(len(shape))
+        kind = self.config.prior
+        tau = getattr(self, f"tau_{layer_of(name)}") if kind is PriorKind.HIERARCHICAL else None
+        return weight_prior(kind, shape, fan_in, self.prior_loc, self.prior_scale, tau)
 
     return prior
 
@@ -77,15 +82,21 @@ class InvariantNet(PyroModule):
         self.register_buffer("prior_loc", torch.tensor(0.0))
         self.register_buffer("prior_scale", torch.tensor(float(config.prior_scale)))
         eta0 = torch.full((len(GENERATOR_NAMES),), float(config.eta_init))
-        if config.learn_eta:
+        if config.eta_prior is not EtaPrior.NONE:
+            self.register_buffer("eta", torch.full_like(eta0, float("nan")))  # eta is a sample site instead
+        elif config.learn_eta:
             self.eta = PyroParam(eta0, constraint=constraints.positive)
         else:
             self.register_buffer("eta", eta0)
         if config.first_layer is FirstLayer.RFF:  # fixed W1 ~ N(0, s^2 / P), b1 ~ U[0, 2 pi)
             self.register_buffer("W1", torch.randn(D, P) * config.rff_scale / math.sqrt(P))
             self.register_buffer("b1", torch.rand(D) * 2 * math.pi)
+        if config.prior is PriorKind.HIERARCHICAL:
+            for layer in sorted({layer_of(name) for name in self.weight_shapes()}):
+                setattr(self, f"tau_{layer}", PyroSample(lambda self: tau_prior(self.prior_scale)))
+        fan_in = {"1": P, "2": D}
         for name, shape in self.weight_shapes().items():
-            setattr(self, name, PyroSample(_normal_prior(shape)))
+            setattr(self, name, PyroSample(_site_prior(name, shape, fan_in[layer_of(name)])))
 
     # ------------------------------------------------------------------ pieces
     @property
@@ -100,7 +111,7 @@ class InvariantNet(PyroModule):
 
     def eps_prior(self, num_transforms: int) -> dist.Distribution:
         """p(eps) = U[-1, 1]^(S x K), event shape ``(S, K)``."""
-        low = -torch.ones(num_transforms, len(GENERATOR_NAMES), device=self.prior_loc.device)
+        low = -torch.ones(num_transforms, len(GENERATOR_NAMES), device=self.prior_loc.device, dtype=self.prior_loc.dtype)
         return dist.Uniform(low, -low).to_event(2)
 
     def weight_shapes(self) -> dict[str, tuple[int, ...]]:
@@ -113,29 +124,69 @@ class InvariantNet(PyroModule):
         return shapes
 
     def weight_priors(self) -> dict[str, dist.Distribution]:
-        """p(theta) per weight site: ``N(0, alpha^2)`` with the site's event shape."""
-        return {name: _normal_prior(shape)(self) for name, shape in self.weight_shapes().items()}
+        """p(theta) per weight site with the site's event shape (hierarchical: at tau = alpha)."""
+        cfg, P, D = self.config, self.config.num_pixels, self.config.hidden
+        return {
+            name: weight_prior(cfg.prior, shape, P if layer_of(name) == "1" else D, self.prior_loc,
+                               self.prior_scale, self.prior_scale if cfg.prior is PriorKind.HIERARCHICAL else None)
+            for name, shape in self.weight_shapes().items()
+        }
 
     def initial_values(self) -> dict[str, torch.Tensor]:
-        """Xavier-uniform weights and zero biases (the paper's initialisation), for guide init."""
+        """Initial values of every latent site but eps, for guide init.
+
+        Xavier-uniform weights and zero biases (the paper's initialisation); layer scales tau at
+        alpha; eta (full Bayes) at ``eta_init``.
+        """
+        dev, dtype = self.prior_loc.device, self.prior_loc.dtype
         values: dict[str, torch.Tensor] = {}
+        if self.config.prior is PriorKind.HIERARCHICAL:
+            values.update({f"tau_{layer_of(n)}": self.prior_scale.clone() for n in self.weight_shapes()})
         for name, shape in self.weight_shapes().items():
             if len(shape) == 2:
                 bound = math.sqrt(6.0 / (shape[0] + shape[1]))
-                values[name] = (torch.rand(shape, device=self.prior_loc.device) * 2 - 1) * bound
+                values[name] = (torch.rand(shape, device=dev, dtype=dtype) * 2 - 1) * bound
             else:
-                values[name] = torch.zeros(shape, device=self.prior_loc.device)
+                values[name] = torch.zeros(shape, device=dev, dtype=dtype)
+        if self.config.eta_prior is not EtaPrior.NONE:
+            values["eta"] = torch.full((len(GENERATOR_NAMES),), min(self.config.eta_init, 0.99 * math.pi), device=dev,
+                                       dtype=dtype)
         return values
+
+    def latent_sites(self) -> dict[str, dict]:
+        """Every latent site but eps, in the order the model samples them.
+
+        Returns
+        -------
+        dict
+            ``name -> {"fn": prior distribution, "support": constraint, "event_dim": int}``, read
+            off one prototype run of the model on a blank image (as autoguides do).
+        """
+        x = torch.zeros(1, *self.config.image_shape, device=self.prior_loc.device, dtype=self.prior_loc.dtype)
+        with torch.no_grad():
+            trace = poutine.trace(poutine.block(self, hide=["eps"])).get_trace(x)
+        return {
+            name: {"fn": site["fn"], "support": site["fn"].support, "event_dim": site["fn"].event_dim}
+            for name, site in trace.nodes.items()
+            if site["type"] == "sample" and not site["is_observed"] and not site["infer"].get("_do_not_trace")
+            and name not in ("obs", "data")
+        }
 
     def _check_inputs(self, x: torch.Tensor, y: torch.Tensor | None) -> None:
         C, H, W = self.config.image_shape
         if x.dim() != 4 or tuple(x.shape[1:]) != (C, H, W):
             raise ValueError(f"expected images of shape (B, {C}, {H}, {W}), got {tuple(x.shape)}")
-        if y is not None and (y.shape != x.shape[:1]):
-            raise ValueError(f"expected labels of shape ({x.shape[0]},), got {tuple(y.shape)}")
+        if x.shape[0] == 0:
+            raise ValueError(f"expected at least one image, got an empty batch of shape {tuple(x.shape)}")
+        if x.dtype != self.prior_loc.dtype:
+            raise ValueError(f"expected images of dtype {self.prior_loc.dtype} (the model's), got {x.dtype}")
+        expected = x.shape[:1] if self.config.likelihood is Likelihood.CATEGORICAL else (x.shape[0], self.config.num_classes)
+        if y is not None and y.shape != expected:
+            raise ValueError(f"expected labels of shape {tuple(expected)}, got {tuple(y.shape)}")
 
     def transformed_logits(
-        self, x: torch.Tensor, W1: torch.Tensor, b1: torch.Tensor, W2: torch.Tensor, b2: torch.Tensor, eps: torch.Tensor
+        self, x: torch.Tensor, W1: torch.Tensor, b1: torch.Tensor, W2: torch.Tensor, b2: torch.Tensor,
+        eps: torch.Tensor, eta: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Logits of every transformed copy of the network, f_s(x).
 
@@ -147,6 +198,8 @@ class InvariantNet(PyroModule):
             ``(P, D, C*H*W)``, ``(P, D)``, ``(P, classes, D)``, ``(P, classes)``.
         eps : torch.Tensor
             ``(P, S, K)``.
+        eta : torch.Tensor, optional
+            Effective eta, ``(K,)`` or ``(P, 1, K)`` (full Bayes); default :attr:`eta_effective`.
 
         Returns
         -------
@@ -155,14 +208,15 @@ class InvariantNet(PyroModule):
         """
         B = x.shape[0]
         x_flat = x.reshape(B, -1)  # (B, CHW)
+        eta = self.eta_effective if eta is None else eta
         if not self.has_transforms:
             pre = torch.matmul(x_flat, W1.transpose(-1, -2)).unsqueeze(1)  # (P, 1, B, D)
         elif self.config.transform_mode is TransformMode.WEIGHTS:
-            T = affine_matrices(self.eta_effective, eps, self.generators)  # (P, S, 3, 3)
+            T = affine_matrices(eta, eps, self.generators)  # (P, S, 3, 3)
             W1_T = warp_filters(W1, T, self.config.image_shape)  # (P, S, D, CHW)
             pre = torch.matmul(x_flat, W1_T.transpose(-1, -2))  # (P, S, B, D)
         else:  # inputs: W1 (T^-1 x); T^-1 = expm(-A)
-            T_inv = affine_matrices(self.eta_effective, -eps, self.generators)  # (P, S, 3, 3)
+            T_inv = affine_matrices(eta, -eps, self.generators)  # (P, S, 3, 3)
             Pn, S = T_inv.shape[:2]
             xs = x.unsqueeze(0).expand(Pn * S, *x.shape).reshape(Pn * S * B, *x.shape[1:])
             Ts = T_inv.reshape(Pn * S, 1, 3, 3).expand(Pn * S, B, 3, 3).reshape(-1, 3, 3)
@@ -178,12 +232,26 @@ class InvariantNet(PyroModule):
     def average(self, logits: torch.Tensor) -> torch.Tensor:
         """Combine the S copies into normalised log-probabilities (Eq. 7 / supplement).
 
-        ``(P, S, B, classes) -> (P, B, classes)``.
+        ``(*lead, S, B, classes) -> (*lead, B, classes)``.
         """
         if self.config.averaging is Averaging.PROBS:
-            S = logits.shape[1]
-            return torch.logsumexp(torch.log_softmax(logits, -1), dim=1) - math.log(S)
-        return torch.log_softmax(logits.mean(1), -1)
+            S = logits.shape[-3]
+            return torch.logsumexp(torch.log_softmax(logits, -1), dim=-3) - math.log(S)
+        return torch.log_softmax(logits.mean(-3), -1)
+
+    def gaussian_likelihood(self, f: torch.Tensor) -> tuple[torch.Tensor, dist.Distribution]:
+        """Regression counterpart of :meth:`average`: ``(*lead, S, B, outputs)`` -> mean and p(y | x).
+
+        ``probs``: p(y | x) = (1/S) sum_s N(y; f_s(x), sigma^2 I), a mixture; ``logits``:
+        N(y; (1/S) sum_s f_s(x), sigma^2 I). Returns the predictive mean ``(*lead, B, outputs)``.
+        """
+        sigma = self.config.noise_scale
+        mean = f.mean(-3)
+        if self.config.averaging is Averaging.LOGITS or f.shape[-3] == 1:
+            return mean, dist.Normal(mean, sigma).to_event(1)
+        components = dist.Normal(f.movedim(-3, -2), sigma).to_event(1)  # batch (*lead, B, S)
+        mixing = dist.Categorical(logits=torch.zeros(components.batch_shape, device=f.device, dtype=f.dtype))
+        return mean, dist.MixtureSameFamily(mixing, components)
 
     # ------------------------------------------------------------------ model
     def forward(
@@ -211,19 +279,33 @@ class InvariantNet(PyroModule):
             raise ValueError(f"num_transforms must be a positive integer, got {S}")
         with poutine.mask(mask=self.config.first_layer_prior):
             W1, b1 = self.W1, self.b1
-        W2, b2 = self.W2, self.b2
+        with poutine.mask(mask=self.config.output_layer_prior):
+            W2, b2 = self.W2, self.b2
+        if self.config.eta_prior is EtaPrior.NONE:
+            eta = self.eta_effective.expand(1, 1, -1)  # (1, 1, K)
+        else:  # full Bayes: eta is a sample site, (*lead, K)
+            eta = pyro.sample("eta", eta_prior(len(GENERATOR_NAMES), self.prior_loc)) * self.generator_mask
         eps = pyro.sample("eps", self.eps_prior(S))  # (*lead, S, K)
-        lead = torch.broadcast_shapes(W1.shape[:-2], b1.shape[:-1], W2.shape[:-2], b2.shape[:-1], eps.shape[:-2])
+        lead = torch.broadcast_shapes(W1.shape[:-2], b1.shape[:-1], W2.shape[:-2], b2.shape[:-1], eps.shape[:-2],
+                                      eta.shape[:-1] if self.config.eta_prior is not EtaPrior.NONE else ())
 
         def flat(t: torch.Tensor, event: int) -> torch.Tensor:
             return t.expand(*lead, *t.shape[t.dim() - event :]).reshape(-1, *t.shape[t.dim() - event :])
 
-        logits = self.transformed_logits(x, flat(W1, 2), flat(b1, 1), flat(W2, 2), flat(b2, 1), flat(eps, 2))
-        log_p = self.average(logits)  # (P, B, classes)
+        if self.config.eta_prior is not EtaPrior.NONE:
+            eta = flat(eta, 1).unsqueeze(1)  # (P, 1, K)
+        else:
+            eta = eta[0, 0]  # (K,)
+        logits = self.transformed_logits(x, flat(W1, 2), flat(b1, 1), flat(W2, 2), flat(b2, 1), flat(eps, 2), eta)
         # drop the data plate's size-1 slot when the leading dims carry one: (P, 1) -> (P,)
         out_lead = lead[:-1] if lead and lead[-1] == 1 else lead
-        log_p = log_p.reshape(*out_lead, *log_p.shape[-2:])
+        logits = logits.reshape(*out_lead, *logits.shape[1:])  # (*lead, S', B, classes)
+        if self.config.likelihood is Likelihood.CATEGORICAL:
+            out = self.average(logits)  # (*lead, B, classes) log-probabilities
+            obs_dist: dist.Distribution = dist.Categorical(logits=out)
+        else:
+            out, obs_dist = self.gaussian_likelihood(logits)
         B = x.shape[0]
         with pyro.plate("data", self.num_data, subsample=torch.arange(B, device=x.device)):
-            pyro.sample("obs", dist.Categorical(logits=log_p), obs=y)
-        return log_p
+            pyro.sample("obs", obs_dist, obs=y)
+        return out

@@ -13,8 +13,9 @@ from pyro import poutine
 from pyro.infer import SVI, Predictive, Trace_ELBO
 from pyro.util import check_model_guide_match  # lives in pyro.util in pyro 1.9
 
-from guides import EpsFromPrior, GuideKind, InitLoc, MeanFieldGuide, make_guide
+from guides import POINT_FIRST_LAYER, EpsFromPrior, GuideKind, InitLoc, MeanFieldGuide, default_priors, make_guide
 from models import GENERATOR_NAMES, InvariantNet, ModelConfig
+from models.priors import EtaPrior, PriorKind
 
 IMAGE = (1, 5, 5)
 D, S, B, N = 6, 2, 4, 12
@@ -24,6 +25,12 @@ K = len(GENERATOR_NAMES)
 def tiny_model(device, first_layer="relu", **overrides) -> InvariantNet:
     cfg = ModelConfig(image_shape=IMAGE, hidden=D, num_transforms=S, first_layer=first_layer, **overrides)
     return InvariantNet(cfg, num_data=N).to(device)
+
+
+def model_for(device, kind, **overrides) -> InvariantNet:
+    """A tiny model with the priors that guide ``kind`` is meant for (``ml``: none at all)."""
+    fp, op = default_priors(kind)
+    return tiny_model(device, first_layer_prior=fp, output_layer_prior=op, **overrides)
 
 
 def tiny_batch(device):
@@ -59,8 +66,10 @@ def guide_locs(model: InvariantNet, kind: GuideKind) -> dict[str, torch.Tensor]:
 @pytest.mark.parametrize("init_loc", list(InitLoc), ids=lambda i: i.value)
 @pytest.mark.parametrize("kind", list(GuideKind), ids=lambda k: k.value)
 def test_every_guide_builds_steps_and_matches_model(device, kind, init_loc, first_layer):
-    model = tiny_model(device, first_layer)
-    if (kind, init_loc, first_layer) == (GuideKind.HYBRID, InitLoc.MEDIAN, "relu"):
+    fp, op = default_priors(kind)
+    model = tiny_model(device, first_layer, first_layer_prior=fp, output_layer_prior=op)
+    point_W1 = kind in (*POINT_FIRST_LAYER, GuideKind.MAP, GuideKind.ML)
+    if point_W1 and init_loc is InitLoc.MEDIAN and first_layer == "relu":
         # W1 = 0 exactly would be a dead first layer (zero ReLU gradients): refused with a clear message
         with pytest.raises(ValueError, match="never moves"):
             make_guide(model, kind, init_loc=init_loc)
@@ -72,6 +81,8 @@ def test_every_guide_builds_steps_and_matches_model(device, kind, init_loc, firs
     eta_before = model.eta.detach().clone()  # the model registers eta on first access
     loss = svi.step(x, y)
     assert math.isfinite(loss)
+    if init_loc is InitLoc.MEDIAN and kind in (GuideKind.MAP, GuideKind.ML):
+        svi.step(x, y)  # point estimates W2 = 0 hide eta from the first gradient; the second step sees it
     assert not torch.equal(model.eta.detach(), eta_before), "eta should be learned by the SVI step"
 
     with warnings.catch_warnings():
@@ -85,6 +96,9 @@ def test_every_guide_builds_steps_and_matches_model(device, kind, init_loc, firs
     expected = set(model.weight_shapes()) | {"eps"}
     assert latent_sites(model_trace) == expected
     assert expected <= latent_sites(guide_trace)
+    if kind is GuideKind.ML:  # maximum likelihood: no prior term anywhere in the objective
+        model_trace.compute_log_prob()
+        assert all(torch.count_nonzero(model_trace.nodes[n]["log_prob"]) == 0 for n in model.weight_shapes())
 
     # every variational parameter (and eta) is updated by a further step; none belongs to eps
     store = pyro.get_param_store()
@@ -93,6 +107,35 @@ def test_every_guide_builds_steps_and_matches_model(device, kind, init_loc, firs
     assert math.isfinite(svi.step(x, y))
     unchanged = [n for n, v in before.items() if torch.equal(store[n].detach(), v)]
     assert not unchanged, f"params without updates: {unchanged}"
+
+
+@pytest.mark.parametrize("first_layer", ["relu", "rff"])
+@pytest.mark.parametrize("eta_prior", list(EtaPrior), ids=lambda e: e.value)
+@pytest.mark.parametrize("prior", list(PriorKind), ids=lambda p: p.value)
+@pytest.mark.parametrize("kind", list(GuideKind), ids=lambda k: k.value)
+def test_every_guide_and_prior_combination(device, kind, prior, eta_prior, first_layer):
+    """Guide x prior x (empirical / full Bayes eta): builds, runs one SVI step, matches the model."""
+    fp, op = default_priors(kind, hierarchical=prior is PriorKind.HIERARCHICAL)
+    if kind is GuideKind.ML and prior is PriorKind.HIERARCHICAL:  # no prior, hence no prior scale to infer
+        with pytest.raises(ValueError, match="hierarchical prior needs the weight priors"):
+            tiny_model(device, first_layer, prior=prior, eta_prior=eta_prior, first_layer_prior=fp,
+                       output_layer_prior=op)
+        return
+    model = tiny_model(device, first_layer, prior=prior, eta_prior=eta_prior, first_layer_prior=fp,
+                       output_layer_prior=op)
+    guide = make_guide(model, kind)
+    x, y = tiny_batch(device)
+    svi = SVI(model, guide, pyro.optim.Adam({"lr": 1e-2}),
+              loss=Trace_ELBO(num_particles=2, vectorize_particles=True, max_plate_nesting=1))
+    assert math.isfinite(svi.step(x, y))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model_trace, guide_trace = traces(model, guide, x, y)
+        check_model_guide_match(model_trace, guide_trace, max_plate_nesting=1)
+    expected = set(model.latent_sites()) | {"eps"}
+    assert latent_sites(model_trace) == expected
+    assert ("eta" in expected) == (eta_prior is EtaPrior.UNIFORM)
+    assert any(n.startswith("tau_") for n in expected) == (prior is PriorKind.HIERARCHICAL)
 
 
 def _built_locs(device, kind, init_loc):
@@ -108,7 +151,10 @@ def _built_locs(device, kind, init_loc):
     return model, guide_locs(model, kind), expected_xavier
 
 
-@pytest.mark.parametrize("kind", list(GuideKind), ids=lambda k: k.value)
+PER_SITE_KINDS = [GuideKind.NORMAL, GuideKind.MEANFIELD, GuideKind.HYBRID, GuideKind.MAP]  # one param per site
+
+
+@pytest.mark.parametrize("kind", PER_SITE_KINDS, ids=lambda k: k.value)
 def test_xavier_init_locs(device, kind):
     model, locs, expected = _built_locs(device, kind, InitLoc.XAVIER)
     for name, shape in model.weight_shapes().items():
@@ -122,7 +168,7 @@ def test_xavier_init_locs(device, kind):
             assert torch.count_nonzero(loc) == 0, name
 
 
-@pytest.mark.parametrize("kind", list(GuideKind), ids=lambda k: k.value)
+@pytest.mark.parametrize("kind", PER_SITE_KINDS, ids=lambda k: k.value)
 def test_sample_init_locs(device, kind):
     model, locs, xavier = _built_locs(device, kind, InitLoc.SAMPLE)
     for name, shape in model.weight_shapes().items():
@@ -202,7 +248,7 @@ def test_make_guide_normal_and_meanfield_share_initialisation(device):
 
 @pytest.mark.parametrize("kind", list(GuideKind), ids=lambda k: k.value)
 def test_eps_is_drawn_from_its_prior_not_learned(device, kind):
-    model = tiny_model(device)
+    model = model_for(device, kind)
     guide = make_guide(model, kind)
     x, y = tiny_batch(device)
     svi = SVI(model, guide, pyro.optim.Adam({"lr": 1e-2}), loss=Trace_ELBO(max_plate_nesting=1))
@@ -224,7 +270,7 @@ def test_eps_is_drawn_from_its_prior_not_learned(device, kind):
 
 def test_make_guide_rejects_bad_arguments(device):
     model = tiny_model(device)
-    with pytest.raises(ValueError, match=r"guides: \['normal', 'meanfield', 'hybrid'\]"):
+    with pytest.raises(ValueError, match=r"guides: \['normal', 'meanfield', 'hybrid', 'paper', 'lowrank', 'map', 'ml'\]"):
         make_guide(model, "laplace")
     with pytest.raises(ValueError, match=r"init locs: \['xavier', 'median', 'sample'\]"):
         make_guide(model, "normal", init_loc="zeros")
@@ -270,7 +316,7 @@ def test_prior_predictive_parallel(device):
 )
 @pytest.mark.parametrize("kind", list(GuideKind), ids=lambda k: k.value)
 def test_posterior_predictive(device, kind, parallel):
-    model = tiny_model(device)
+    model = model_for(device, kind)
     guide = make_guide(model, kind)
     x, y = tiny_batch(device)
     guide(x, y)
@@ -281,9 +327,11 @@ def test_posterior_predictive(device, kind, parallel):
 def test_gaussian_guides_need_the_first_layer_prior(device):
     """Without log p(W1, b1) only a point estimate of W1 is proper (the ELBO's entropy term would diverge)."""
     model = tiny_model(device, first_layer_prior=False)
-    for kind in (GuideKind.NORMAL, GuideKind.MEANFIELD):
+    for kind in (GuideKind.NORMAL, GuideKind.MEANFIELD, GuideKind.LOWRANK):
         with pytest.raises(ValueError, match="first_layer_prior"):
             make_guide(model, kind)
+    with pytest.raises(ValueError, match="maximum likelihood"):
+        make_guide(model, GuideKind.ML)  # the output layer's prior is still on
     guide = make_guide(model, GuideKind.HYBRID)
     x, y = tiny_batch(device)
     assert math.isfinite(Trace_ELBO(max_plate_nesting=1).loss(model, guide, x, y))

@@ -1,0 +1,184 @@
+"""Train several configurations on the same data and seed; write one table and one figure.
+
+Usage::
+
+    python -m inference.compare --dataset rotated-mnist --data-dir ../shared/data --out runs/compare \\
+        --configs elbo,map,ml --sweep-deg 5,45,90,135,175
+
+Every configuration is a run of :func:`inference.train.main` with the shared flags (any flag of
+``python -m inference.train``) plus a few overrides:
+
+=============  ==========================================================================
+``elbo``       the ELBO with the guide given by ``--guide`` (default ``hybrid``): empirical Bayes
+``paper``      the ELBO with the paper's family (W1 point estimate, full-covariance q(W2) per class)
+``meanfield``  the ELBO with ``AutoNormal`` over every weight (priors on both layers)
+``map``        maximum a posteriori: point estimates with the priors (``AutoDelta``)
+``ml``         maximum likelihood: point estimates without any prior, the non-Bayesian baseline
+``fixed-A``    eta fixed at A degrees on the generators of ``--sweep-generators`` (the Table 1 sweep)
+``learned``    eta learned on the same generators as the sweep (the sweep's last row)
+=============  ==========================================================================
+
+Writes ``OUT/<name>/`` for each run, ``OUT/comparison.csv``, ``OUT/comparison.md`` and
+``OUT/comparison.png`` (eta trajectories per configuration, test accuracy, NLL and ELBO).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import csv
+import json
+import math
+import sys
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from inference import train  # noqa: E402
+from models.transforms import GENERATOR_NAMES  # noqa: E402
+
+NAMED = {
+    "elbo": {},
+    "paper": {"guide": "paper"},
+    "meanfield": {"guide": "normal"},
+    "map": {"guide": "map"},
+    "ml": {"guide": "ml"},
+}
+COLUMNS = ["config", "guide", "generators", "eta_fixed", *(f"eta_{g}" for g in GENERATOR_NAMES),
+           "test_accuracy", "test_nll", "elbo_per_example", "train_seconds"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The training CLI's flags plus the comparison's own."""
+    p = train.build_parser()
+    p.description = __doc__.split("\n\n")[0]
+    g = p.add_argument_group("comparison")
+    g.add_argument("--configs", default="elbo,map,ml",
+                   help=f"comma list of {sorted(NAMED)} (each on the flags above)")
+    g.add_argument("--sweep-deg", default="", help="comma list of fixed eta in degrees, e.g. 5,45,90,135,175; "
+                   "adds one 'fixed-A' run per angle and a 'learned' run on the same generators")
+    g.add_argument("--sweep-generators", default="rotation", type=train.parse_generators,
+                   help="generators whose eta is fixed in the sweep (preset or comma list)")
+    return p
+
+
+def plan(args: argparse.Namespace) -> list[tuple[str, dict]]:
+    """``(name, overrides)`` for every run, in order."""
+    runs = []
+    for name in (c.strip() for c in args.configs.split(",") if c.strip()):
+        if name not in NAMED:
+            raise ValueError(f"unknown configuration {name!r}; choose from {sorted(NAMED)}")
+        runs.append((name, NAMED[name]))
+    angles = [float(a) for a in args.sweep_deg.split(",") if a.strip()]
+    for deg in angles:
+        runs.append((f"fixed-{deg:g}", {"generators": args.sweep_generators, "fixed_eta": True, "eta_init_deg": deg}))
+    if angles:
+        runs.append(("learned", {"generators": args.sweep_generators}))
+    if not runs:
+        raise ValueError("nothing to compare: give --configs and/or --sweep-deg")
+    return runs
+
+
+def row(name: str, metrics: dict) -> dict:
+    """One table row from a run's metrics.json."""
+    model = metrics["config"]["model"]
+    out = {
+        "config": name,
+        "guide": metrics["config"]["guide"]["kind"],
+        "generators": "+".join(model["generators"]) or "none",
+        "eta_fixed": not model["learn_eta"],
+        **{f"eta_{g}": metrics["eta"][g] for g in GENERATOR_NAMES},
+    }
+    out.update({k: metrics[k] for k in ("test_accuracy", "test_nll", "elbo_per_example", "train_seconds")})
+    return out
+
+
+def write_table(rows: list[dict], out: Path) -> None:
+    """``comparison.csv`` (full precision) and ``comparison.md`` (rounded, eta_rotate in degrees too)."""
+    with open(out / "comparison.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+    lines = ["| config | guide | generators | eta_rotate (rad / deg) | max other eta | test acc % | test NLL | "
+             "ELBO / example | train s |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        other = max(r[f"eta_{g}"] for g in GENERATOR_NAMES if g != "rotate")
+        rot = r["eta_rotate"]
+        lines.append(f"| {r['config']} | {r['guide']} | {r['generators']} | {rot:.3f} / {math.degrees(rot):.1f} | "
+                     f"{other:.3f} | {100 * r['test_accuracy']:.2f} | {r['test_nll']:.3f} | "
+                     f"{r['elbo_per_example']:.3f} | {r['train_seconds']:.0f} |")
+    (out / "comparison.md").write_text("\n".join(lines) + "\n")
+
+
+def read_history(path: Path) -> tuple[list[int], dict[str, list[float]]]:
+    """``eta_history.csv`` as steps and one list per generator."""
+    with open(path) as f:
+        rows = list(csv.DictReader(f))
+    return [int(r["step"]) for r in rows], {g: [float(r[g]) for r in rows] for g in GENERATOR_NAMES}
+
+
+def plot(rows: list[dict], out: Path) -> Path:
+    """eta_rotate trajectories per configuration (left) and test accuracy / ELBO per configuration (right)."""
+    fig, (ax_eta, ax_acc) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for r in rows:
+        steps, eta = read_history(out / r["config"] / "eta_history.csv")
+        ax_eta.plot(steps, eta["rotate"], label=r["config"], ls="--" if r["eta_fixed"] else "-")
+    ax_eta.axhline(math.pi, color="grey", lw=0.8, ls=":")
+    ax_eta.set(xlabel="SVI step", ylabel="eta_rotate (rad)", title="Learned extent of rotation invariance")
+    ax_eta.legend(fontsize=8)
+    names = [r["config"] for r in rows]
+    xs = range(len(rows))
+    ax_acc.bar(xs, [100 * r["test_accuracy"] for r in rows], color="tab:blue", alpha=0.7)
+    ax_acc.set_xticks(list(xs), names, rotation=30, ha="right")
+    ax_acc.set_ylabel("test accuracy (%)", color="tab:blue")
+    lo = min(100 * r["test_accuracy"] for r in rows)
+    ax_acc.set_ylim(max(0.0, lo - 10), 100)
+    ax_elbo = ax_acc.twinx()
+    ax_elbo.plot(list(xs), [r["elbo_per_example"] for r in rows], "o-", color="tab:red")
+    ax_elbo.set_ylabel("ELBO per example (ml / map: their objective)", color="tab:red")
+    ax_acc.set_title("Test accuracy (bars) and training objective (dots)")
+    fig.tight_layout()
+    path = out / "comparison.png"
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def main(args: argparse.Namespace) -> list[dict]:
+    """Run every planned configuration and write the table and the figure; returns the rows."""
+    if args.out is None:
+        raise ValueError("--out is required")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for name, overrides in plan(args):
+        run_args = copy.copy(args)
+        run_args.out = str(out / name)
+        run_args.resume = None
+        for key, value in overrides.items():
+            setattr(run_args, key, value)
+        print(f"== {name}", file=sys.stderr)
+        train.main(run_args)
+        rows.append(row(name, json.loads((out / name / "metrics.json").read_text())))
+        write_table(rows, out)  # keep the table current while later runs go on
+    plot(rows, out)
+    print((out / "comparison.md").read_text())
+    return rows
+
+
+def cli(argv: list[str] | None = None) -> int:
+    """Console entry point: user errors become one-line messages and exit code 2."""
+    args = build_parser().parse_args(argv)
+    try:
+        main(args)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli())
