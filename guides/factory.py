@@ -99,7 +99,8 @@ def _initial_values(model: InvariantNet, init_loc: InitLoc) -> dict:
     if init_loc is InitLoc.XAVIER:
         return values
     sites = model.latent_sites()
-    return {name: (site["fn"].mean if init_loc is InitLoc.MEDIAN else site["fn"].sample()) for name, site in sites.items()}
+    return {name: site["fn"].mean if init_loc is InitLoc.MEDIAN else site["fn"].sample()
+            for name, site in sites.items()}
 
 
 def _check(model: InvariantNet, kind: GuideKind, init_loc: InitLoc) -> None:

@@ -252,7 +252,9 @@ def balanced_subset(y: torch.Tensor, size: int, generator: torch.Generator) -> t
     return torch.sort(torch.cat(picks)).values
 
 
-def transformation_matrices(cfg: DataConfig, n: int, image_size: int, generator: torch.Generator) -> torch.Tensor | None:
+def transformation_matrices(
+    cfg: DataConfig, n: int, image_size: int, generator: torch.Generator
+) -> torch.Tensor | None:
     """One affine matrix per example for the chosen variant, ``(n, 3, 3)`` (None for plain MNIST).
 
     The matrices act on output coordinates, ``x'(p) = x(T p)``, like :func:`models.warp_images`.

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from pyro import poutine
@@ -80,6 +80,6 @@ def elbo_per_example(
     elbo = make_elbo(cfg)
     n = len(data)
     total = 0.0
-    for xb, yb in zip(torch.split(data.x, batch_size), torch.split(data.y, batch_size)):
+    for xb, yb in zip(torch.split(data.x, batch_size), torch.split(data.y, batch_size), strict=True):
         total += -elbo.loss(model, guide, xb, yb) * len(yb) / n
     return total / n

@@ -46,6 +46,7 @@ from inference.checkpoint import (
 from inference.data import Split, check_seed, validate_split
 from models.config import ModelConfig, check_positive_float, check_positive_int
 from models.network import InvariantNet
+from models.priors import EtaPrior
 from models.transforms import GENERATOR_NAMES
 
 
@@ -167,7 +168,9 @@ def make_optimizer(cfg: TrainConfig) -> pyro.optim.PyroOptim:
 
     if not cfg.cosine:
         return pyro.optim.Adam(optim_args)
-    return pyro.optim.CosineAnnealingLR({"optimizer": torch.optim.Adam, "optim_args": optim_args, "T_max": cfg.num_steps})
+    return pyro.optim.CosineAnnealingLR(
+        {"optimizer": torch.optim.Adam, "optim_args": optim_args, "T_max": cfg.num_steps}
+    )
 
 
 def make_elbo(cfg: TrainConfig) -> Trace_ELBO:
@@ -175,9 +178,22 @@ def make_elbo(cfg: TrainConfig) -> Trace_ELBO:
     return Trace_ELBO(num_particles=cfg.num_particles, vectorize_particles=cfg.vectorize_particles, max_plate_nesting=1)
 
 
-def eta_dict(model: InvariantNet) -> dict[str, float]:
-    """Current effective eta per generator (0 for inactive generators)."""
-    return dict(zip(GENERATOR_NAMES, model.eta_effective.detach().cpu().tolist()))
+def eta_dict(model: InvariantNet, guide: Callable | None = None, num_samples: int = 64) -> dict[str, float]:
+    """Current effective eta per generator (0 for inactive generators).
+
+    Under full Bayes (``eta_prior != "none"``) eta is a latent variable: this is then the median of
+    ``num_samples`` draws from q(eta), taken without disturbing the global random stream.
+    """
+    if model.config.eta_prior is EtaPrior.NONE:
+        return dict(zip(GENERATOR_NAMES, model.eta_effective.detach().cpu().tolist(), strict=True))
+    if guide is None:
+        raise ValueError("under full Bayes eta is latent: pass the guide to read q(eta)")
+    x = torch.zeros(1, *model.config.image_shape, device=model.prior_loc.device, dtype=model.prior_loc.dtype)
+    with torch.no_grad(), torch.random.fork_rng(devices=[]):
+        draws = torch.stack([poutine.trace(guide).get_trace(x, None, 1).nodes["eta"]["value"].reshape(-1)
+                             for _ in range(num_samples)])
+    eta = draws.median(0).values * model.generator_mask
+    return dict(zip(GENERATOR_NAMES, eta.cpu().tolist(), strict=True))
 
 
 def minibatches(n: int, batch_size: int, generator: torch.Generator, skip: int = 0) -> Iterator[torch.Tensor]:
@@ -403,10 +419,12 @@ def _nonfinite_problem(err: ValueError) -> str | None:
     return None
 
 
-def _record(result: FitResult, model: InvariantNet, step: int, loss: float, cfg: TrainConfig) -> dict | None:
+def _record(
+    result: FitResult, model: InvariantNet, guide: Callable, step: int, loss: float, cfg: TrainConfig
+) -> dict | None:
     result.losses.append(loss)
     if step % cfg.log_every == 0 or step == 1 or step == cfg.num_steps:
-        eta = eta_dict(model)
+        eta = eta_dict(model, guide)
         result.eta_history.append({"step": step, **eta})
         return eta
     return None
@@ -490,7 +508,7 @@ def fit(
                 in_step = True
                 idx = next(batches).to(data.x.device)
                 loss = _svi_step(svi, optim, data.x[idx], data.y[idx], len(data), step, saver.last_path)
-                eta = _record(result, model, step, loss, cfg)
+                eta = _record(result, model, guide, step, loss, cfg)
                 done, in_step = step, False
                 if eta is not None:
                     bar.set_postfix(elbo=f"{-loss:.3f}", eta_rot=f"{eta['rotate']:.2f}")

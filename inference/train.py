@@ -64,18 +64,22 @@ def parse_generators(text: str) -> tuple[str, ...]:
     unknown = [n for n in names if n not in GENERATOR_NAMES]
     if unknown:
         raise argparse.ArgumentTypeError(
-            f"unknown generator(s) {unknown}: use a preset {sorted(GENERATOR_PRESETS)} or names from {list(GENERATOR_NAMES)}"
+            f"unknown generator(s) {unknown}: use a preset {sorted(GENERATOR_PRESETS)} "
+            f"or names from {list(GENERATOR_NAMES)}"
         )
     return names
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     d, m, t = DataConfig(), ModelConfig(), TrainConfig()
     g = p.add_argument_group("data")
     g.add_argument("--dataset", type=DatasetName, choices=list(DatasetName), default=d.dataset, metavar="NAME",
                    help=f"one of {[x.value for x in DatasetName]}")
-    g.add_argument("--data-dir", default=None, help="data root holding MNIST/raw (default: $INVW_DATA_DIR, else ./data)")
+    g.add_argument("--data-dir", default=None,
+                   help="data root holding MNIST/raw (default: $INVW_DATA_DIR, else ./data)")
     g.add_argument("--download", action="store_true", help="let torchvision download MNIST if it is missing")
     g.add_argument("--train-size", type=int, default=None, help="class-balanced training subset (default: all)")
     g.add_argument("--test-size", type=int, default=None, help="class-balanced test subset (default: all)")
@@ -88,7 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--first-layer", type=FirstLayer, choices=list(FirstLayer), default=m.first_layer)
     g.add_argument("--transform-mode", type=TransformMode, choices=list(TransformMode), default=m.transform_mode)
     g.add_argument("--averaging", type=Averaging, choices=list(Averaging), default=m.averaging)
-    g.add_argument("--num-transforms", type=int, default=m.num_transforms, help="S transformation samples per training step")
+    g.add_argument("--num-transforms", type=int, default=m.num_transforms,
+                   help="S transformation samples per training step")
     g.add_argument("--eval-transforms", type=int, default=m.num_transforms, help="S at evaluation")
     g.add_argument("--eval-samples", type=int, default=1, help="weight samples from q at evaluation")
     g.add_argument("--generators", type=parse_generators, default="affine",
@@ -202,10 +207,10 @@ class EtaHistoryWriter:
     """Streams ``step, eta_<generator>...`` rows to a CSV while training, so a run can be watched."""
 
     def __init__(
-        self, path: Path, model: InvariantNet, every: int, last: int, rows: Iterable[Mapping] = ()
+        self, path: Path, model: InvariantNet, guide, every: int, last: int, rows: Iterable[Mapping] = ()
     ) -> None:
         """Start ``path`` afresh with ``rows`` already recorded (a resumed run's history up to its checkpoint)."""
-        self.model, self.every, self.last = model, every, last
+        self.model, self.guide, self.every, self.last = model, guide, every, last
         self.file = open(path, "w", newline="")
         self.writer = csv.DictWriter(self.file, fieldnames=["step", *GENERATOR_NAMES])
         self.writer.writeheader()
@@ -214,7 +219,7 @@ class EtaHistoryWriter:
 
     def __call__(self, step: int, loss: float) -> None:
         if step % self.every == 0 or step in (1, self.last):
-            self.writer.writerow({"step": step, **eta_dict(self.model)})
+            self.writer.writerow({"step": step, **eta_dict(self.model, self.guide)})
             self.file.flush()
 
     def close(self) -> None:
@@ -248,7 +253,7 @@ def main(args: argparse.Namespace) -> dict:
     policy = CheckpointPolicy(out / CHECKPOINT_DIRNAME, every=args.checkpoint_every, keep=args.keep_checkpoints,
                               run_config=settings)
     rows = resume_from.state["eta_history"] if resume_from is not None else ()
-    history = EtaHistoryWriter(out / "eta_history.csv", model, train_cfg.log_every, train_cfg.num_steps, rows)
+    history = EtaHistoryWriter(out / "eta_history.csv", model, guide, train_cfg.log_every, train_cfg.num_steps, rows)
     try:
         result = fit(model, guide, train, train_cfg, callback=history, progress=not args.no_progress,
                      checkpoints=policy, start=resume_from)
@@ -259,7 +264,7 @@ def main(args: argparse.Namespace) -> dict:
     acc, nll = accuracy_and_nll(log_p, test.y)
     elbo = elbo_per_example(model, guide, train, train_cfg)
     metrics = {
-        "eta": eta_dict(model),
+        "eta": eta_dict(model, guide),
         "test_accuracy": acc,
         "test_nll": nll,
         "elbo_per_example": elbo,

@@ -22,8 +22,8 @@ import math
 
 import pyro
 import pyro.distributions as dist
-from pyro import poutine
 import torch
+from pyro import poutine
 from pyro.nn import PyroModule, PyroParam, PyroSample
 from torch.distributions import constraints
 
@@ -111,7 +111,8 @@ class InvariantNet(PyroModule):
 
     def eps_prior(self, num_transforms: int) -> dist.Distribution:
         """p(eps) = U[-1, 1]^(S x K), event shape ``(S, K)``."""
-        low = -torch.ones(num_transforms, len(GENERATOR_NAMES), device=self.prior_loc.device, dtype=self.prior_loc.dtype)
+        like = self.prior_loc
+        low = -torch.ones(num_transforms, len(GENERATOR_NAMES), device=like.device, dtype=like.dtype)
         return dist.Uniform(low, -low).to_event(2)
 
     def weight_shapes(self) -> dict[str, tuple[int, ...]]:
@@ -180,7 +181,8 @@ class InvariantNet(PyroModule):
             raise ValueError(f"expected at least one image, got an empty batch of shape {tuple(x.shape)}")
         if x.dtype != self.prior_loc.dtype:
             raise ValueError(f"expected images of dtype {self.prior_loc.dtype} (the model's), got {x.dtype}")
-        expected = x.shape[:1] if self.config.likelihood is Likelihood.CATEGORICAL else (x.shape[0], self.config.num_classes)
+        categorical = self.config.likelihood is Likelihood.CATEGORICAL
+        expected = x.shape[:1] if categorical else (x.shape[0], self.config.num_classes)
         if y is not None and y.shape != expected:
             raise ValueError(f"expected labels of shape {tuple(expected)}, got {tuple(y.shape)}")
 

@@ -138,3 +138,16 @@ def test_elbo_per_example_counts_kl_once_and_every_example_once(device):
     for batch_size in (12, 5, 1):
         value = elbo_per_example(model, delta_guide, data, cfg, batch_size=batch_size)
         assert value == pytest.approx(expected, rel=1e-5), batch_size
+
+
+def test_full_bayes_eta_is_read_from_the_guide():
+    """Under full Bayes eta is latent: eta_dict reads q(eta) (median of draws) and leaves the RNG untouched."""
+    model = InvariantNet(ModelConfig(image_shape=(1, 5, 5), hidden=4, num_transforms=2, eta_prior="uniform",
+                                     generators=("rotate",)), num_data=10)
+    guide = make_guide(model, "normal")
+    with pytest.raises(ValueError, match="pass the guide"):
+        eta_dict(model)
+    state = torch.get_rng_state()
+    eta = eta_dict(model, guide)
+    assert torch.equal(state, torch.get_rng_state())
+    assert 0 < eta["rotate"] < math.pi and all(eta[g] == 0 for g in eta if g != "rotate")
