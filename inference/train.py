@@ -40,6 +40,7 @@ from inference.checkpoint import (
     list_checkpoints,
     remove_checkpoints,
 )
+from inference.cpu import configure_cpu
 from inference.data import (
     CorruptDataError,
     DataConfig,
@@ -232,8 +233,7 @@ def main(args: argparse.Namespace) -> dict:
     device = resolve_device(args.device)
     out = output_dir(args)
     resume_from, skipped = latest_checkpoint(out) if args.resume is not None else (None, [])
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    configure_cpu(args.threads)  # threads per core and an allocator that keeps large step buffers mapped
     pyro.set_rng_seed(args.seed)
     pyro.clear_param_store()
     data = load_datasets(data_cfg)

@@ -1,14 +1,18 @@
 """The invariant-weights network: generators, weight transforms and the Pyro model."""
 
-from models.config import GENERATOR_PRESETS, Averaging, FirstLayer, ModelConfig, TransformMode
+from models.config import GENERATOR_PRESETS, Averaging, FirstLayer, ModelConfig, TransformMode, WarpImpl
 from models.network import InvariantNet
 from models.transforms import (
     GENERATOR_NAMES,
     NUM_GENERATORS,
     affine_generators,
     affine_matrices,
+    batched_linear,
+    bilinear_taps,
     warp_filters,
+    warp_filters_gather,
     warp_images,
+    warped_linear,
 )
 
 __all__ = [
@@ -20,8 +24,13 @@ __all__ = [
     "InvariantNet",
     "ModelConfig",
     "TransformMode",
+    "WarpImpl",
     "affine_generators",
     "affine_matrices",
+    "batched_linear",
+    "bilinear_taps",
     "warp_filters",
     "warp_images",
+    "warp_filters_gather",
+    "warped_linear",
 ]

@@ -23,6 +23,15 @@ class TransformMode(str, Enum):
 
     WEIGHTS = "weights"  # (W1 o T) x: cost grows with hidden units (the paper's method)
     INPUTS = "inputs"  # W1 (T^-1 x): Augerino-style, cost grows with the batch
+    IDENTITY = "identity"  # W1 x, S times: the same S forward passes with T_s = I and no warp at all. The
+    # model equals generators=() (eta is unused); it exists as the honest cost floor of benchmarks/bench_step.py
+
+
+class WarpImpl(str, Enum):
+    """How TransformMode.WEIGHTS computes (W1 o T_s) x; both are the same function (bilinear, zero padding)."""
+
+    GATHER = "gather"  # warped_linear: bilinear taps once per T, one embedding_bag over all filters, one GEMM
+    GRID_SAMPLE = "grid_sample"  # warp_filters: grid_sample of all S*D filter images, then a matmul (the reference)
 
 
 class Likelihood(str, Enum):
@@ -75,6 +84,7 @@ class ModelConfig:
     hidden: int = 1024  # D
     first_layer: FirstLayer = FirstLayer.RELU
     transform_mode: TransformMode = TransformMode.WEIGHTS
+    warp_impl: WarpImpl = WarpImpl.GATHER  # weights mode only: the fast gather warp or the grid_sample reference
     averaging: Averaging = Averaging.PROBS
     num_transforms: int = 32  # S, transformation samples per forward pass
     generators: tuple[str, ...] = GENERATOR_NAMES  # active generators; the others have eta = 0
@@ -93,6 +103,7 @@ class ModelConfig:
     def __post_init__(self) -> None:
         object.__setattr__(self, "first_layer", FirstLayer(self.first_layer))
         object.__setattr__(self, "transform_mode", TransformMode(self.transform_mode))
+        object.__setattr__(self, "warp_impl", WarpImpl(self.warp_impl))
         object.__setattr__(self, "averaging", Averaging(self.averaging))
         object.__setattr__(self, "prior", PriorKind(self.prior))
         object.__setattr__(self, "likelihood", Likelihood(self.likelihood))

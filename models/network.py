@@ -27,9 +27,17 @@ from pyro import poutine
 from pyro.nn import PyroModule, PyroParam, PyroSample
 from torch.distributions import constraints
 
-from models.config import Averaging, FirstLayer, Likelihood, ModelConfig, TransformMode
+from models.config import Averaging, FirstLayer, Likelihood, ModelConfig, TransformMode, WarpImpl
 from models.priors import EtaPrior, PriorKind, eta_prior, layer_of, tau_prior, weight_prior
-from models.transforms import GENERATOR_NAMES, affine_generators, affine_matrices, warp_filters, warp_images
+from models.transforms import (
+    GENERATOR_NAMES,
+    affine_generators,
+    affine_matrices,
+    batched_linear,
+    warp_filters,
+    warp_images,
+    warped_linear,
+)
 
 
 def _site_prior(name: str, shape: tuple[int, ...], fan_in: int):
@@ -213,17 +221,23 @@ class InvariantNet(PyroModule):
         eta = self.eta_effective if eta is None else eta
         if not self.has_transforms:
             pre = torch.matmul(x_flat, W1.transpose(-1, -2)).unsqueeze(1)  # (P, 1, B, D)
+        elif self.config.transform_mode is TransformMode.IDENTITY:  # S unwarped passes: the benchmark floor
+            Pn, S = eps.shape[:2]
+            pre = batched_linear(x_flat.expand(Pn, S, B, x_flat.shape[-1]), W1)  # (P, S, B, D): P*S GEMM passes
         elif self.config.transform_mode is TransformMode.WEIGHTS:
             T = affine_matrices(eta, eps, self.generators)  # (P, S, 3, 3)
-            W1_T = warp_filters(W1, T, self.config.image_shape)  # (P, S, D, CHW)
-            pre = torch.matmul(x_flat, W1_T.transpose(-1, -2))  # (P, S, B, D)
+            if self.config.warp_impl is WarpImpl.GATHER:  # same function: one gather warp + one GEMM
+                pre = warped_linear(x, W1, T, self.config.image_shape)  # (P, S, B, D)
+            else:
+                W1_T = warp_filters(W1, T, self.config.image_shape)  # (P, S, D, CHW)
+                pre = torch.matmul(x_flat, W1_T.transpose(-1, -2))  # (P, S, B, D)
         else:  # inputs: W1 (T^-1 x); T^-1 = expm(-A)
             T_inv = affine_matrices(eta, -eps, self.generators)  # (P, S, 3, 3)
             Pn, S = T_inv.shape[:2]
             xs = x.unsqueeze(0).expand(Pn * S, *x.shape).reshape(Pn * S * B, *x.shape[1:])
             Ts = T_inv.reshape(Pn * S, 1, 3, 3).expand(Pn * S, B, 3, 3).reshape(-1, 3, 3)
             x_T = warp_images(xs, Ts).reshape(Pn, S, B, -1)  # (P, S, B, CHW)
-            pre = torch.matmul(x_T, W1.transpose(-1, -2).unsqueeze(1))  # (P, S, B, D)
+            pre = batched_linear(x_T, W1)  # (P, S, B, D), one GEMM when W1 is shared by the P samples
         pre = pre + b1[:, None, None, :]
         if self.config.first_layer is FirstLayer.RELU:
             h = torch.relu(pre)

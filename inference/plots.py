@@ -1,0 +1,439 @@
+"""Figures of a fitted run, headless (Agg), one module for the CLI and the notebooks.
+
+Every ``plot_*`` function takes data (arrays, or an ``arviz.InferenceData`` read through
+:mod:`inference.diagnostics`) and an optional output path, and returns the ``matplotlib.figure.Figure``
+(saved to ``path`` when given). Figures are built on ``matplotlib.figure.Figure`` with an Agg canvas, so
+no global pyplot state or backend setting is touched; in a notebook the returned figure displays itself.
+
+The paper's pictures (van der Ouderaa & van der Wilk, 2022, Figs. 4-5):
+
+* :func:`plot_filter_bank`: learned first-layer filters, rows of W1 as images;
+* :func:`plot_invariant_filters`: the same filters averaged over transformations drawn from the learned
+  distribution, ``mean_s W1 o T_s``; on rotated MNIST they come out rotation-symmetric (rings);
+* :func:`plot_eta_trajectories`: eta during training against the true extent of the data's transformations;
+* :func:`plot_elbo`, :func:`plot_reliability`, :func:`plot_transformed_digits`;
+* :func:`plot_weight_forest`, :func:`plot_eta_posterior`, :func:`plot_trace`, :func:`plot_pareto_k`,
+  :func:`plot_reference_comparison`: ArviZ plots through the adapter.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from matplotlib.axes import Axes
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from inference import diagnostics
+from models.transforms import GENERATOR_NAMES, affine_generators, affine_matrices, warp_filters, warp_images
+
+GENERATOR_COLORS = dict(zip(GENERATOR_NAMES, ("tab:blue", "tab:orange", "tab:red", "tab:green", "tab:olive",
+                                              "tab:purple"), strict=True))
+GENERATOR_UNITS = {"translate_x": "normalised units (13.5 px on 28x28)", "translate_y": "normalised units",
+                   "rotate": "rad", "scale_x": "log-scale", "scale_y": "log-scale", "shear": "shear"}
+
+
+# --------------------------------------------------------------------------- helpers
+def new_figure(width: float, height: float) -> Figure:
+    """A figure with its own Agg canvas (no pyplot)."""
+    fig = Figure(figsize=(width, height), layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def finish(fig: Figure, path: str | Path | None, dpi: int = 110) -> Figure:
+    """Save ``fig`` to ``path`` (creating folders) when a path is given; return the figure."""
+    if path is not None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, dpi=dpi)
+    return fig
+
+
+def _as_numpy(a: np.ndarray | torch.Tensor) -> np.ndarray:
+    return a.detach().cpu().numpy() if isinstance(a, torch.Tensor) else np.asarray(a)
+
+
+# --------------------------------------------------------------------------- filters
+def invariant_filters(
+    W1: np.ndarray | torch.Tensor, eta: np.ndarray | torch.Tensor, image_shape: tuple[int, int, int] = (1, 28, 28),
+    num_samples: int = 128, seed: int = 0,
+) -> np.ndarray:
+    """Filters averaged over transformations from the learned distribution: ``mean_s W1 o T_s``.
+
+    Parameters
+    ----------
+    W1 : array
+        Filters ``(F, C*H*W)``.
+    eta : array
+        ``(K,)`` (empirical Bayes) or draws ``(M, K)`` (full Bayes; one draw per transformation sample).
+    num_samples : int
+        S transformations, ``T_s = expm(sum_k eps_sk eta_k G_k)``, eps ~ U[-1, 1].
+    seed : int
+        Seed of the eps draws (a private generator: the global RNG is untouched).
+
+    Returns
+    -------
+    np.ndarray
+        ``(F, C*H*W)``.
+    """
+    W = torch.as_tensor(_as_numpy(W1), dtype=torch.float32)
+    eta_t = torch.as_tensor(_as_numpy(eta), dtype=torch.float32)
+    gen = torch.Generator().manual_seed(seed)
+    eps = torch.rand(num_samples, len(GENERATOR_NAMES), generator=gen) * 2 - 1  # (S, K)
+    if eta_t.dim() == 2:  # full Bayes: pair every eps with a posterior draw of eta
+        eta_t = eta_t[torch.randint(0, eta_t.shape[0], (num_samples,), generator=gen)]
+    T = affine_matrices(eta_t, eps, affine_generators())  # (S, 3, 3)
+    with torch.no_grad():
+        return warp_filters(W, T, image_shape).mean(0).numpy()  # (F, CHW)
+
+
+def _image_grid(fig: Figure, images: np.ndarray, ncols: int, titles: Sequence[str] | None = None,
+                symmetric: bool = True, cmap: str = "RdBu_r") -> list[Axes]:
+    """Images ``(n, H, W)`` in a grid of ``ncols`` columns, one colour scale per image."""
+    n = images.shape[0]
+    nrows = max(1, math.ceil(n / ncols))
+    axes = fig.subplots(nrows, ncols, squeeze=False)
+    for i, ax in enumerate(axes.flat):
+        ax.set_xticks([])
+        ax.set_yticks([])
+        if i >= n:
+            ax.set_axis_off()
+            continue
+        img = images[i]
+        if symmetric:
+            vmax = float(np.abs(img).max()) or 1.0
+            ax.imshow(img, cmap=cmap, vmin=-vmax, vmax=vmax, interpolation="nearest")
+        else:
+            ax.imshow(img, cmap=cmap, interpolation="nearest")
+        if titles is not None:
+            ax.set_title(titles[i], fontsize=7)
+    return [ax for ax in axes.flat][:n]
+
+
+def _filter_images(W: np.ndarray, image_shape: tuple[int, int, int]) -> np.ndarray:
+    C, H, Wd = image_shape
+    return W.reshape(W.shape[0], C, H, Wd).mean(1)  # channels averaged for display: (F, H, W)
+
+
+def plot_filter_bank(
+    W1: np.ndarray | torch.Tensor, path: str | Path | None = None, image_shape: tuple[int, int, int] = (1, 28, 28),
+    num_filters: int = 32, ncols: int = 8, title: str = "learned filters (posterior mean of W1)",
+) -> Figure:
+    """The first ``num_filters`` rows of W1 ``(D, C*H*W)`` as images (blue < 0 < red, own scale each)."""
+    W = _as_numpy(W1)[:num_filters]
+    rows = math.ceil(W.shape[0] / ncols)
+    fig = new_figure(1.3 * ncols, 1.3 * rows + 0.5)
+    _image_grid(fig, _filter_images(W, image_shape), ncols)
+    fig.suptitle(title)
+    return finish(fig, path)
+
+
+def plot_invariant_filters(
+    W1: np.ndarray | torch.Tensor, eta: np.ndarray | torch.Tensor, path: str | Path | None = None,
+    image_shape: tuple[int, int, int] = (1, 28, 28), num_filters: int = 32, ncols: int = 8, num_samples: int = 128,
+    title: str | None = None, seed: int = 0,
+) -> Figure:
+    """Learned filters averaged over ``num_samples`` transformations from the learned eta (the paper's figure).
+
+    ``title`` (e.g. the run's name) is put in front of the standard title.
+    """
+    W = _as_numpy(W1)[:num_filters]
+    inv = invariant_filters(W, eta, image_shape, num_samples, seed)
+    rows = math.ceil(W.shape[0] / ncols)
+    fig = new_figure(1.3 * ncols, 1.3 * rows + 0.5)
+    _image_grid(fig, _filter_images(inv, image_shape), ncols)
+    eta_text = _eta_text(eta)
+    fig.suptitle(f"{title + ': ' if title else ''}invariant filters, mean over {num_samples} T ~ learned distribution "
+                 f"({eta_text})")
+    return finish(fig, path)
+
+
+def _eta_text(eta: np.ndarray | torch.Tensor) -> str:
+    e = _as_numpy(eta)
+    e = np.median(e, axis=0) if e.ndim == 2 else e
+    parts = [f"{name} {value:.2f}" for name, value in zip(GENERATOR_NAMES, e, strict=True) if value > 0.05]
+    return "eta: " + (", ".join(parts) if parts else "all < 0.05")
+
+
+# --------------------------------------------------------------------------- training curves
+def plot_eta_trajectories(
+    steps: Sequence[int] | np.ndarray, eta: np.ndarray | torch.Tensor, true_extent: Mapping[str, float] | None = None,
+    path: str | Path | None = None, title: str = "eta during training", ax: Axes | None = None,
+) -> Figure:
+    """eta of each generator against the training step, the true extent of the data dashed.
+
+    Parameters
+    ----------
+    steps : ``(T,)``; eta : ``(T, K)`` in the units of T (rad for rotate, normalised units for translations,
+        log-scale for scales).
+    true_extent : mapping, optional
+        Generator -> extent of the data's transformation; non-zero ones are drawn as dashed lines.
+    """
+    eta = _as_numpy(eta)
+    fig = ax.figure if ax is not None else new_figure(7, 4.2)
+    ax = ax if ax is not None else fig.subplots()
+    for k, name in enumerate(GENERATOR_NAMES):
+        ax.plot(steps, eta[:, k], color=GENERATOR_COLORS[name], label=name, lw=1.6)
+    for name, value in (true_extent or {}).items():
+        if value > 0:
+            ax.axhline(value, color=GENERATOR_COLORS[name], ls="--", lw=1.2,
+                       label=f"true extent {name} = {value:.3g}")
+    ax.set_xlabel("SVI step")
+    ax.set_ylabel("eta (rad | normalised units | log-scale)")
+    ax.set_title(title)
+    ax.set_ylim(bottom=0)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    return finish(fig, path)
+
+
+def moving_average(values: np.ndarray, window: int) -> np.ndarray:
+    """Trailing moving average of the same length (shorter windows at the start)."""
+    values = np.asarray(values, dtype=float)
+    cumsum = np.cumsum(np.insert(values, 0, 0.0))
+    idx = np.arange(1, len(values) + 1)
+    lo = np.maximum(0, idx - window)
+    return (cumsum[idx] - cumsum[lo]) / (idx - lo)
+
+
+def plot_elbo(
+    iterations: Sequence[int] | np.ndarray, elbo: Sequence[float] | np.ndarray, path: str | Path | None = None,
+    final_elbo: float | None = None, window: int = 25, title: str = "ELBO per training example",
+) -> Figure:
+    """Minibatch ELBO / N per step, its moving average, and the full-data ELBO / N at the end if given."""
+    elbo = np.asarray(elbo, dtype=float)
+    fig = new_figure(7, 4)
+    ax = fig.subplots()
+    ax.plot(iterations, elbo, color="0.7", lw=0.8, label="minibatch estimate")
+    ax.plot(iterations, moving_average(elbo, window), color="tab:blue", lw=1.6, label=f"moving average ({window})")
+    if final_elbo is not None:
+        ax.scatter([iterations[-1]], [final_elbo], color="tab:red", zorder=3, label=f"full data: {final_elbo:.3f}")
+    lo, hi = np.percentile(elbo, [2, 100])
+    ax.set_ylim(lo - 0.1 * (hi - lo + 1e-9), hi + 0.1 * (hi - lo + 1e-9))
+    ax.set_xlabel("SVI step")
+    ax.set_ylabel("ELBO / N (nats)")
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return finish(fig, path)
+
+
+# --------------------------------------------------------------------------- calibration
+def reliability_bins(probs: np.ndarray, y: np.ndarray, num_bins: int = 10) -> dict[str, np.ndarray | float]:
+    """Accuracy and mean confidence per confidence bin, and the expected calibration error.
+
+    Parameters
+    ----------
+    probs : ``(N, classes)`` predictive probabilities; y : ``(N,)`` labels.
+
+    Returns
+    -------
+    dict
+        ``edges (num_bins + 1,)``, ``confidence``, ``accuracy``, ``count`` ``(num_bins,)`` (NaN in empty bins)
+        and ``ece`` = sum_b (n_b / N) |acc_b - conf_b|.
+    """
+    probs, y = np.asarray(probs, dtype=float), np.asarray(y)
+    conf, pred = probs.max(1), probs.argmax(1)
+    correct = (pred == y).astype(float)
+    edges = np.linspace(0.0, 1.0, num_bins + 1)
+    which = np.clip(np.digitize(conf, edges[1:-1], right=True), 0, num_bins - 1)
+    count = np.bincount(which, minlength=num_bins).astype(float)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        accuracy = np.bincount(which, weights=correct, minlength=num_bins) / count
+        confidence = np.bincount(which, weights=conf, minlength=num_bins) / count
+    ece = float(np.nansum(count / count.sum() * np.abs(accuracy - confidence)))
+    return {"edges": edges, "confidence": confidence, "accuracy": accuracy, "count": count, "ece": ece}
+
+
+def plot_reliability(
+    probs: np.ndarray, y: np.ndarray, path: str | Path | None = None, num_bins: int = 10,
+    title: str = "reliability diagram (test set)",
+) -> Figure:
+    """Accuracy against confidence per bin (bars) and the diagonal of perfect calibration; counts below."""
+    bins = reliability_bins(probs, y, num_bins)
+    fig = new_figure(5, 5.5)
+    top, bottom = fig.subplots(2, 1, height_ratios=[3, 1], sharex=True)
+    edges = bins["edges"]
+    centers, width = (edges[:-1] + edges[1:]) / 2, edges[1] - edges[0]
+    acc = np.nan_to_num(bins["accuracy"])
+    top.bar(centers, acc, width=width, edgecolor="k", color="tab:blue", alpha=0.8, label="accuracy")
+    filled = bins["count"] > 0
+    top.scatter(centers[filled], bins["confidence"][filled], color="tab:red", marker="_", s=400, lw=2.5, zorder=3,
+                label="mean confidence")
+    top.plot([0, 1], [0, 1], "k--", lw=1, label="perfect calibration")
+    accuracy = float((np.asarray(probs).argmax(1) == np.asarray(y)).mean())
+    top.set_title(f"{title}\naccuracy {accuracy:.3f}, ECE {bins['ece']:.3f}", fontsize=10)
+    top.set_ylabel("accuracy")
+    top.set_xlim(0, 1)
+    top.set_ylim(0, 1)
+    top.legend(fontsize=8, loc="upper left")
+    bottom.bar(centers, bins["count"], width=width, edgecolor="k", color="0.6")
+    bottom.set_xlabel("confidence (max predictive probability)")
+    bottom.set_ylabel("examples")
+    return finish(fig, path)
+
+
+# --------------------------------------------------------------------------- transformed digits
+def transform_samples(
+    images: np.ndarray | torch.Tensor, eta: np.ndarray | torch.Tensor, num_samples: int = 8, seed: int = 0
+) -> np.ndarray:
+    """Each image warped by ``num_samples`` transformations from the learned distribution.
+
+    Parameters
+    ----------
+    images : ``(n, C, H, W)``; eta : ``(K,)`` or draws ``(M, K)``.
+
+    Returns
+    -------
+    np.ndarray
+        ``(n, num_samples, C, H, W)``.
+    """
+    x = torch.as_tensor(_as_numpy(images), dtype=torch.float32)
+    n = x.shape[0]
+    eta_t = torch.as_tensor(_as_numpy(eta), dtype=torch.float32)
+    gen = torch.Generator().manual_seed(seed)
+    eps = torch.rand(n * num_samples, len(GENERATOR_NAMES), generator=gen) * 2 - 1
+    if eta_t.dim() == 2:
+        eta_t = eta_t[torch.randint(0, eta_t.shape[0], (n * num_samples,), generator=gen)]
+    T = affine_matrices(eta_t, eps, affine_generators())  # (n * samples, 3, 3)
+    xs = x.repeat_interleave(num_samples, dim=0)
+    with torch.no_grad():
+        return warp_images(xs, T).reshape(n, num_samples, *x.shape[1:]).numpy()
+
+
+def plot_transformed_digits(
+    images: np.ndarray | torch.Tensor, eta: np.ndarray | torch.Tensor, path: str | Path | None = None,
+    num_samples: int = 8, seed: int = 0, title: str | None = None,
+) -> Figure:
+    """Test digits (first column) and ``num_samples`` warps of each by T ~ the learned distribution."""
+    x = _as_numpy(images)
+    warped = transform_samples(x, eta, num_samples, seed)
+    n = x.shape[0]
+    grid = np.concatenate([x[:, None], warped], axis=1).mean(2)  # (n, 1 + samples, H, W)
+    fig = new_figure(1.1 * (num_samples + 1), 1.1 * n + 0.6)
+    titles = ["original"] + [f"T{i + 1}" for i in range(num_samples)]
+    axes = _image_grid(fig, grid.reshape(-1, *grid.shape[2:]), num_samples + 1,
+                       titles=titles + [""] * (grid.shape[0] * grid.shape[1] - len(titles)),
+                       symmetric=False, cmap="gray_r")
+    for ax in axes[:: num_samples + 1]:
+        for spine in ax.spines.values():
+            spine.set_edgecolor("tab:red")
+    fig.suptitle(f"{title + ': ' if title else ''}digits transformed by the learned distribution ({_eta_text(eta)})")
+    return finish(fig, path)
+
+
+# --------------------------------------------------------------------------- ArviZ plots (through the adapter)
+def top_hidden_units(idata: Any, num: int = 4) -> list[int]:
+    """Hidden units whose output weights W2 have the largest posterior-mean norm."""
+    W2 = idata.posterior["W2"].mean(("chain", "draw")).values  # (class, hidden)
+    return [int(i) for i in np.argsort(-np.linalg.norm(W2, axis=0))[:num]]
+
+
+def plot_weight_forest(
+    idata: Any, path: str | Path | None = None, hidden: Sequence[int] | None = None, num_hidden: int = 3,
+) -> Figure:
+    """ArviZ forest plot (94% HDI of the guide draws) of W2 for a few hidden units, every class."""
+    hidden = list(hidden) if hidden is not None else top_hidden_units(idata, num_hidden)
+    rows = len(hidden) * idata.posterior.sizes["class"]
+    fig = new_figure(6, 0.25 * rows + 1.5)
+    ax = fig.subplots()
+    diagnostics.plot_forest(idata, ["W2"], coords={"hidden": hidden}, ax=ax)
+    ax.set_title(f"q(W2) for hidden units {hidden}: 94% HDI of {idata.posterior.sizes['draw']} guide draws")
+    ax.set_xlabel("weight")
+    return finish(fig, path)
+
+
+def plot_eta_posterior(idata: Any, path: str | Path | None = None,
+                       true_extent: Mapping[str, float] | None = None) -> Figure:
+    """ArviZ posterior plot of q(eta) per generator (full Bayes only), the true extent as reference value.
+
+    Raises
+    ------
+    ValueError
+        When eta is a point estimate (empirical Bayes): there is no distribution to plot.
+    """
+    if "eta" not in idata.posterior:
+        raise ValueError("eta is a point estimate (empirical Bayes) in this run: no posterior to plot")
+    fig = new_figure(10, 5.5)
+    axes = fig.subplots(2, 3)
+    marked = [{"generator": g, "ref_val": float(v)} for g, v in (true_extent or {}).items() if v > 0]
+    ref = {"eta": marked} if marked else None  # only the generators the data was transformed with
+    diagnostics.plot_posterior(idata, ["eta"], ax=axes, ref_val=ref, textsize=8)
+    fig.suptitle("q(eta) under full Bayes (prior U(0, pi)); orange line: true extent of the data")
+    return finish(fig, path)
+
+
+def plot_trace(idata: Any, path: str | Path | None = None, var_names: Sequence[str] = ("W2", "b2"),
+               title: str = "NUTS reference: trace") -> Figure:
+    """ArviZ trace plot (densities per chain, traces) of an MCMC posterior."""
+    fig = new_figure(10, 2.2 * len(var_names) + 0.6)
+    axes = fig.subplots(len(var_names), 2, squeeze=False)
+    diagnostics.plot_trace(idata, var_names, axes=axes)
+    fig.suptitle(title)
+    return finish(fig, path)
+
+
+def plot_pareto_k(k: np.ndarray, path: str | Path | None = None, good_k: float = 0.7,
+                  title: str = "PSIS-LOO Pareto k per test example (variational draws)") -> Figure:
+    """Pareto k of each observation, with the 0.5 / 0.7 / good_k thresholds."""
+    k = np.asarray(k, dtype=float)
+    fig = new_figure(7, 3.5)
+    ax = fig.subplots()
+    ax.scatter(np.arange(len(k)), np.clip(k, -0.5, 2.0), s=6, c=np.where(k > 0.7, "tab:red", "tab:blue"))
+    for value, style in ((0.5, ":"), (0.7, "--"), (good_k, "-.")):
+        ax.axhline(value, color="k", ls=style, lw=0.8, label=f"k = {value:.2f}")
+    ax.set_xlabel("test example")
+    ax.set_ylabel("Pareto k (clipped to [-0.5, 2])")
+    ax.set_title(title)
+    ax.legend(fontsize=7)
+    return finish(fig, path)
+
+
+def plot_reference_comparison(table: Any, path: str | Path | None = None,
+                              title: str = "guide against the NUTS reference") -> Figure:
+    """Posterior means and standard deviations of the guide against NUTS (from
+    :func:`inference.diagnostics.compare_with_reference`), one point per parameter."""
+    fig = new_figure(9, 4.2)
+    ax_mean, ax_sd = fig.subplots(1, 2)
+    for ax, col, label in ((ax_mean, "mean", "posterior mean"), (ax_sd, "sd", "posterior std")):
+        ref, app = table[f"nuts_{col}"].to_numpy(), table[f"guide_{col}"].to_numpy()
+        lo, hi = float(min(ref.min(), app.min())), float(max(ref.max(), app.max()))
+        pad = 0.05 * (hi - lo + 1e-9)
+        ax.plot([lo - pad, hi + pad], [lo - pad, hi + pad], "k--", lw=1)
+        ax.scatter(ref, app, s=14)
+        ax.set_xlim(lo - pad, hi + pad)
+        ax.set_ylim(lo - pad, hi + pad)
+        ax.set_xlabel(f"NUTS {label}")
+        ax.set_ylabel(f"guide {label}")
+        ax.set_aspect("equal")
+        ax.grid(alpha=0.3)
+    fig.suptitle(title)
+    return finish(fig, path)
+
+
+def plot_loo_comparison(table: Any, path: str | Path | None = None,
+                        title: str = "PSIS-LOO on variational draws (test set)",
+                        elpd_test: Mapping[str, float] | None = None) -> Figure:
+    """elpd_loo +- se of each model (ArviZ's comparison table), and the direct held-out elpd if given."""
+    fig = new_figure(7, 1.2 + 0.7 * len(table))
+    ax = fig.subplots()
+    names = list(table.index)
+    col = "elpd_loo" if "elpd_loo" in table else "elpd_waic"
+    y = np.arange(len(names))
+    ax.errorbar(table[col], y, xerr=table["se"], fmt="o", color="tab:blue", capsize=4, label=f"{col} +- se")
+    if elpd_test:
+        ax.scatter([elpd_test[n] for n in names], y + 0.15, marker="s", color="tab:red",
+                   label="direct held-out elpd")
+    ax.set_yticks(y, names)
+    ax.set_ylim(-0.7, len(names) - 0.3)
+    ax.set_xlabel("expected log predictive density (nats, test set)")
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return finish(fig, path)

@@ -1,0 +1,34 @@
+"""``benchmarks/bench_step.py --quick`` runs every mode end to end and prints the table."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from tests.conftest import REPO_ROOT
+
+SCRIPT = REPO_ROOT / "benchmarks" / "bench_step.py"
+
+
+def test_bench_step_quick_prints_the_table(tmp_path):
+    out = tmp_path / "bench.json"
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--out", str(out)], capture_output=True, text=True,
+                          cwd=REPO_ROOT, timeout=120, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    text = proc.stdout
+    assert "mode" in text and "steps/s" in text and "examples/s" in text and "peak MiB" in text
+    for mode in ("weights", "inputs", "floor"):
+        assert f"\n{mode} " in text, mode
+    assert "ratio weights/floor" in text and "ratio inputs/floor" in text and "ratio weights/inputs" in text
+    assert "epoch estimate [weights]" in text
+    results = json.loads(out.read_text())["results"]
+    assert {r["mode"] for r in results} == {"weights", "inputs", "floor"}
+    assert {r["K"] for r in results} == {1, 2} and {r["B"] for r in results} == {8, 16}
+    assert all(r["seconds"] > 0 and r["examples_per_s"] > 0 for r in results)
+
+
+def test_bench_step_rejects_unknown_modes():
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--modes", "weights,nope"], capture_output=True,
+                          text=True, cwd=REPO_ROOT, timeout=60, check=False)
+    assert proc.returncode != 0 and "nope" in proc.stderr
