@@ -164,7 +164,8 @@ def make_optimizer(cfg: TrainConfig) -> pyro.optim.PyroOptim:
     """Adam with per-parameter learning rates (``eta_lr`` for ``eta``), optionally cosine-annealed."""
 
     def optim_args(param_name: str) -> dict:
-        return {"lr": cfg.eta_lr if param_name == "eta" else cfg.lr, "betas": cfg.betas}
+        is_eta = param_name == "eta" or param_name.endswith(".eta")  # the param, or q(eta) under full Bayes
+        return {"lr": cfg.eta_lr if is_eta else cfg.lr, "betas": cfg.betas}
 
     if not cfg.cosine:
         return pyro.optim.Adam(optim_args)
