@@ -437,6 +437,7 @@ def fit(
     data: Split,
     cfg: TrainConfig,
     callback: Callable[[int, float], None] | None = None,
+    on_record: Callable[[dict], None] | None = None,
     progress: bool = True,
     *,
     checkpoints: CheckpointPolicy | None = None,
@@ -457,6 +458,9 @@ def fit(
         Optimisation settings.
     callback : callable, optional
         Called as ``callback(step, loss)`` after every step.
+    on_record : callable, optional
+        Called with each row ``{"step": t, <generator>: eta}`` as it is added to ``eta_history``
+        (every ``cfg.log_every`` steps, the first and the last), e.g. to stream it to a file.
     progress : bool
         Show a tqdm progress bar.
     checkpoints : CheckpointPolicy, optional
@@ -513,6 +517,8 @@ def fit(
                 done, in_step = step, False
                 if eta is not None:
                     bar.set_postfix(elbo=f"{-loss:.3f}", eta_rot=f"{eta['rotate']:.2f}")
+                    if on_record is not None:
+                        on_record(result.eta_history[-1])
                 if callback is not None:
                     callback(step, loss)
                 if saver.due(step):

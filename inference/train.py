@@ -205,23 +205,19 @@ def resolve_device(name: str) -> torch.device:
 
 
 class EtaHistoryWriter:
-    """Streams ``step, eta_<generator>...`` rows to a CSV while training, so a run can be watched."""
+    """Streams the eta rows that :func:`fit` records to a CSV while training, so a run can be watched."""
 
-    def __init__(
-        self, path: Path, model: InvariantNet, guide, every: int, last: int, rows: Iterable[Mapping] = ()
-    ) -> None:
+    def __init__(self, path: Path, rows: Iterable[Mapping] = ()) -> None:
         """Start ``path`` afresh with ``rows`` already recorded (a resumed run's history up to its checkpoint)."""
-        self.model, self.guide, self.every, self.last = model, guide, every, last
         self.file = open(path, "w", newline="")
         self.writer = csv.DictWriter(self.file, fieldnames=["step", *GENERATOR_NAMES])
         self.writer.writeheader()
         self.writer.writerows(rows)
         self.file.flush()
 
-    def __call__(self, step: int, loss: float) -> None:
-        if step % self.every == 0 or step in (1, self.last):
-            self.writer.writerow({"step": step, **eta_dict(self.model, self.guide)})
-            self.file.flush()
+    def __call__(self, row: Mapping) -> None:
+        self.writer.writerow(row)
+        self.file.flush()
 
     def close(self) -> None:
         self.file.close()
@@ -253,9 +249,9 @@ def main(args: argparse.Namespace) -> dict:
     policy = CheckpointPolicy(out / CHECKPOINT_DIRNAME, every=args.checkpoint_every, keep=args.keep_checkpoints,
                               run_config=settings)
     rows = resume_from.state["eta_history"] if resume_from is not None else ()
-    history = EtaHistoryWriter(out / "eta_history.csv", model, guide, train_cfg.log_every, train_cfg.num_steps, rows)
+    history = EtaHistoryWriter(out / "eta_history.csv", rows)
     try:
-        result = fit(model, guide, train, train_cfg, callback=history, progress=not args.no_progress,
+        result = fit(model, guide, train, train_cfg, on_record=history, progress=not args.no_progress,
                      checkpoints=policy, start=resume_from)
     finally:
         history.close()

@@ -297,21 +297,20 @@ class InvariantNet(PyroModule):
             W1, b1 = self.W1, self.b1
         with poutine.mask(mask=self.config.output_layer_prior):
             W2, b2 = self.W2, self.b2
-        if self.config.eta_prior is EtaPrior.NONE:
-            eta = self.eta_effective.expand(1, 1, -1)  # (1, 1, K)
-        else:  # full Bayes: eta is a sample site, (*lead, K)
+        full_bayes = self.config.eta_prior is not EtaPrior.NONE
+        if full_bayes:  # eta is a sample site, (*lead, K)
             eta = pyro.sample("eta", eta_prior(len(GENERATOR_NAMES), self.prior_loc)) * self.generator_mask
+        else:  # a parameter (or fixed buffer), (K,)
+            eta = self.eta_effective
         eps = pyro.sample("eps", self.eps_prior(S))  # (*lead, S, K)
         lead = torch.broadcast_shapes(W1.shape[:-2], b1.shape[:-1], W2.shape[:-2], b2.shape[:-1], eps.shape[:-2],
-                                      eta.shape[:-1] if self.config.eta_prior is not EtaPrior.NONE else ())
+                                      eta.shape[:-1])
 
         def flat(t: torch.Tensor, event: int) -> torch.Tensor:
             return t.expand(*lead, *t.shape[t.dim() - event :]).reshape(-1, *t.shape[t.dim() - event :])
 
-        if self.config.eta_prior is not EtaPrior.NONE:
+        if full_bayes:
             eta = flat(eta, 1).unsqueeze(1)  # (P, 1, K)
-        else:
-            eta = eta[0, 0]  # (K,)
         logits = self.transformed_logits(x, flat(W1, 2), flat(b1, 1), flat(W2, 2), flat(b2, 1), flat(eps, 2), eta)
         # drop the data plate's size-1 slot when the leading dims carry one: (P, 1) -> (P,)
         out_lead = lead[:-1] if lead and lead[-1] == 1 else lead

@@ -72,15 +72,17 @@ def test_same_seed_same_metrics_and_history(reference, data_dir, tmp_path):
 def test_ctrl_c_then_printed_command_resumes_to_the_same_end(reference, data_dir, tmp_path, capsys, monkeypatch):
     out = tmp_path / "run"
     argv = args_for(data_dir, "--out", str(out))
-    original = train_module.EtaHistoryWriter.__call__
+    original_fit = train_module.fit
 
-    def press_ctrl_c_at_step_5(self, step, loss):
-        original(self, step, loss)
+    def press_ctrl_c_at_step_5(step, loss):
         if step == 5:
             assert signal.getsignal(signal.SIGINT) is not signal.default_int_handler, "fit's handler is not in place"
             os.kill(os.getpid(), signal.SIGINT)
 
-    monkeypatch.setattr(train_module.EtaHistoryWriter, "__call__", press_ctrl_c_at_step_5)
+    def fit_interrupted_at_step_5(*args, **kwargs):
+        return original_fit(*args, callback=press_ctrl_c_at_step_5, **kwargs)
+
+    monkeypatch.setattr(train_module, "fit", fit_interrupted_at_step_5)
     capsys.readouterr()
     assert cli(argv) == 130
     monkeypatch.undo()
