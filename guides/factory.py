@@ -18,7 +18,7 @@ the code share one list.
 from __future__ import annotations
 
 from collections.abc import Callable
-from enum import Enum
+from enum import StrEnum
 
 import pyro
 from pyro import poutine
@@ -38,7 +38,7 @@ from models.config import check_positive_float, check_positive_int
 from models.network import InvariantNet
 
 
-class GuideKind(str, Enum):
+class GuideKind(StrEnum):
     """Variational families for q(theta) (see the module docstring)."""
 
     NORMAL = "normal"
@@ -54,7 +54,7 @@ POINT_FIRST_LAYER = (GuideKind.HYBRID, GuideKind.PAPER)
 """Guides with a point-estimated W1 (a hyperparameter when the first-layer prior is off)."""
 
 
-class InitLoc(str, Enum):
+class InitLoc(StrEnum):
     """How the means (or point estimates) of the guide start."""
 
     XAVIER = "xavier"  # Xavier-uniform weights, zero biases (the paper's initialisation)

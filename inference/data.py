@@ -25,7 +25,7 @@ import numbers
 import os
 import zlib
 from dataclasses import dataclass
-from enum import Enum
+from enum import StrEnum
 from pathlib import Path
 
 import torch
@@ -55,7 +55,7 @@ class InvalidDataError(ValueError):
     """Images or labels in memory do not fit the model: shape, channels, label range or NaN/inf values."""
 
 
-class DatasetName(str, Enum):
+class DatasetName(StrEnum):
     """The MNIST variants of REFERENCE.md."""
 
     MNIST = "mnist"

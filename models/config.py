@@ -5,20 +5,20 @@ from __future__ import annotations
 import math
 import numbers
 from dataclasses import dataclass
-from enum import Enum
+from enum import StrEnum
 
 from models.priors import EtaPrior, PriorKind
 from models.transforms import GENERATOR_NAMES
 
 
-class FirstLayer(str, Enum):
+class FirstLayer(StrEnum):
     """First-layer feature map phi(W1 x + b1)."""
 
     RELU = "relu"  # learned W1 with a prior, ReLU activation (paper Sec. 5.2)
     RFF = "rff"  # fixed random W1 and b1, cosine activation: random Fourier features (Sec. 5.1)
 
 
-class TransformMode(str, Enum):
+class TransformMode(StrEnum):
     """Where the sampled transformation acts."""
 
     WEIGHTS = "weights"  # (W1 o T) x: cost grows with hidden units (the paper's method)
@@ -27,21 +27,21 @@ class TransformMode(str, Enum):
     # model equals generators=() (eta is unused); it exists as the honest cost floor of benchmarks/bench_step.py
 
 
-class WarpImpl(str, Enum):
+class WarpImpl(StrEnum):
     """How TransformMode.WEIGHTS computes (W1 o T_s) x; both are the same function (bilinear, zero padding)."""
 
     GATHER = "gather"  # warped_linear: bilinear taps once per T, one embedding_bag over all filters, one GEMM
     GRID_SAMPLE = "grid_sample"  # warp_filters: grid_sample of all S*D filter images, then a matmul (the reference)
 
 
-class Likelihood(str, Enum):
+class Likelihood(StrEnum):
     """Observation model p(y | f)."""
 
     CATEGORICAL = "categorical"  # classification, y in {0..classes-1} (the paper)
     GAUSSIAN = "gaussian"  # regression, y in R^classes with known noise (the conjugate test case)
 
 
-class Averaging(str, Enum):
+class Averaging(StrEnum):
     """How the S transformed predictions are combined inside the likelihood."""
 
     PROBS = "probs"  # log (1/S sum_s softmax f_s): multi-sample Jensen bound of the main text
@@ -99,6 +99,7 @@ class ModelConfig:
     first_layer_prior: bool = True  # False: W1, b1 keep their sites but log p(W1, b1) is masked out, so a
     # point-estimate guide treats them as hyperparameters, as in the paper's ReLU network (ML-II for W1)
     rff_scale: float = 1.0  # RFF only: W1 ~ N(0, rff_scale^2 / (C*H*W))
+    rff_blur: float = 0.0  # RFF only: Gaussian blur (std in pixels) of each W1 row, rescaled to keep its variance
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "first_layer", FirstLayer(self.first_layer))
@@ -121,6 +122,8 @@ class ModelConfig:
             check_positive_int(name, getattr(self, name))
         if len(self.image_shape) != 3 or min(self.image_shape) < 1:
             raise ValueError(f"image_shape must be (C, H, W) with positive sizes, got {self.image_shape}")
+        if not (math.isfinite(self.rff_blur) and self.rff_blur >= 0):
+            raise ValueError(f"rff_blur must be >= 0 and finite, got {self.rff_blur}")
         for name in ("eta_init", "prior_scale", "rff_scale", "noise_scale"):  # eta is a positive parameter
             check_positive_float(name, getattr(self, name))
 

@@ -51,6 +51,30 @@ def _site_prior(name: str, shape: tuple[int, ...], fan_in: int):
     return prior
 
 
+def rff_weights(num_features: int, image_shape: tuple[int, int, int], scale: float, blur: float = 0.0) -> torch.Tensor:
+    """Random Fourier feature frequencies ``(D, C*H*W)``: rows ~ N(0, scale^2 / (C*H*W) I).
+
+    With ``blur > 0`` each row, seen as an image, is convolved with a normalised Gaussian of std
+    ``blur`` pixels (zero padding): ``W1 x = omega . (G x)``, the features of the same RBF kernel
+    (lengthscale ``sqrt(C*H*W) / scale``) on blurred images. White-noise filters change at the pixel
+    scale, so their warps (and the gradient with respect to eta) are dominated by interpolation
+    noise; smooth ones are not.
+    """
+    C, H, W = image_shape
+    P = C * H * W
+    w = torch.randn(num_features, P)
+    if blur > 0:
+        radius = max(1, math.ceil(3 * blur))
+        t = torch.arange(-radius, radius + 1, dtype=w.dtype)
+        g = torch.exp(-0.5 * (t / blur) ** 2)
+        g = g / g.sum()
+        img = w.reshape(num_features * C, 1, H, W)
+        img = torch.nn.functional.conv2d(img, g.view(1, 1, 1, -1), padding=(0, radius))
+        img = torch.nn.functional.conv2d(img, g.view(1, 1, -1, 1), padding=(radius, 0))
+        w = img.reshape(num_features, P)
+    return w * scale / math.sqrt(P)
+
+
 class InvariantNet(PyroModule):
     """Shallow Bayesian network made invariant by averaging over transformed first-layer weights.
 
@@ -97,7 +121,7 @@ class InvariantNet(PyroModule):
         else:
             self.register_buffer("eta", eta0)
         if config.first_layer is FirstLayer.RFF:  # fixed W1 ~ N(0, s^2 / P), b1 ~ U[0, 2 pi)
-            self.register_buffer("W1", torch.randn(D, P) * config.rff_scale / math.sqrt(P))
+            self.register_buffer("W1", rff_weights(D, config.image_shape, config.rff_scale, config.rff_blur))
             self.register_buffer("b1", torch.rand(D) * 2 * math.pi)
         if config.prior is PriorKind.HIERARCHICAL:
             for layer in sorted({layer_of(name) for name in self.weight_shapes()}):

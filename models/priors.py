@@ -14,13 +14,13 @@ one-word change (``ModelConfig(prior="laplace")``) and guides need no change.
 from __future__ import annotations
 
 import math
-from enum import Enum
+from enum import StrEnum
 
 import pyro.distributions as dist
 import torch
 
 
-class PriorKind(str, Enum):
+class PriorKind(StrEnum):
     """Families of weight priors."""
 
     NORMAL = "normal"
@@ -29,7 +29,7 @@ class PriorKind(str, Enum):
     HIERARCHICAL = "hierarchical"
 
 
-class EtaPrior(str, Enum):
+class EtaPrior(StrEnum):
     """How eta is treated: a point estimate (empirical Bayes) or a random variable (full Bayes)."""
 
     NONE = "none"  # eta is a pyro.param, learned by maximising the ELBO (the paper)

@@ -11,7 +11,13 @@ import torch
 
 from guides import make_guide
 from inference.data import Split
-from inference.evaluate import accuracy_and_nll, elbo_per_example, predictive_log_probs
+from inference.evaluate import (
+    accuracy_and_nll,
+    elbo_estimate,
+    elbo_per_example,
+    elbo_terms,
+    predictive_log_probs,
+)
 from inference.svi import TrainConfig, eta_dict, fit, make_optimizer, minibatches
 from models import GENERATOR_NAMES, InvariantNet, ModelConfig
 
@@ -139,6 +145,54 @@ def test_elbo_per_example_counts_kl_once_and_every_example_once(device):
         value = elbo_per_example(model, delta_guide, data, cfg, batch_size=batch_size)
         assert value == pytest.approx(expected, rel=1e-5), batch_size
 
+
+
+def test_elbo_estimate_reports_the_monte_carlo_error(device):
+    """Passes are independent draws: the mean is their average and the standard error is std / sqrt(passes);
+    a deterministic objective (point-mass guide, no generator) has standard error exactly 0."""
+    model, data = tiny(device, n=12)
+    guide = make_guide(model, "hybrid")
+    guide(data.x, data.y)
+    cfg = TrainConfig()
+    pyro.set_rng_seed(3)
+    passes = torch.tensor([elbo_per_example(model, guide, data, cfg, batch_size=5) for _ in range(4)],
+                          dtype=torch.float64)
+    pyro.set_rng_seed(3)
+    mean, stderr = elbo_estimate(model, guide, data, cfg, num_passes=4, batch_size=5)
+    assert mean == pytest.approx(passes.mean().item(), rel=1e-9)
+    assert stderr == pytest.approx(passes.std().item() / 2, rel=1e-9) and stderr > 0
+    assert elbo_estimate(model, guide, data, cfg, num_passes=1)[1] == 0.0
+    with pytest.raises(ValueError, match="num_passes"):
+        elbo_estimate(model, guide, data, cfg, num_passes=0)
+
+    point, _ = tiny(device, n=12, generators=())
+    delta = make_guide(point, "map")
+    delta(data.x, data.y)
+    mean, stderr = elbo_estimate(point, delta, data, cfg, num_passes=3)
+    assert stderr == 0.0 and mean == pytest.approx(elbo_per_example(point, delta, data, cfg), rel=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["hybrid", "normal", "map", "ml"])
+def test_elbo_terms_add_up_to_the_elbo(device, kind):
+    """loglik - KL is Trace_ELBO's estimate under the same random numbers; KL >= 0 for a Gaussian guide
+    (in expectation; here far from 0), and exactly 0 without priors (maximum likelihood)."""
+    from guides.factory import default_priors
+
+    first, output = default_priors(kind)
+    model, data = tiny(device, n=12, first_layer_prior=first, output_layer_prior=output)
+    guide = make_guide(model, kind)
+    guide(data.x, data.y)
+    cfg = TrainConfig()
+    pyro.set_rng_seed(5)
+    elbo = elbo_per_example(model, guide, data, cfg, batch_size=5)
+    pyro.set_rng_seed(5)
+    loglik, kl = elbo_terms(model, guide, data, batch_size=5)
+    assert loglik - kl == pytest.approx(elbo, rel=1e-5, abs=1e-6)
+    assert loglik < 0
+    if kind == "ml":
+        assert kl == 0.0
+    elif kind != "map":
+        assert kl > 0
 
 def test_full_bayes_eta_is_read_from_the_guide():
     """Under full Bayes eta is latent: eta_dict reads q(eta) (median of draws) and leaves the RNG untouched."""

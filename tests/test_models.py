@@ -13,6 +13,7 @@ from torch.distributions import constraints
 
 from guides import make_guide
 from models import GENERATOR_NAMES, InvariantNet, ModelConfig
+from models.network import rff_weights
 
 IMAGE = (1, 6, 6)
 D, S, B, N = 8, 3, 5, 20
@@ -94,6 +95,30 @@ def test_rff_first_layer_has_no_W1_sample_site(device):
     buffers = dict(model.named_buffers())
     assert buffers["W1"].shape == (D, math.prod(IMAGE)) and buffers["b1"].shape == (D,)
 
+
+
+def test_rff_weights_blur_keeps_the_scale_and_smooths_the_filters():
+    """blur = 0 is the white-noise draw itself; blur > 0 is that draw convolved with a normalised Gaussian:
+    a constant image projects the same in expectation, the per-entry variance drops by sum(g^2) ~ 1 / (4 pi),
+    and neighbouring pixels correlate (exp(-1/4) = 0.78 for a std of 1 px, away from the border)."""
+    shape, scale = (1, 28, 28), 8.0
+    torch.manual_seed(0)
+    white = rff_weights(512, shape, scale)
+    torch.manual_seed(0)
+    assert torch.equal(white, torch.randn(512, 784) * scale / 28)
+    torch.manual_seed(0)
+    smooth = rff_weights(512, shape, scale, blur=1.0)
+    interior = smooth.reshape(-1, 28, 28)[:, 4:24, 4:24]
+    assert interior.pow(2).mean().sqrt().item() == pytest.approx(scale / 28 / math.sqrt(4 * math.pi), rel=0.05)
+
+    def neighbour_correlation(w):
+        img = w.reshape(-1, 28, 28)[:, 8:20, 8:20]
+        return torch.corrcoef(torch.stack([img[:, :, :-1].flatten(), img[:, :, 1:].flatten()]))[0, 1].item()
+
+    assert abs(neighbour_correlation(white)) < 0.02
+    assert neighbour_correlation(smooth) == pytest.approx(math.exp(-0.25), abs=0.02)
+    with pytest.raises(ValueError, match="rff_blur"):
+        ModelConfig(first_layer="rff", rff_blur=-1.0)
 
 @pytest.mark.parametrize("first_layer", ["relu", "rff"])
 @pytest.mark.parametrize("transform_mode", ["weights", "inputs"])

@@ -81,7 +81,10 @@ def test_tiny_training_run_writes_metrics(tiny_run, data_dir):
     assert cfg["model"]["generators"] == list(GENERATOR_NAMES)
     assert cfg["model"]["eta_init"] == pytest.approx(math.radians(5.0))
     assert cfg["train"]["num_steps"] == 3
-    assert cfg["eval"] == {"num_transforms": 4, "num_samples": 1}
+    assert cfg["eval"] == {"num_transforms": 4, "num_samples": 1, "elbo_passes": 4}
+    assert metrics["elbo_stderr"] >= 0
+    terms = metrics["elbo_terms"]
+    assert terms["expected_loglik"] < 0 and terms["kl"] > 0  # hybrid guide: KL(q(W2, b2) || prior) > 0
     assert cfg["guide"]["kind"] == "hybrid" and cfg["device"] == "cpu"
     data = metrics["data"]
     assert data["train_size"] == 200 and data["test_size"] == 100
