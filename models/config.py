@@ -99,7 +99,7 @@ class ModelConfig:
     first_layer_prior: bool = True  # False: W1, b1 keep their sites but log p(W1, b1) is masked out, so a
     # point-estimate guide treats them as hyperparameters, as in the paper's ReLU network (ML-II for W1)
     rff_scale: float = 1.0  # RFF only: W1 ~ N(0, rff_scale^2 / (C*H*W))
-    rff_blur: float = 0.0  # RFF only: Gaussian blur (std in pixels) of each W1 row, rescaled to keep its variance
+    rff_blur: float = 0.0  # RFF only: Gaussian blur (std in pixels) of each W1 row: the RBF kernel on blurred images
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "first_layer", FirstLayer(self.first_layer))
