@@ -186,3 +186,24 @@ def make_guide(
         guide.append(AutoNormal(poutine.block(model, expose=latent), init_loc_fn=loc_fn, init_scale=init_scale))
     guide.append(EpsFromPrior(model))
     return guide
+
+
+def make_evidence_guide(model: InvariantNet, kind: GuideKind | str, init_scale: float = 0.1) -> MeanFieldGuide:
+    """The mean-field guide over every weight whose ELBO sets eta under the ``evidence`` objective.
+
+    ``kind`` is the predictive guide's: it must point-estimate W1 (``hybrid`` or ``paper``), since a guide
+    with a distribution over W1 needs no second guide for the evidence (use the ``elbo`` objective).
+    The model must carry the first layer's prior (``first_layer_prior=True``): the evidence is that of
+    the model with priors on every weight.
+    """
+    kind = GuideKind(kind)
+    if kind not in POINT_FIRST_LAYER:
+        point = [k.value for k in POINT_FIRST_LAYER]
+        raise ValueError(f"the evidence objective pairs a point-estimate guide ({point}) with a mean-field guide "
+                         f"over every weight; the {kind.value!r} guide already has one objective for both "
+                         "(use eta objective 'elbo')")
+    if "W1" in model.weight_shapes() and not model.config.first_layer_prior:
+        raise ValueError("the evidence objective needs the first layer's prior: build the model with "
+                         "first_layer_prior=True")
+    return make_guide(model, GuideKind.MEANFIELD, init_scale=init_scale, init_loc=InitLoc.XAVIER)
+

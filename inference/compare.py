@@ -11,7 +11,9 @@ Every configuration is a run of :func:`inference.train.main` with the shared fla
 ``python -m inference.train``) plus a few overrides:
 
 =============  ==========================================================================
-``elbo``       the ELBO with the guide given by ``--guide`` (default ``hybrid``): empirical Bayes
+``elbo``       eta learned with the guide given by ``--guide`` (default ``hybrid``) and ``--eta-objective``
+               (default ``auto``: the evidence of a mean-field guide over every weight for ``hybrid`` and
+               ``paper``, see :mod:`inference.eta_objectives`): empirical Bayes
 ``paper``      the ELBO with the paper's family (W1 point estimate, full-covariance q(W2) per class)
 ``meanfield``  the ELBO with ``AutoNormal`` over every weight (priors on both layers)
 ``map``        maximum a posteriori: point estimates with the priors (``AutoDelta``)

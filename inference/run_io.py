@@ -29,7 +29,7 @@ from typing import Any
 import pyro
 import torch
 
-from guides.factory import GuideKind, make_guide
+from guides.factory import GuideKind, make_evidence_guide, make_guide
 from inference.checkpoint import (
     CHECKPOINT_DIRNAME,
     Checkpoint,
@@ -37,6 +37,7 @@ from inference.checkpoint import (
     to_jsonable,
 )
 from inference.data import DataConfig, DatasetName, Datasets, load_datasets, resolve_data_dir
+from inference.eta_objectives import EtaObjective
 from inference.svi import TrainConfig, materialise_params
 from models.config import Likelihood, ModelConfig
 from models.network import InvariantNet
@@ -154,7 +155,7 @@ def dummy_batch(model_cfg: ModelConfig, device: torch.device | str = "cpu") -> t
     return x, torch.zeros(1, model_cfg.num_classes, device=device)
 
 
-def load_params(model: InvariantNet, guide: Callable, saved: Mapping[str, torch.Tensor]) -> None:
+def load_params(model: InvariantNet, guide: Callable | list[Callable], saved: Mapping[str, torch.Tensor]) -> None:
     """Copy saved unconstrained parameters into the (freshly created) param store entries.
 
     Raises
@@ -252,7 +253,10 @@ def load_run(run_dir: str | Path, device: str | torch.device = "cpu") -> LoadedR
     model = InvariantNet(model_cfg, num_data=num_data).to(device)
     guide = make_guide(model, kind, init_scale=guide_settings.get("init_scale", 0.1),
                        init_loc=guide_settings.get("init_loc", "xavier"))
-    load_params(model, guide, checkpoint.state["params"])
+    guides = [guide]
+    if train_cfg.eta_objective is EtaObjective.EVIDENCE:  # its parameters are in the checkpoint too
+        guides.append(make_evidence_guide(model, kind, guide_settings.get("init_scale", 0.1)))
+    load_params(model, guides, checkpoint.state["params"])
     return LoadedRun(run_dir, metrics, model_cfg, data_cfg, train_cfg, kind, model, guide, checkpoint)
 
 

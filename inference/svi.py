@@ -22,7 +22,7 @@ import re
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,6 +44,7 @@ from inference.checkpoint import (
     to_jsonable,
 )
 from inference.data import Split, check_seed, validate_split
+from inference.eta_objectives import EtaObjective, EvidenceEtaLoss, HeldOutEtaLoss
 from models.config import ModelConfig, check_positive_float, check_positive_int
 from models.network import InvariantNet
 from models.priors import EtaPrior
@@ -64,6 +65,8 @@ class TrainConfig:
     cosine: bool = True  # cosine annealing of every learning rate to 0 over num_steps
     log_every: int = 10  # record eta and the loss every this many steps
     seed: int = 0
+    eta_objective: EtaObjective = EtaObjective.ELBO  # what sets eta (inference/eta_objectives.py)
+    eta_holdout: float = 0.25  # the "heldout" objective only: fraction of the training set held out for eta
 
     def __post_init__(self) -> None:
         for name in ("num_steps", "batch_size", "num_particles", "log_every"):
@@ -75,6 +78,13 @@ class TrainConfig:
             raise ValueError(f"betas must be two numbers in [0, 1), got {self.betas!r}")
         object.__setattr__(self, "betas", betas)
         check_seed("seed", self.seed)
+        try:
+            object.__setattr__(self, "eta_objective", EtaObjective(self.eta_objective))
+        except ValueError:
+            raise ValueError(f"unknown eta objective {self.eta_objective!r}; choose from "
+                             f"{[o.value for o in EtaObjective]}") from None
+        if isinstance(self.eta_holdout, bool) or not (0 < float(self.eta_holdout) < 1):
+            raise ValueError(f"eta_holdout must lie in (0, 1), got {self.eta_holdout!r}")
 
 
 @dataclass(frozen=True)
@@ -177,6 +187,26 @@ def make_optimizer(cfg: TrainConfig) -> pyro.optim.PyroOptim:
 def make_elbo(cfg: TrainConfig) -> Trace_ELBO:
     """``Trace_ELBO`` with K particles; one plate (``data``) in the model."""
     return Trace_ELBO(num_particles=cfg.num_particles, vectorize_particles=cfg.vectorize_particles, max_plate_nesting=1)
+
+
+def eta_loss(
+    model: InvariantNet, cfg: TrainConfig, heldout: Split | None = None, evidence_guide: Callable | None = None
+) -> Callable:
+    """SVI's loss for ``cfg.eta_objective`` (see :mod:`inference.eta_objectives`), after checking its inputs."""
+    objective = cfg.eta_objective
+    if (objective is EtaObjective.HELDOUT) != (heldout is not None):
+        raise ValueError("pass the held-out split exactly when the eta objective is 'heldout'")
+    if (objective is EtaObjective.EVIDENCE) != (evidence_guide is not None):
+        raise ValueError("pass the evidence guide exactly when the eta objective is 'evidence'")
+    if objective is not EtaObjective.ELBO and (model.config.eta_prior is not EtaPrior.NONE
+                                               or not model.config.learn_eta):
+        raise ValueError(f"the {objective.value!r} eta objective learns eta as a parameter: it needs eta prior "
+                         "'none' and a learned eta")
+    if objective is EtaObjective.HELDOUT:
+        return HeldOutEtaLoss(make_elbo(cfg), len(heldout))
+    if objective is EtaObjective.EVIDENCE:
+        return EvidenceEtaLoss(make_elbo(cfg), evidence_guide)
+    return make_elbo(cfg)
 
 
 def eta_dict(model: InvariantNet, guide: Callable | None = None, num_samples: int = 64) -> dict[str, float]:
@@ -284,21 +314,24 @@ def capture_training_state(step: int, result: FitResult, optim: pyro.optim.PyroO
 
 
 def materialise_params(
-    model: InvariantNet, guide: Callable, x: torch.Tensor, y: torch.Tensor
+    model: InvariantNet, guides: Callable | Sequence[Callable], x: torch.Tensor, y: torch.Tensor
 ) -> dict[str, torch.Tensor]:
-    """Run the guide and the model once so that lazily created params exist; ``{name: unconstrained}``.
+    """Run each guide and the model once so that lazily created params exist; ``{name: unconstrained}``.
 
     Autoguides create their parameters on their first call, so a checkpoint can only be loaded
-    into them afterwards. This draws random numbers: restore the RNG state after calling it.
+    into them afterwards. ``guides`` is one guide or several (the ``evidence`` objective trains
+    two). This draws random numbers: restore the RNG state after calling it.
     """
     with poutine.trace(param_only=True) as capture:
-        guide_trace = poutine.trace(guide).get_trace(x, y)
-        poutine.replay(model, trace=guide_trace)(x, y)
+        for guide in [guides] if callable(guides) else guides:
+            guide_trace = poutine.trace(guide).get_trace(x, y)
+            poutine.replay(model, trace=guide_trace)(x, y)
     return {name: site["value"].unconstrained() for name, site in capture.trace.nodes.items()}
 
 
 def restore_training_state(
-    state: Mapping[str, Any], model: InvariantNet, guide: Callable, data: Split, optim: pyro.optim.PyroOptim
+    state: Mapping[str, Any], model: InvariantNet, guides: Callable | Sequence[Callable], data: Split,
+    optim: pyro.optim.PyroOptim,
 ) -> int:
     """Load ``state`` (from :func:`capture_training_state`) into the param store, ``optim`` and the RNGs.
 
@@ -312,7 +345,7 @@ def restore_training_state(
     IncompatibleCheckpointError
         When the saved parameters do not match the model and guide by name and shape.
     """
-    params = materialise_params(model, guide, data.x[:1], data.y[:1])
+    params = materialise_params(model, guides, data.x[:1], data.y[:1])
     saved = state["params"]
     missing, unexpected = sorted(set(params) - set(saved)), sorted(set(saved) - set(params))
     if missing or unexpected:
@@ -385,11 +418,11 @@ class _Checkpointer:
         return self.last_path
 
 
-def _svi_step(svi: SVI, optim: pyro.optim.PyroOptim, x: torch.Tensor, y: torch.Tensor, scale: int, step: int,
+def _svi_step(svi: SVI, optim: pyro.optim.PyroOptim, batch: tuple[torch.Tensor, ...], scale: int, step: int,
               last_checkpoint: Path | None) -> float:
     """One SVI step and one scheduler step; a NaN/inf loss or parameter becomes a :class:`NonFiniteError`."""
     try:
-        loss = svi.step(x, y) / scale
+        loss = svi.step(*batch) / scale
     except ValueError as err:  # distribution validation rejects NaN/inf before any loss exists
         problem = _nonfinite_problem(err)
         if problem is None:
@@ -442,6 +475,8 @@ def fit(
     *,
     checkpoints: CheckpointPolicy | None = None,
     start: Checkpoint | None = None,
+    heldout: Split | None = None,
+    evidence_guide: Callable | None = None,
 ) -> FitResult:
     """Fit ``guide`` and ``eta`` to ``data`` with SVI, optionally checkpointed and resumed.
 
@@ -469,6 +504,12 @@ def fit(
         Continue from this checkpoint (written with the same config: model, ``cfg``, data size and
         ``checkpoints.run_config``). Build ``model`` and ``guide`` as for a fresh run and seed as for
         a fresh run; the result then equals that of the uninterrupted run.
+    heldout : Split, optional
+        The ``heldout`` objective's part B (``data`` is then the fitting part A, see
+        :func:`inference.eta_objectives.split_holdout`).
+    evidence_guide : callable, optional
+        The ``evidence`` objective's mean-field guide over every weight (:func:`guides.make_guide`
+        with kind ``meanfield``); eta follows its ELBO, ``guide`` is fitted with eta held fixed.
 
     Returns
     -------
@@ -488,16 +529,20 @@ def fit(
         raise ValueError(f"model.num_data = {model.num_data} but the training set has {len(data)} examples")
     validate_split(data, model.config.image_shape, model.config.num_classes, "training")
     config = fingerprint_config(model.config, cfg, len(data), checkpoints.run_config if checkpoints else None)
+    loss = eta_loss(model, cfg, heldout, evidence_guide)
     optim = make_optimizer(cfg)
-    svi = SVI(model, guide, optim, loss=make_elbo(cfg))
+    svi = SVI(model, guide, optim, loss=loss)
+    guides = [guide] if evidence_guide is None else [guide, evidence_guide]
     result, done = FitResult(), 0
     if start is not None:
         check_compatible(start, config)
-        done = restore_training_state(start.state, model, guide, data, optim)
+        done = restore_training_state(start.state, model, guides, data, optim)
         result = FitResult(list(start.state["losses"]), [dict(r) for r in start.state["eta_history"]],
                            float(start.state["seconds"]))
     saver = _Checkpointer(checkpoints, config, cfg.num_steps, start)
     batches = minibatches(len(data), cfg.batch_size, torch.Generator().manual_seed(cfg.seed), skip=done)
+    held_batches = (minibatches(len(heldout), cfg.batch_size, torch.Generator().manual_seed(cfg.seed + 1), skip=done)
+                    if heldout is not None else None)
     seconds_before, clock = result.seconds, time.perf_counter()
 
     def state_now(step: int) -> dict:
@@ -512,7 +557,11 @@ def fit(
             for step in bar:
                 in_step = True
                 idx = next(batches).to(data.x.device)
-                loss = _svi_step(svi, optim, data.x[idx], data.y[idx], len(data), step, saver.last_path)
+                batch: tuple[torch.Tensor, ...] = (data.x[idx], data.y[idx])
+                if held_batches is not None:
+                    idx = next(held_batches).to(heldout.x.device)
+                    batch += (heldout.x[idx], heldout.y[idx])
+                loss = _svi_step(svi, optim, batch, len(data), step, saver.last_path)
                 eta = _record(result, model, guide, step, loss, cfg)
                 done, in_step = step, False
                 if eta is not None:

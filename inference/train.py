@@ -30,7 +30,7 @@ from pathlib import Path
 import pyro
 import torch
 
-from guides.factory import GuideKind, InitLoc, default_priors, make_guide
+from guides.factory import POINT_FIRST_LAYER, GuideKind, InitLoc, default_priors, make_evidence_guide, make_guide
 from inference.checkpoint import (
     CHECKPOINT_DIRNAME,
     Checkpoint,
@@ -49,6 +49,7 @@ from inference.data import (
     load_datasets,
     validate_split,
 )
+from inference.eta_objectives import EtaObjective, split_holdout
 from inference.evaluate import accuracy_and_nll, elbo_estimate, predictive_log_probs
 from inference.svi import CheckpointPolicy, TrainConfig, TrainingInterrupted, eta_dict, fingerprint_config, fit
 from models.config import GENERATOR_PRESETS, Averaging, FirstLayer, ModelConfig, TransformMode
@@ -115,7 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="'uniform': full Bayes, eta ~ U(0, pi) with q(eta) from the guide; 'none': empirical Bayes")
     g.add_argument("--first-layer-prior", choices=["auto", "on", "off"], default="auto",
                    help="include log p(W1, b1) in the objective; 'off' makes a point-estimated W1 a hyperparameter "
-                        "(ML-II, the paper's ReLU setup); auto: off for hybrid/paper/ml, on otherwise")
+                        "(ML-II, the paper's ReLU setup); auto: on under the evidence objective, else off for "
+                        "hybrid/paper/ml and on otherwise")
     g = p.add_argument_group("inference")
     g.add_argument("--guide", type=GuideKind, choices=list(GuideKind), default=GuideKind.HYBRID)
     g.add_argument("--init-scale", type=float, default=0.1, help="initial std of Gaussian guide factors")
@@ -127,6 +129,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--num-particles", type=int, default=t.num_particles, help="K weight samples per step")
     g.add_argument("--no-vectorize", action="store_true", help="loop over particles instead of vectorising")
     g.add_argument("--no-cosine", action="store_true", help="constant learning rates")
+    g.add_argument("--eta-objective", choices=["auto", *EtaObjective], default="auto",
+                   help="what sets eta: 'elbo' the guide's ELBO (the paper); 'evidence' the ELBO of a mean-field "
+                        "guide over every weight while --guide (hybrid/paper) predicts (recommended for relaxed "
+                        "invariance); 'heldout' the held-out log-likelihood (inference/eta_objectives.py); "
+                        "auto: evidence for a point-estimated learned W1 (hybrid/paper, ReLU), elbo otherwise")
+    g.add_argument("--eta-holdout", type=float, default=t.eta_holdout, metavar="F",
+                   help="'heldout' objective only: fraction of the training set held out for eta")
     g = p.add_argument_group("run")
     g.add_argument("--out", default=None, help="output directory (required unless --resume is given)")
     g.add_argument("--resume", default=None, metavar="DIR",
@@ -141,12 +150,25 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def eta_objective(args: argparse.Namespace) -> EtaObjective:
+    """``--eta-objective``, with ``auto`` resolved: the evidence where the guide point-estimates a learned W1
+    and eta is a learned parameter (the case the paper's ELBO gets wrong), else the guide's own ELBO."""
+    if args.eta_objective != "auto":
+        return EtaObjective(args.eta_objective)
+    point_w1 = GuideKind(args.guide) in POINT_FIRST_LAYER and FirstLayer(args.first_layer) is FirstLayer.RELU
+    learned = not args.fixed_eta and EtaPrior(args.eta_prior) is EtaPrior.NONE and args.generators != ()
+    return EtaObjective.EVIDENCE if point_w1 and learned else EtaObjective.ELBO
+
+
 def configs_from_args(args: argparse.Namespace) -> tuple[DataConfig, ModelConfig, TrainConfig]:
     """Turn parsed arguments into the three typed configs (validation happens in their constructors)."""
     data = DataConfig(dataset=args.dataset, data_dir=args.data_dir, allow_download=args.download,
                       train_size=args.train_size, test_size=args.test_size, rotation_deg=args.rotation_deg,
                       translation_px=args.translation_px, log_scale=args.log_scale, data_seed=args.data_seed)
     first_layer_prior, output_layer_prior = default_priors(args.guide, PriorKind(args.prior) is PriorKind.HIERARCHICAL)
+    objective = eta_objective(args)
+    if objective is EtaObjective.EVIDENCE:  # one model, priors on every weight
+        first_layer_prior = True
     if args.first_layer_prior != "auto":
         first_layer_prior = args.first_layer_prior == "on"
     model = ModelConfig(hidden=args.hidden, first_layer=args.first_layer, rff_scale=args.rff_scale,
@@ -157,7 +179,8 @@ def configs_from_args(args: argparse.Namespace) -> tuple[DataConfig, ModelConfig
                         first_layer_prior=first_layer_prior, output_layer_prior=output_layer_prior)
     train = TrainConfig(num_steps=args.num_steps, batch_size=args.batch_size, lr=args.lr, eta_lr=args.eta_lr,
                         num_particles=args.num_particles, vectorize_particles=not args.no_vectorize,
-                        cosine=not args.no_cosine, seed=args.seed)
+                        cosine=not args.no_cosine, seed=args.seed, eta_objective=objective,
+                        eta_holdout=args.eta_holdout)
     if args.eval_transforms < 1 or args.eval_samples < 1 or args.elbo_passes < 1:
         raise ValueError("--eval-transforms, --eval-samples and --elbo-passes must be positive integers")
     if not (math.isfinite(args.init_scale) and args.init_scale > 0):
@@ -244,12 +267,18 @@ def main(args: argparse.Namespace) -> dict:
     train, test = data.train, data.test
     for split, name in ((train, "training"), (test, "test")):  # once per dataset, not per step
         validate_split(split, model_cfg.image_shape, model_cfg.num_classes, name)
+    heldout = None
+    if train_cfg.eta_objective is EtaObjective.HELDOUT:  # the guide fits the rest, eta follows the held-out part
+        train, heldout = split_holdout(train, train_cfg.eta_holdout, train_cfg.seed)
+        heldout.x, heldout.y = heldout.x.to(device), heldout.y.to(device)
     settings = run_settings(args, data_cfg, device)
     if resume_from is not None:  # before anything in OUT is touched
         check_compatible(resume_from, fingerprint_config(model_cfg, train_cfg, len(train), settings))
     train.x, train.y, test.x, test.y = (t.to(device) for t in (train.x, train.y, test.x, test.y))
     model = InvariantNet(model_cfg, num_data=len(train)).to(device)
     guide = make_guide(model, args.guide, init_scale=args.init_scale, init_loc=args.init_loc)
+    evidence_guide = (make_evidence_guide(model, args.guide, args.init_scale)
+                      if train_cfg.eta_objective is EtaObjective.EVIDENCE else None)
     out.mkdir(parents=True, exist_ok=True)
     print(f"data: {data.info['dataset']} train={len(train)} test={len(test)} from {data.info['root']}"
           f"{'' if data.info['full_mnist'] else ' (subset, not full MNIST)'}", file=sys.stderr)
@@ -260,13 +289,14 @@ def main(args: argparse.Namespace) -> dict:
     history = EtaHistoryWriter(out / "eta_history.csv", rows)
     try:
         result = fit(model, guide, train, train_cfg, on_record=history, progress=not args.no_progress,
-                     checkpoints=policy, start=resume_from)
+                     checkpoints=policy, start=resume_from, heldout=heldout, evidence_guide=evidence_guide)
     finally:
         history.close()
     start = time.perf_counter()
     log_p = predictive_log_probs(model, guide, test.x, args.eval_samples, args.eval_transforms)
     acc, nll = accuracy_and_nll(log_p, test.y)
-    elbo = elbo_estimate(model, guide, train, num_passes=args.elbo_passes)
+    # the bound on the marginal likelihood: the evidence guide's ELBO under the evidence objective
+    elbo = elbo_estimate(model, evidence_guide or guide, train, num_passes=args.elbo_passes)
     metrics = {
         "eta": eta_dict(model, guide),
         "test_accuracy": acc,
@@ -274,6 +304,7 @@ def main(args: argparse.Namespace) -> dict:
         "elbo_per_example": elbo.mean,
         "elbo_stderr": elbo.stderr,
         "elbo_terms": {"expected_loglik": elbo.expected_loglik, "kl": elbo.kl},  # per example: loglik - kl = ELBO
+        "elbo_guide": "evidence" if evidence_guide is not None else "predictive",
         "train_seconds": result.seconds,
         "eval_seconds": time.perf_counter() - start,
         "final_train_loss": result.losses[-1],

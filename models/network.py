@@ -18,7 +18,9 @@ the forward pass flattens them to one dimension P and restores them at the end.
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 
 import pyro
 import pyro.distributions as dist
@@ -107,6 +109,7 @@ class InvariantNet(PyroModule):
             raise ValueError(f"num_data must be a positive integer, got {num_data}")
         self.config = config
         self.num_data = int(num_data)
+        self._eta_frozen = False
         D, P = config.hidden, config.num_pixels
         self.register_buffer("generators", affine_generators())  # (K, 3, 3)
         mask = torch.tensor([name in config.generators for name in GENERATOR_NAMES], dtype=torch.float)
@@ -133,8 +136,22 @@ class InvariantNet(PyroModule):
     # ------------------------------------------------------------------ pieces
     @property
     def eta_effective(self) -> torch.Tensor:
-        """eta with inactive generators masked to zero, shape ``(K,)``."""
-        return self.eta * self.generator_mask
+        """eta with inactive generators masked to zero, shape ``(K,)`` (detached inside :meth:`eta_frozen`)."""
+        eta = self.eta * self.generator_mask
+        return eta.detach() if self._eta_frozen else eta
+
+    @contextlib.contextmanager
+    def eta_frozen(self) -> Iterator[None]:
+        """Within this block the model uses eta's value but passes it no gradient.
+
+        The held-out objective (:mod:`inference.heldout`) fits the weights and the guide with eta held
+        fixed and moves eta by another term.
+        """
+        before, self._eta_frozen = self._eta_frozen, True
+        try:
+            yield
+        finally:
+            self._eta_frozen = before
 
     @property
     def has_transforms(self) -> bool:

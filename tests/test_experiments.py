@@ -24,6 +24,7 @@ TINY = ["--train-size", "100", "--test-size", "50", "--hidden", "8", "--num-step
 SCRIPTS: dict[str, str] = {
     "inference/train.py": "tests/test_train_cli.py, tests/test_resume_cli.py",
     "inference/compare.py": "test_compare_writes_table_and_figure below",
+    "inference/extents.py": "tests/test_extents.py",
     "inference/diagnose.py": "tests/test_diagnostics.py",
     "benchmarks/bench_step.py": "tests/test_benchmarks.py",
 }

@@ -336,3 +336,27 @@ def test_gaussian_guides_need_the_first_layer_prior(device):
     guide = make_guide(model, GuideKind.HYBRID)
     x, y = tiny_batch(device)
     assert math.isfinite(Trace_ELBO(max_plate_nesting=1).loss(model, guide, x, y))
+
+
+def test_paper_guide_rows_grow_no_faster_through_the_off_diagonal_than_through_the_diagonal():
+    """Adam moves every entry by about the learning rate per step whatever its gradient. With D = 1024 the
+    D - 1 off-diagonal entries of a Cholesky row would then grow its norm (the predictive std of W2) about
+    sqrt(D) times faster than the diagonal, which overflowed the logits within ten steps at the paper's size;
+    the 1 / sqrt(D) scaling keeps a row's growth at most about twice the diagonal's."""
+    from guides.paper import ClasswiseFullCovGuide
+
+    D, lr, steps, init = 1024, 5e-3, 20, 0.1
+    guide = ClasswiseFullCovGuide(torch.zeros(2, D), init_scale=init)
+    guide()  # register the parameters
+    params = [p.unconstrained() for p in (guide.scale_diag, guide.scale_offdiag)]
+    optim = torch.optim.Adam(params, lr=lr)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(steps):  # the worst case for the row norm: a gradient of one sign on every entry
+        optim.zero_grad()
+        for p in params:
+            p.grad = -torch.ones_like(p) - 0.1 * torch.rand(p.shape, generator=g)
+        optim.step()
+    rows = guide.scale_tril.detach().norm(dim=-1)  # (classes, D)
+    diag_growth = init * (math.exp(lr * steps) - 1)
+    assert rows.max() <= init + diag_growth + lr * steps * 1.01  # off-diagonal part: <= lr * steps in norm
+    assert rows.max() > init + diag_growth  # the off-diagonal entries did move

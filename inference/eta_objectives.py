@@ -1,0 +1,140 @@
+"""What sets eta: the paper's ELBO, the model's evidence, or held-out data (``TrainConfig.eta_objective``).
+
+With a point-estimated first layer (the paper's ReLU network, the ``hybrid`` and ``paper`` guides) the
+paper's objective (Eq. 8) is a bound on ``log p(y | x, W1, eta)`` at a W1 fitted to the same
+examples. W1's 800,000 weights can fit a few thousand digits without the invariance, and no term
+charges them for it, so that bound prefers less invariance than the data hold (README, "When can the
+ELBO set eta?"). Three objectives are offered:
+
+``elbo`` (the paper)
+    eta and the guide maximise one ELBO on the whole training set.
+
+``evidence`` (recommended for relaxed invariance)
+    Two approximations of the posterior of one model, whose priors cover every weight (W1 included):
+
+    * the *evidence guide* q_ev, a mean-field Gaussian over every weight, and eta maximise
+      ``ELBO(q_ev, eta) = E_q_ev log p(y | x, theta, eta) - KL(q_ev || p) <= log p(y | x, eta)``,
+      a lower bound on the marginal likelihood of the whole model, in which W1's KL term charges
+      a non-invariant W1 for the extra information it must hold (the Occam factor that a point
+      estimate lacks);
+    * the *predictive guide* (``hybrid`` or ``paper``: W1 point estimate, Gaussian q over the output
+      layer) maximises ``E_q log p(y | x, theta, eta) + log p(W1, b1) - KL(q(W2, b2) || p)`` with eta
+      held at the evidence's value (MAP in W1 under the same prior), and makes the predictions.
+
+    This is the division of labour of Laplace-based invariance learning (LILA, Immer et al. 2022):
+    hyperparameters from a marginal-likelihood approximation of every weight, predictions from a
+    sharper point-estimate-based posterior. Mean-field q over 800,000 first-layer weights learns
+    the extent but predicts poorly (its one-draw accuracy is far below the point estimate's).
+
+``heldout``
+    The training set is split once into A and B (``eta_holdout`` is B's fraction). The guide fits A's
+    ELBO with eta held fixed; eta maximises ``E_q log p(y_B | x_B, theta, eta)``, a lower bound on the
+    marginal likelihood of B under the model whose prior is q fitted to A (the conditional marginal
+    likelihood of Lotfi et al. 2022, "Bayesian model selection, the marginal likelihood, and
+    generalization", with q in place of the exact posterior). W1 never sees B.
+
+In every case eta's gradient is the partial derivative at the current guide: q (and W1) follow eta
+through their own updates.
+
+Shapes: ``x (B, C, H, W)``, ``y (B,)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from enum import StrEnum
+
+import torch
+from pyro import poutine
+from pyro.infer import Trace_ELBO
+
+from inference.data import Split
+from models.network import InvariantNet
+
+
+class EtaObjective(StrEnum):
+    """What eta maximises (see the module docstring)."""
+
+    ELBO = "elbo"
+    EVIDENCE = "evidence"
+    HELDOUT = "heldout"
+
+
+def split_holdout(data: Split, fraction: float, seed: int) -> tuple[Split, Split]:
+    """Split ``data`` into a fitting part A and a held-out part B of about ``fraction * N`` examples.
+
+    The split is class-stratified (each class gives the same fraction, so a class-sorted set gives a
+    balanced B) and fixed by ``seed``.
+
+    Returns
+    -------
+    (Split, Split)
+        A and B, each with images ``(N_part, C, H, W)`` and labels ``(N_part,)`` in their original order.
+    """
+    if not 0 < fraction < 1:
+        raise ValueError(f"the held-out fraction must lie in (0, 1), got {fraction}")
+    gen = torch.Generator().manual_seed(int(seed))
+    y = data.y.cpu()
+    held = []
+    for c in torch.unique(y):
+        idx = torch.nonzero(y == c).flatten()
+        take = int(round(fraction * len(idx)))
+        held.append(idx[torch.randperm(len(idx), generator=gen)[:take]])
+    mask = torch.zeros(len(y), dtype=torch.bool)
+    mask[torch.cat(held)] = True
+    if mask.all() or not mask.any():
+        raise ValueError(f"a held-out fraction of {fraction} leaves one part of the {len(y)} examples empty")
+    mask = mask.to(data.x.device)
+    return Split(data.x[~mask], data.y[~mask]), Split(data.x[mask], data.y[mask])
+
+
+def heldout_loglik(model: InvariantNet, guide: Callable, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """``sum_b log p(y_b | x_b, theta, eta)`` for one draw theta ~ q and one set of eps, differentiable in eta only.
+
+    The guide is run without gradients, so nothing the guide owns receives one.
+    """
+    with torch.no_grad():
+        guide_trace = poutine.trace(guide).get_trace(x, y)
+    log_p = poutine.replay(model, trace=guide_trace)(x, None)  # (B, classes) normalised log-probabilities
+    return log_p.gather(-1, y[:, None]).sum()
+
+
+class HeldOutEtaLoss:
+    """Loss of one SVI step of the ``heldout`` objective.
+
+    Its value is the negative ELBO of the fitting minibatch (what the progress bar and the loss history
+    show); its gradient moves the guide by that ELBO and eta by the held-out log-likelihood, scaled to
+    the whole held-out part (``num_heldout / batch``). Call it as SVI's loss:
+    ``loss(model, guide, x, y, x_heldout, y_heldout)``.
+    """
+
+    def __init__(self, elbo: Trace_ELBO, num_heldout: int) -> None:
+        self.elbo = elbo
+        self.num_heldout = int(num_heldout)
+
+    def __call__(self, model: InvariantNet, guide: Callable, x: torch.Tensor, y: torch.Tensor,
+                 x_heldout: torch.Tensor, y_heldout: torch.Tensor) -> torch.Tensor:
+        with model.eta_frozen():
+            loss_fit = self.elbo.differentiable_loss(model, guide, x, y)
+        loss_eta = -heldout_loglik(model, guide, x_heldout, y_heldout) * (self.num_heldout / len(y_heldout))
+        return loss_fit + (loss_eta - loss_eta.detach())  # value: the fitting ELBO; gradient: both terms
+
+
+class EvidenceEtaLoss:
+    """Loss of one SVI step of the ``evidence`` objective.
+
+    The gradient moves the predictive guide by its objective with eta held fixed, and the evidence
+    guide and eta by the evidence ELBO, both on the same minibatch. The value is the predictive
+    guide's loss (the evidence ELBO is estimated apart, see :func:`inference.evaluate.elbo_estimate`).
+    Call it as SVI's loss: ``loss(model, guide, x, y)``.
+    """
+
+    def __init__(self, elbo: Trace_ELBO, evidence_guide: Callable) -> None:
+        self.elbo = elbo
+        self.evidence_guide = evidence_guide
+
+    def __call__(self, model: InvariantNet, guide: Callable, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        with model.eta_frozen():
+            loss_fit = self.elbo.differentiable_loss(model, guide, x, y)
+        loss_ev = self.elbo.differentiable_loss(model, self.evidence_guide, x, y)
+        return loss_fit + (loss_ev - loss_ev.detach())

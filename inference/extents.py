@@ -1,0 +1,255 @@
+"""Calibration of learned invariance: learned extent against the data's true extent.
+
+Usage::
+
+    python -m inference.extents --data-dir ../shared/data --out runs/extents --seeds 0,1,2
+
+trains one model per (transformation family, true extent, seed) with every flag of
+``python -m inference.train`` (all six generators learnable by default) on MNIST transformed by that
+family and extent, and writes
+
+* ``OUT/<family>-<extent>/seed-<s>/`` one training run each (``metrics.json``, ``eta_history.csv``),
+* ``OUT/extents.csv`` one row per run, ``OUT/extents.md`` mean +- std over seeds per cell,
+* ``OUT/extents.png`` learned against true extent with the line y = x, one panel per family.
+
+Families and the units of their extent (the data's transformation is U[-a, a] in these units):
+
+===========  ==================================  ==========================================
+family       data                                learned extent
+===========  ==================================  ==========================================
+rotation     rotated by U[-a, a] degrees         eta_rotate, in degrees
+translation  shifted by U[-a, a] px along x, y   mean of eta_translate_x, _y, in pixels
+scale        magnified by exp(U[-a, a])          mean of eta_scale_x, _y, in log units
+===========  ==================================  ==========================================
+
+"others" is the largest eta of the generators outside the family, in the units of T (radians for
+rotation). A finished run (its ``metrics.json`` exists) is not trained again, so an interrupted
+calibration continues where it stopped when the same command is run again.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import csv
+import json
+import math
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from inference import train  # noqa: E402
+from models.transforms import GENERATOR_NAMES  # noqa: E402
+
+PIXELS_PER_UNIT = 13.5
+"""Normalised coordinates [-1, 1] span 27 pixel steps on a 28-pixel side (``align_corners=True``)."""
+
+
+@dataclass(frozen=True)
+class Family:
+    """One transformation family of the calibration: its dataset, extent grid and read-out."""
+
+    name: str
+    dataset: str
+    data_flag: str  # the train flag that sets the data's extent
+    unit: str
+    grid: tuple[float, ...]
+    generators: tuple[str, ...]  # the generators whose eta measures the family's extent
+    to_unit: float  # multiply eta (units of T) by this to get the extent's unit
+
+    def learned(self, eta: dict[str, float]) -> float:
+        """The learned extent in this family's unit (mean over its generators)."""
+        return statistics.fmean(eta[g] for g in self.generators) * self.to_unit
+
+    def others(self, eta: dict[str, float]) -> float:
+        """The largest eta outside the family (units of T)."""
+        return max(eta[g] for g in GENERATOR_NAMES if g not in self.generators)
+
+
+FAMILIES: dict[str, Family] = {
+    "rotation": Family("rotation", "partially-rotated-mnist", "rotation_deg", "deg", (0, 45, 90, 135, 180),
+                       ("rotate",), math.degrees(1.0)),
+    "translation": Family("translation", "translated-mnist", "translation_px", "px", (0, 2, 4, 8),
+                          ("translate_x", "translate_y"), PIXELS_PER_UNIT),
+    "scale": Family("scale", "scaled-mnist", "log_scale", "log", (0, math.log(1.5), math.log(2)),
+                    ("scale_x", "scale_y"), 1.0),
+}
+
+COLUMNS = ["family", "true_extent", "unit", "seed", "learned_extent", "ratio", "max_other_eta",
+           *(f"eta_{g}" for g in GENERATOR_NAMES), "test_accuracy", "test_nll", "elbo_per_example", "train_seconds"]
+
+
+def parse_floats(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(t) for t in text.split(",") if t.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a comma list of numbers, got {text!r}") from None
+
+
+def parse_seeds(text: str) -> tuple[int, ...]:
+    try:
+        seeds = tuple(int(t) for t in text.split(",") if t.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a comma list of integers, got {text!r}") from None
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise argparse.ArgumentTypeError(f"expected distinct seeds, got {text!r}")
+    return seeds
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The training CLI's flags plus the calibration's own."""
+    p = train.build_parser()
+    p.description = __doc__.split("\n\n")[0]
+    g = p.add_argument_group("calibration")
+    g.add_argument("--families", default=",".join(FAMILIES),
+                   help=f"comma list of {list(FAMILIES)}")
+    g.add_argument("--seeds", type=parse_seeds, default=(0,), help="comma list of seeds, one run per cell and seed")
+    for fam in FAMILIES.values():
+        g.add_argument(f"--{fam.name}-grid", type=parse_floats, default=fam.grid, metavar="A,B,...",
+                       help=f"true extents of the {fam.name} family, in {fam.unit}")
+    return p
+
+
+def cells(args: argparse.Namespace) -> list[tuple[Family, float, int]]:
+    """``(family, true extent, seed)`` of every run, in order."""
+    names = [n.strip() for n in args.families.split(",") if n.strip()]
+    unknown = [n for n in names if n not in FAMILIES]
+    if unknown or not names:
+        raise ValueError(f"unknown or no families {unknown}; choose from {list(FAMILIES)}")
+    out = []
+    for name in names:
+        grid = getattr(args, f"{name}_grid")
+        if not grid or min(grid) < 0:
+            raise ValueError(f"--{name}-grid needs extents >= 0, got {grid}")
+        out += [(FAMILIES[name], a, s) for a in grid for s in args.seeds]
+    return out
+
+
+def cell_dir(out: Path, fam: Family, extent: float, seed: int) -> Path:
+    return out / f"{fam.name}-{extent:.4g}" / f"seed-{seed}"
+
+
+def run_cell(args: argparse.Namespace, fam: Family, extent: float, seed: int, run_dir: Path) -> dict:
+    """Train one cell (unless its ``metrics.json`` exists) and return its metrics."""
+    metrics_path = run_dir / "metrics.json"
+    if metrics_path.exists():
+        return json.loads(metrics_path.read_text())
+    run_args = copy.copy(args)
+    run_args.dataset = train.DatasetName(fam.dataset)
+    setattr(run_args, fam.data_flag, extent)
+    run_args.seed, run_args.out, run_args.resume = seed, str(run_dir), None
+    return train.main(run_args)
+
+
+def row(fam: Family, extent: float, seed: int, metrics: dict) -> dict:
+    eta = metrics["eta"]
+    learned = fam.learned(eta)
+    return {
+        "family": fam.name, "true_extent": extent, "unit": fam.unit, "seed": seed, "learned_extent": learned,
+        "ratio": learned / extent if extent > 0 else float("nan"), "max_other_eta": fam.others(eta),
+        **{f"eta_{g}": eta[g] for g in GENERATOR_NAMES},
+        **{k: metrics[k] for k in ("test_accuracy", "test_nll", "elbo_per_example", "train_seconds")},
+    }
+
+
+def summarise(rows: list[dict]) -> list[dict]:
+    """Mean and standard deviation over seeds per (family, true extent), in first-seen order."""
+    groups: dict[tuple[str, float], list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["family"], r["true_extent"]), []).append(r)
+
+    def ms(values: list[float]) -> tuple[float, float]:
+        if any(math.isnan(v) for v in values):  # the ratio at a true extent of 0
+            return math.nan, math.nan
+        return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+    out = []
+    for (family, extent), rs in groups.items():
+        s = {"family": family, "true_extent": extent, "unit": rs[0]["unit"], "seeds": len(rs)}
+        for key in ("learned_extent", "ratio", "max_other_eta", "test_accuracy"):
+            s[f"{key}_mean"], s[f"{key}_std"] = ms([r[key] for r in rs])
+        out.append(s)
+    return out
+
+
+def write_tables(rows: list[dict], out: Path) -> None:
+    with open(out / "extents.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+    lines = ["| family | true extent | learned extent | learned / true | max other eta | test acc. (%) | seeds |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    for s in summarise(rows):
+        ratio = "-" if s["true_extent"] == 0 else f"{s['ratio_mean']:.2f} ± {s['ratio_std']:.2f}"
+        lines.append(f"| {s['family']} | {s['true_extent']:.3g} {s['unit']} | {s['learned_extent_mean']:.3g} ± "
+                     f"{s['learned_extent_std']:.2g} {s['unit']} | {ratio} | {s['max_other_eta_mean']:.3f} | "
+                     f"{100 * s['test_accuracy_mean']:.1f} ± {100 * s['test_accuracy_std']:.1f} | {s['seeds']} |")
+    (out / "extents.md").write_text("\n".join(lines) + "\n")
+
+
+def plot(rows: list[dict], out: Path) -> Path:
+    """One panel per family: learned against true extent (mean +- std over seeds) and y = x."""
+    summary = summarise(rows)
+    names = list(dict.fromkeys(s["family"] for s in summary))
+    fig, axes = plt.subplots(1, len(names), figsize=(4.2 * len(names), 4.0), squeeze=False)
+    for ax, name in zip(axes[0], names, strict=True):
+        ss = [s for s in summary if s["family"] == name]
+        true = [s["true_extent"] for s in ss]
+        hi = max(max(true), max(s["learned_extent_mean"] + s["learned_extent_std"] for s in ss)) * 1.1 or 1.0
+        ax.plot([0, hi], [0, hi], color="0.5", ls="--", lw=1, label="y = x (learned = true)")
+        ax.fill_between([0, hi], [0, 0.75 * hi], [0, 1.5 * hi], color="0.9", label="learned / true in [0.75, 1.5]")
+        ax.errorbar(true, [s["learned_extent_mean"] for s in ss], yerr=[s["learned_extent_std"] for s in ss],
+                    fmt="o-", capsize=3, label=f"learned (mean ± std, {ss[0]['seeds']} seed(s))")
+        unit = ss[0]["unit"]
+        ax.set(xlabel=f"true extent a ({unit})", ylabel=f"learned extent ({unit})", title=name, xlim=(0, hi),
+               ylim=(0, hi))
+        ax.legend(fontsize=7, loc="upper left")
+    fig.suptitle("Learned invariance against the data's transformation U[-a, a]")
+    fig.tight_layout()
+    path = out / "extents.png"
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+    return path
+
+
+def main(args: argparse.Namespace) -> list[dict]:
+    """Train every missing cell, then write the tables and the figure; returns the rows."""
+    if args.out is None:
+        raise ValueError("--out is required")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    plan = cells(args)
+    rows, clock = [], time.perf_counter()
+    for i, (fam, extent, seed) in enumerate(plan, 1):
+        run_dir = cell_dir(out, fam, extent, seed)
+        done = (run_dir / "metrics.json").exists()
+        print(f"[{i}/{len(plan)}] {fam.name} a={extent:.4g} {fam.unit} seed={seed}"
+              f"{' (done, reused)' if done else ''}  elapsed {time.perf_counter() - clock:.0f} s", file=sys.stderr)
+        r = row(fam, extent, seed, run_cell(args, fam, extent, seed, run_dir))
+        rows.append(r)
+        write_tables(rows, out)  # the table stays current while later cells run
+    plot(rows, out)
+    print((out / "extents.md").read_text())
+    return rows
+
+
+def cli(argv: list[str] | None = None) -> int:
+    """Console entry point: user errors become one-line messages and exit code 2."""
+    args = build_parser().parse_args(argv)
+    try:
+        main(args)
+    except train.USER_ERRORS as err:
+        print(f"error: {train.one_line(err)}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

@@ -1,0 +1,187 @@
+"""The three eta objectives: which term moves which parameter, the held-out split, and training end to end.
+
+Reference implementations: each combined loss is compared with its two terms computed one by one
+under the same random numbers (same seed, same order of draws).
+"""
+
+from __future__ import annotations
+
+import pyro
+import pytest
+import torch
+
+from guides.factory import make_evidence_guide, make_guide
+from inference.data import Split
+from inference.eta_objectives import EvidenceEtaLoss, HeldOutEtaLoss, heldout_loglik, split_holdout
+from inference.svi import TrainConfig, fit, make_elbo
+from models import InvariantNet, ModelConfig
+
+
+def tiny_model(num_data: int = 40, first_layer_prior: bool = False) -> InvariantNet:
+    cfg = ModelConfig(image_shape=(1, 8, 8), hidden=6, num_transforms=3, generators=("rotate", "translate_x"),
+                      eta_init=0.3, first_layer_prior=first_layer_prior)
+    return InvariantNet(cfg, num_data=num_data)
+
+
+def batch(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(n, 1, 8, 8, generator=g), torch.randint(0, 10, (n,), generator=g)
+
+
+def grads() -> dict[str, torch.Tensor]:
+    """Gradients of every param in the store (zeros where none arrived), then cleared."""
+    out = {}
+    for name, p in pyro.get_param_store().named_parameters():
+        out[name] = torch.zeros_like(p) if p.grad is None else p.grad.clone()
+        p.grad = None
+    return out
+
+
+def assert_grads_equal(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_eta_frozen_keeps_the_value_and_blocks_the_gradient():
+    model = tiny_model()
+    eta = model.eta_effective
+    with model.eta_frozen():
+        frozen = model.eta_effective
+    assert torch.equal(frozen, eta) and not frozen.requires_grad and eta.requires_grad
+    assert not model._eta_frozen  # restored on exit
+
+
+def test_heldout_loss_moves_the_guide_by_the_fitting_elbo_and_eta_by_the_heldout_loglik():
+    model = tiny_model()
+    guide = make_guide(model, "hybrid")
+    elbo = make_elbo(TrainConfig())
+    (x, y), (xh, yh) = batch(8, 1), batch(5, 2)
+    guide(x, y)  # create the guide's parameters
+
+    pyro.set_rng_seed(3)  # reference: the two terms one after the other, with the same random numbers
+    with model.eta_frozen():
+        elbo.differentiable_loss(model, guide, x, y).backward()
+    fit_grads = grads()
+    (-heldout_loglik(model, guide, xh, yh) * (20 / 5)).backward()
+    eta_grad = grads()["eta"]
+
+    pyro.set_rng_seed(3)
+    loss = HeldOutEtaLoss(elbo, num_heldout=20)(model, guide, x, y, xh, yh)
+    loss.backward()
+    got = grads()
+    assert got["eta"].abs().sum() > 0 and fit_grads["eta"].abs().sum() == 0
+    torch.testing.assert_close(got.pop("eta"), eta_grad)
+    fit_grads.pop("eta")
+    assert_grads_equal(got, fit_grads)
+    pyro.set_rng_seed(3)
+    with model.eta_frozen():
+        assert loss.item() == pytest.approx(elbo.differentiable_loss(model, guide, x, y).item(), rel=1e-6)
+
+
+def test_evidence_loss_moves_eta_and_the_evidence_guide_by_the_evidence_elbo_only():
+    model = tiny_model(first_layer_prior=True)
+    guide = make_guide(model, "hybrid")
+    evidence = make_evidence_guide(model, "hybrid")
+    elbo = make_elbo(TrainConfig())
+    x, y = batch(8, 1)
+    guide(x, y)
+    evidence(x, y)
+
+    pyro.set_rng_seed(4)
+    with model.eta_frozen():
+        fit_loss = elbo.differentiable_loss(model, guide, x, y)
+    fit_loss.backward()
+    want = grads()
+    elbo.differentiable_loss(model, evidence, x, y).backward()
+    ev = grads()
+    for name, g in ev.items():  # the evidence ELBO reaches eta and the evidence guide, nothing of the other guide
+        if name == "eta" or name.startswith("MeanFieldGuide"):
+            want[name] = want[name] + g
+        else:
+            assert g.abs().sum() == 0, name
+
+    pyro.set_rng_seed(4)
+    loss = EvidenceEtaLoss(elbo, evidence)(model, guide, x, y)
+    loss.backward()
+    assert loss.item() == pytest.approx(fit_loss.item(), rel=1e-6)
+    got = grads()
+    assert got["eta"].abs().sum() > 0
+    assert_grads_equal(got, want)
+
+
+def test_evidence_guide_needs_a_point_estimate_guide_and_the_first_layer_prior():
+    with pytest.raises(ValueError, match="already has one objective"):
+        make_evidence_guide(tiny_model(first_layer_prior=True), "normal")
+    with pytest.raises(ValueError, match="first_layer_prior=True"):
+        make_evidence_guide(tiny_model(first_layer_prior=False), "hybrid")
+
+
+def test_split_holdout_is_stratified_disjoint_and_complete():
+    y = torch.arange(10).repeat_interleave(20)  # class-sorted, like the shared subset
+    x = torch.arange(200, dtype=torch.float).reshape(200, 1, 1, 1)
+    fit_part, held = split_holdout(Split(x, y), 0.25, seed=0)
+    assert len(held) == 50 and len(fit_part) == 150
+    assert torch.bincount(held.y, minlength=10).tolist() == [5] * 10
+    ids = torch.cat([fit_part.x.flatten(), held.x.flatten()]).long()
+    assert sorted(ids.tolist()) == list(range(200))
+    again = split_holdout(Split(x, y), 0.25, seed=0)[1]
+    other = split_holdout(Split(x, y), 0.25, seed=1)[1]
+    assert torch.equal(again.x, held.x) and not torch.equal(other.x, held.x)
+    with pytest.raises(ValueError, match="must lie in"):
+        split_holdout(Split(x, y), 0.0, seed=0)
+
+
+@pytest.mark.parametrize("objective", ["heldout", "evidence"])
+def test_fit_checks_what_each_objective_needs(objective):
+    model = tiny_model(first_layer_prior=objective == "evidence")
+    guide = make_guide(model, "hybrid")
+    x, y = batch(40, 0)
+    cfg = TrainConfig(num_steps=2, batch_size=8, eta_objective=objective)
+    with pytest.raises(ValueError, match=f"exactly when the eta objective is '{objective}'"):
+        fit(model, guide, Split(x, y), cfg, progress=False)
+
+
+def test_unknown_objective_and_bad_fraction_are_one_line_errors():
+    with pytest.raises(ValueError, match="unknown eta objective 'bayes'"):
+        TrainConfig(eta_objective="bayes")
+    with pytest.raises(ValueError, match="eta_holdout must lie in"):
+        TrainConfig(eta_holdout=1.0)
+
+
+def test_evidence_fit_trains_both_guides_and_resumes_exactly(tmp_path):
+    """Interrupted at step 3 and resumed, an evidence run ends where the uninterrupted one ends."""
+    from inference.svi import CheckpointPolicy, TrainingInterrupted
+
+    x, y = batch(40, 0)
+    data = Split(x, y)
+    cfg = TrainConfig(num_steps=6, batch_size=8, eta_objective="evidence", log_every=1)
+
+    def run(folder, stop_at=None):
+        pyro.clear_param_store()
+        pyro.set_rng_seed(0)
+        model = tiny_model(first_layer_prior=True)
+        guide, evidence = make_guide(model, "hybrid"), make_evidence_guide(model, "hybrid")
+        policy = CheckpointPolicy(folder, every=1)
+
+        def stop(step, loss):
+            if step == stop_at:
+                raise KeyboardInterrupt
+
+        from inference.checkpoint import find_latest_valid
+
+        start = find_latest_valid(folder)[0] if stop_at is None and folder.exists() else None
+        try:
+            result = fit(model, guide, data, cfg, callback=stop, progress=False, checkpoints=policy, start=start,
+                         evidence_guide=evidence)
+        except TrainingInterrupted:
+            return None
+        return result, {k: v.detach().clone() for k, v in pyro.get_param_store().named_parameters()}
+
+    full, params = run(tmp_path / "a")
+    assert any(k.startswith("MeanFieldGuide") for k in params) and any(k.startswith("AutoGuideList") for k in params)
+    assert run(tmp_path / "b", stop_at=3) is None
+    resumed, params_b = run(tmp_path / "b")
+    assert resumed.eta_history == full.eta_history
+    for name, value in params.items():
+        torch.testing.assert_close(params_b[name], value, rtol=0, atol=0, msg=name)
