@@ -1,6 +1,14 @@
 """Variational families q(theta) for the invariant network."""
 
-from guides.factory import POINT_FIRST_LAYER, EpsFromPrior, GuideKind, InitLoc, default_priors, make_guide
+from guides.factory import (
+    POINT_FIRST_LAYER,
+    EpsFromPrior,
+    GuideKind,
+    InitLoc,
+    default_priors,
+    make_evidence_guide,
+    make_guide,
+)
 from guides.meanfield import MeanFieldGuide
 from guides.paper import ClasswiseFullCovGuide
 
@@ -12,5 +20,6 @@ __all__ = [
     "InitLoc",
     "MeanFieldGuide",
     "default_priors",
+    "make_evidence_guide",
     "make_guide",
 ]

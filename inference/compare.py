@@ -11,9 +11,9 @@ Every configuration is a run of :func:`inference.train.main` with the shared fla
 ``python -m inference.train``) plus a few overrides:
 
 =============  ==========================================================================
-``elbo``       eta learned with the guide given by ``--guide`` (default ``hybrid``) and ``--eta-objective``
-               (default ``auto``: the evidence of a mean-field guide over every weight for ``hybrid`` and
-               ``paper``, see :mod:`inference.eta_objectives`): empirical Bayes
+``elbo``       eta learned with the guide given by ``--guide`` (default ``hybrid``) by ``--eta-objective``
+               (default ``elbo``, the paper's; ``evidence`` for partial invariance, see
+               :mod:`inference.eta_objectives`): empirical Bayes
 ``paper``      the ELBO with the paper's family (W1 point estimate, full-covariance q(W2) per class)
 ``meanfield``  the ELBO with ``AutoNormal`` over every weight (priors on both layers)
 ``map``        maximum a posteriori: point estimates with the priors (``AutoDelta``)
@@ -167,6 +167,9 @@ def sweep_summary(rows: list[dict]) -> dict | None:
         "angles_deg": [math.degrees(r["eta_rotate"]) for r in fixed],
         "elbos": [r["elbo_per_example"] for r in fixed],
         "stderrs": [r["elbo_stderr"] for r in fixed],
+        "logliks": [r.get("elbo_loglik", math.nan) for r in fixed],
+        "kls": [r.get("elbo_kl", math.nan) for r in fixed],
+        "accuracies": [r.get("test_accuracy", math.nan) for r in fixed],
         "best_deg": math.degrees(best["eta_rotate"]),
         "best_elbo": best["elbo_per_example"],
         "learned_deg": None if learned is None else math.degrees(learned["eta_rotate"]),
@@ -193,11 +196,28 @@ def read_history(path: Path) -> tuple[list[int], dict[str, list[float]]]:
     return [int(r["step"]) for r in rows], {g: [float(r[g]) for r in rows] for g in GENERATOR_NAMES}
 
 
+def plot_terms(ax: plt.Axes, summary: dict) -> None:
+    """The sweep's ELBO split into its terms, each relative to its value at the smallest fixed angle (the Occam
+    trade-off: what the fit loses and what the complexity term gains as eta widens), and test accuracy."""
+    angles = summary["angles_deg"]
+    for key, label, sign, color in (("elbos", "ELBO", 1, "tab:red"), ("logliks", "expected log-lik", 1, "tab:blue"),
+                                    ("kls", "-KL (Occam term)", -1, "tab:green")):
+        values = [sign * v for v in summary[key]]
+        ax.plot(angles, [v - values[0] for v in values], "o-", color=color, label=label)
+    ax.axhline(0, color="grey", lw=0.8)
+    ax.set(xlabel="fixed eta_rotate (deg)", ylabel=f"change from {angles[0]:g} deg (nats / example)",
+           title="ELBO terms by fixed eta")
+    ax.legend(fontsize=8, loc="lower left")
+    ax_acc = ax.twinx()
+    ax_acc.plot(angles, [100 * a for a in summary["accuracies"]], "s:", color="0.4")
+    ax_acc.set_ylabel("test accuracy (%, squares)", color="0.4")
+
+
 def plot(rows: list[dict], out: Path) -> Path:
     """eta_rotate trajectories per configuration, test accuracy / ELBO per configuration and, with a
     sweep, the ELBO against the fixed angle with the learned eta marked (Table 1 as a picture)."""
     summary = sweep_summary(rows)
-    fig, axes = plt.subplots(1, 2 if summary is None else 3, figsize=(12 if summary is None else 17, 4.5))
+    fig, axes = plt.subplots(1, 2 if summary is None else 4, figsize=(12 if summary is None else 22, 4.5))
     ax_eta, ax_acc = axes[0], axes[1]
     for r in rows:
         steps, eta = read_history(out / r["config"] / "eta_history.csv")
@@ -225,6 +245,7 @@ def plot(rows: list[dict], out: Path) -> Path:
                     label=f"learned ({summary['learned_deg']:.0f} deg)")
         ax.set(xlabel="eta_rotate (deg)", ylabel="ELBO per example", title="Fixed-eta sweep (Table 1)")
         ax.legend(fontsize=8)
+        plot_terms(axes[3], summary)
     fig.tight_layout()
     path = out / "comparison.png"
     fig.savefig(path, dpi=120)

@@ -5,8 +5,9 @@ Usage::
     python -m inference.extents --data-dir ../shared/data --out runs/extents --seeds 0,1,2
 
 trains one model per (transformation family, true extent, seed) with every flag of
-``python -m inference.train`` (all six generators learnable by default) on MNIST transformed by that
-family and extent, and writes
+``python -m inference.train`` (all six generators learnable by default; ``--eta-objective`` defaults to
+``evidence`` here, the recommended setting for partial invariance) on MNIST transformed by that family and
+extent, and writes
 
 * ``OUT/<family>-<extent>/seed-<s>/`` one training run each (``metrics.json``, ``eta_history.csv``),
 * ``OUT/extents.csv`` one row per run, ``OUT/extents.md`` mean +- std over seeds per cell,
@@ -24,7 +25,8 @@ scale        magnified by exp(U[-a, a])          mean of eta_scale_x, _y, in log
 
 "others" is the largest eta of the generators outside the family, in the units of T (radians for
 rotation). A finished run (its ``metrics.json`` exists) is not trained again, so an interrupted
-calibration continues where it stopped when the same command is run again.
+calibration continues where it stopped when the same command is run again; ``--collect`` trains nothing and
+builds the table and figure from the cells finished so far (e.g. by several processes sharing ``--out``).
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from inference import train  # noqa: E402
+from inference.eta_objectives import EtaObjective  # noqa: E402
 from models.transforms import GENERATOR_NAMES  # noqa: E402
 
 PIXELS_PER_UNIT = 13.5
@@ -107,10 +110,13 @@ def build_parser() -> argparse.ArgumentParser:
     """The training CLI's flags plus the calibration's own."""
     p = train.build_parser()
     p.description = __doc__.split("\n\n")[0]
+    p.set_defaults(eta_objective=EtaObjective.EVIDENCE)  # the recommended setting for partial invariance
     g = p.add_argument_group("calibration")
     g.add_argument("--families", default=",".join(FAMILIES),
                    help=f"comma list of {list(FAMILIES)}")
     g.add_argument("--seeds", type=parse_seeds, default=(0,), help="comma list of seeds, one run per cell and seed")
+    g.add_argument("--collect", action="store_true",
+                   help="train nothing: build the table and figure from the cells already finished in --out")
     for fam in FAMILIES.values():
         g.add_argument(f"--{fam.name}-grid", type=parse_floats, default=fam.grid, metavar="A,B,...",
                        help=f"true extents of the {fam.name} family, in {fam.unit}")
@@ -195,18 +201,30 @@ def write_tables(rows: list[dict], out: Path) -> None:
 
 
 def plot(rows: list[dict], out: Path) -> Path:
-    """One panel per family: learned against true extent (mean +- std over seeds) and y = x."""
+    """One panel per family: learned against true extent (mean +- std over seeds, and each seed) and y = x.
+
+    The axes end at 1.6 times the largest true extent; a seed beyond that is drawn as a triangle at the top
+    edge labelled with its value, so one run-away seed does not hide the others.
+    """
     summary = summarise(rows)
     names = list(dict.fromkeys(s["family"] for s in summary))
     fig, axes = plt.subplots(1, len(names), figsize=(4.2 * len(names), 4.0), squeeze=False)
     for ax, name in zip(axes[0], names, strict=True):
         ss = [s for s in summary if s["family"] == name]
         true = [s["true_extent"] for s in ss]
-        hi = max(max(true), max(s["learned_extent_mean"] + s["learned_extent_std"] for s in ss)) * 1.1 or 1.0
+        hi = 1.6 * max(true) or 1.0
         ax.plot([0, hi], [0, hi], color="0.5", ls="--", lw=1, label="y = x (learned = true)")
         ax.fill_between([0, hi], [0, 0.75 * hi], [0, 1.5 * hi], color="0.9", label="learned / true in [0.75, 1.5]")
         ax.errorbar(true, [s["learned_extent_mean"] for s in ss], yerr=[s["learned_extent_std"] for s in ss],
-                    fmt="o-", capsize=3, label=f"learned (mean ± std, {ss[0]['seeds']} seed(s))")
+                    fmt="o-", capsize=3, label=f"mean ± std over {max(s['seeds'] for s in ss)} seed(s)")
+        for r in (r for r in rows if r["family"] == name):
+            if r["learned_extent"] <= hi:
+                ax.plot(r["true_extent"], r["learned_extent"], ".", color="tab:orange", alpha=0.7)
+            else:
+                ax.plot(r["true_extent"], 0.97 * hi, "^", color="tab:red")
+                ax.annotate(f"{r['learned_extent']:.3g} (seed {r['seed']})", (r["true_extent"], 0.97 * hi),
+                            textcoords="offset points", xytext=(-6, -4), ha="right", fontsize=7, color="tab:red")
+        ax.plot([], [], ".", color="tab:orange", label="one seed")
         unit = ss[0]["unit"]
         ax.set(xlabel=f"true extent a ({unit})", ylabel=f"learned extent ({unit})", title=name, xlim=(0, hi),
                ylim=(0, hi))
@@ -230,11 +248,16 @@ def main(args: argparse.Namespace) -> list[dict]:
     for i, (fam, extent, seed) in enumerate(plan, 1):
         run_dir = cell_dir(out, fam, extent, seed)
         done = (run_dir / "metrics.json").exists()
-        print(f"[{i}/{len(plan)}] {fam.name} a={extent:.4g} {fam.unit} seed={seed}"
-              f"{' (done, reused)' if done else ''}  elapsed {time.perf_counter() - clock:.0f} s", file=sys.stderr)
+        status = " (done, reused)" if done else (" (not run, skipped)" if args.collect else "")
+        print(f"[{i}/{len(plan)}] {fam.name} a={extent:.4g} {fam.unit} seed={seed}{status}  "
+              f"elapsed {time.perf_counter() - clock:.0f} s", file=sys.stderr)
+        if not done and args.collect:
+            continue
         r = row(fam, extent, seed, run_cell(args, fam, extent, seed, run_dir))
         rows.append(r)
         write_tables(rows, out)  # the table stays current while later cells run
+    if not rows:
+        raise ValueError(f"no finished cell in {out} to collect")
     plot(rows, out)
     print((out / "extents.md").read_text())
     return rows

@@ -30,7 +30,7 @@ from pathlib import Path
 import pyro
 import torch
 
-from guides.factory import POINT_FIRST_LAYER, GuideKind, InitLoc, default_priors, make_evidence_guide, make_guide
+from guides.factory import GuideKind, InitLoc, default_priors, make_evidence_guide, make_guide
 from inference.checkpoint import (
     CHECKPOINT_DIRNAME,
     Checkpoint,
@@ -129,11 +129,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--num-particles", type=int, default=t.num_particles, help="K weight samples per step")
     g.add_argument("--no-vectorize", action="store_true", help="loop over particles instead of vectorising")
     g.add_argument("--no-cosine", action="store_true", help="constant learning rates")
-    g.add_argument("--eta-objective", choices=["auto", *EtaObjective], default="auto",
-                   help="what sets eta: 'elbo' the guide's ELBO (the paper); 'evidence' the ELBO of a mean-field "
-                        "guide over every weight while --guide (hybrid/paper) predicts (recommended for relaxed "
-                        "invariance); 'heldout' the held-out log-likelihood (inference/eta_objectives.py); "
-                        "auto: evidence for a point-estimated learned W1 (hybrid/paper, ReLU), elbo otherwise")
+    g.add_argument("--eta-objective", type=EtaObjective, choices=list(EtaObjective), default=t.eta_objective,
+                   help="what sets eta: 'elbo' the guide's own ELBO (the paper); 'evidence' the ELBO of a mean-field "
+                        "guide over every weight while --guide (hybrid/paper) predicts, the recommended setting for "
+                        "partial invariance; 'heldout' a held-out part's log-likelihood (inference/eta_objectives.py)")
     g.add_argument("--eta-holdout", type=float, default=t.eta_holdout, metavar="F",
                    help="'heldout' objective only: fraction of the training set held out for eta")
     g = p.add_argument_group("run")
@@ -150,23 +149,13 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def eta_objective(args: argparse.Namespace) -> EtaObjective:
-    """``--eta-objective``, with ``auto`` resolved: the evidence where the guide point-estimates a learned W1
-    and eta is a learned parameter (the case the paper's ELBO gets wrong), else the guide's own ELBO."""
-    if args.eta_objective != "auto":
-        return EtaObjective(args.eta_objective)
-    point_w1 = GuideKind(args.guide) in POINT_FIRST_LAYER and FirstLayer(args.first_layer) is FirstLayer.RELU
-    learned = not args.fixed_eta and EtaPrior(args.eta_prior) is EtaPrior.NONE and args.generators != ()
-    return EtaObjective.EVIDENCE if point_w1 and learned else EtaObjective.ELBO
-
-
 def configs_from_args(args: argparse.Namespace) -> tuple[DataConfig, ModelConfig, TrainConfig]:
     """Turn parsed arguments into the three typed configs (validation happens in their constructors)."""
     data = DataConfig(dataset=args.dataset, data_dir=args.data_dir, allow_download=args.download,
                       train_size=args.train_size, test_size=args.test_size, rotation_deg=args.rotation_deg,
                       translation_px=args.translation_px, log_scale=args.log_scale, data_seed=args.data_seed)
     first_layer_prior, output_layer_prior = default_priors(args.guide, PriorKind(args.prior) is PriorKind.HIERARCHICAL)
-    objective = eta_objective(args)
+    objective = EtaObjective(args.eta_objective)
     if objective is EtaObjective.EVIDENCE:  # one model, priors on every weight
         first_layer_prior = True
     if args.first_layer_prior != "auto":

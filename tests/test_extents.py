@@ -83,3 +83,10 @@ def test_cli_runs_every_cell_writes_table_and_figure_and_reuses_finished_cells(t
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0 and proc.stderr.count("(done, reused)") == 8
     assert {p: p.stat().st_mtime_ns for p in out.glob("*/seed-*/metrics.json")} == before
+    # --collect trains nothing: the cells of a seed never run are skipped, the table holds the finished ones
+    proc = subprocess.run([*cmd, "--collect", "--seeds", "1,2"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=600, env=env)
+    assert proc.returncode == 0 and proc.stderr.count("(not run, skipped)") == 4
+    assert not (out / "rotation-0" / "seed-2").exists()
+    with open(out / "extents.csv") as f:
+        assert [int(r["seed"]) for r in csv.DictReader(f)] == [1, 1, 1, 1]
