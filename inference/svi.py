@@ -508,8 +508,8 @@ def fit(
         The ``heldout`` objective's part B (``data`` is then the fitting part A, see
         :func:`inference.eta_objectives.split_holdout`).
     evidence_guide : callable, optional
-        The ``evidence`` objective's mean-field guide over every weight (:func:`guides.make_guide`
-        with kind ``meanfield``); eta follows its ELBO, ``guide`` is fitted with eta held fixed.
+        The ``evidence`` objective's mean-field guide over every weight
+        (:func:`guides.make_evidence_guide`); eta follows its ELBO, ``guide`` is fitted with eta held fixed.
 
     Returns
     -------
