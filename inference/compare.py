@@ -34,7 +34,6 @@ mean of ``--elbo-passes`` passes over the training set, with its Monte-Carlo sta
 from __future__ import annotations
 
 import argparse
-import copy
 import csv
 import json
 import math
@@ -261,13 +260,8 @@ def main(args: argparse.Namespace) -> list[dict]:
     out.mkdir(parents=True, exist_ok=True)
     rows = []
     for name, overrides in plan(args):
-        run_args = copy.copy(args)
-        run_args.out = str(out / name)
-        run_args.resume = None
-        for key, value in overrides.items():
-            setattr(run_args, key, value)
         print(f"== {name}", file=sys.stderr)
-        train.main(run_args)
+        train.run_derived(args, out / name, **overrides)
         rows.append(row(name, json.loads((out / name / "metrics.json").read_text())))
         write_table(rows, out)  # keep the table current while later runs go on
     plot(rows, out)

@@ -252,6 +252,11 @@ def balanced_subset(y: torch.Tensor, size: int, generator: torch.Generator) -> t
     return torch.sort(torch.cat(picks)).values
 
 
+def pixels_per_unit(image_size: int) -> float:
+    """Pixels per unit of the normalised [-1, 1] coordinates of T (``align_corners=True``): ``(size - 1) / 2``."""
+    return (image_size - 1) / 2
+
+
 def transformation_matrices(
     cfg: DataConfig, n: int, image_size: int, generator: torch.Generator
 ) -> torch.Tensor | None:
@@ -266,7 +271,7 @@ def transformation_matrices(
         angle = math.radians(cfg.rotation_deg if cfg.rotation_deg is not None else default)
         A = (u[:, 0] * angle)[:, None, None] * G[2]
     elif cfg.dataset is DatasetName.TRANSLATED:
-        shift = cfg.translation_px / ((image_size - 1) / 2)  # pixels -> normalised units
+        shift = cfg.translation_px / pixels_per_unit(image_size)  # pixels -> normalised units
         A = (u[:, 0] * shift)[:, None, None] * G[0] + (u[:, 1] * shift)[:, None, None] * G[1]
     elif cfg.dataset is DatasetName.SCALED:
         s = u[:, 0] * cfg.log_scale  # sampling at p / exp(s) magnifies by exp(s)

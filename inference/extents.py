@@ -32,7 +32,6 @@ builds the table and figure from the cells finished so far (e.g. by several proc
 from __future__ import annotations
 
 import argparse
-import copy
 import csv
 import json
 import math
@@ -48,11 +47,9 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from inference import train  # noqa: E402
+from inference.data import pixels_per_unit  # noqa: E402
 from inference.eta_objectives import EtaObjective  # noqa: E402
 from models.transforms import GENERATOR_NAMES  # noqa: E402
-
-PIXELS_PER_UNIT = 13.5
-"""Normalised coordinates [-1, 1] span 27 pixel steps on a 28-pixel side (``align_corners=True``)."""
 
 
 @dataclass(frozen=True)
@@ -65,11 +62,12 @@ class Family:
     unit: str
     grid: tuple[float, ...]
     generators: tuple[str, ...]  # the generators whose eta measures the family's extent
-    to_unit: float  # multiply eta (units of T) by this to get the extent's unit
+    to_unit: float | None  # multiply eta (units of T) by this to get the extent's unit; None: pixels
 
-    def learned(self, eta: dict[str, float]) -> float:
-        """The learned extent in this family's unit (mean over its generators)."""
-        return statistics.fmean(eta[g] for g in self.generators) * self.to_unit
+    def learned(self, eta: dict[str, float], image_size: int = 28) -> float:
+        """The learned extent in this family's unit (mean over its generators); pixels on ``image_size``-pixel sides."""
+        to_unit = pixels_per_unit(image_size) if self.to_unit is None else self.to_unit
+        return statistics.fmean(eta[g] for g in self.generators) * to_unit
 
     def others(self, eta: dict[str, float]) -> float:
         """The largest eta outside the family (units of T)."""
@@ -80,7 +78,7 @@ FAMILIES: dict[str, Family] = {
     "rotation": Family("rotation", "partially-rotated-mnist", "rotation_deg", "deg", (0, 45, 90, 135, 180),
                        ("rotate",), math.degrees(1.0)),
     "translation": Family("translation", "translated-mnist", "translation_px", "px", (0, 2, 4, 8),
-                          ("translate_x", "translate_y"), PIXELS_PER_UNIT),
+                          ("translate_x", "translate_y"), None),
     "scale": Family("scale", "scaled-mnist", "log_scale", "log", (0, math.log(1.5), math.log(2)),
                     ("scale_x", "scale_y"), 1.0),
 }
@@ -143,20 +141,14 @@ def cell_dir(out: Path, fam: Family, extent: float, seed: int) -> Path:
 
 
 def run_cell(args: argparse.Namespace, fam: Family, extent: float, seed: int, run_dir: Path) -> dict:
-    """Train one cell (unless its ``metrics.json`` exists) and return its metrics."""
-    metrics_path = run_dir / "metrics.json"
-    if metrics_path.exists():
-        return json.loads(metrics_path.read_text())
-    run_args = copy.copy(args)
-    run_args.dataset = train.DatasetName(fam.dataset)
-    setattr(run_args, fam.data_flag, extent)
-    run_args.seed, run_args.out, run_args.resume = seed, str(run_dir), None
-    return train.main(run_args)
+    """Train one cell and return its metrics."""
+    return train.run_derived(args, run_dir, dataset=train.DatasetName(fam.dataset), seed=seed,
+                             **{fam.data_flag: extent})
 
 
 def row(fam: Family, extent: float, seed: int, metrics: dict) -> dict:
     eta = metrics["eta"]
-    learned = fam.learned(eta)
+    learned = fam.learned(eta, image_size=metrics["config"]["model"]["image_shape"][-1])
     return {
         "family": fam.name, "true_extent": extent, "unit": fam.unit, "seed": seed, "learned_extent": learned,
         "ratio": learned / extent if extent > 0 else float("nan"), "max_other_eta": fam.others(eta),
@@ -247,13 +239,15 @@ def main(args: argparse.Namespace) -> list[dict]:
     rows, clock = [], time.perf_counter()
     for i, (fam, extent, seed) in enumerate(plan, 1):
         run_dir = cell_dir(out, fam, extent, seed)
-        done = (run_dir / "metrics.json").exists()
+        metrics_path = run_dir / "metrics.json"
+        done = metrics_path.exists()
         status = " (done, reused)" if done else (" (not run, skipped)" if args.collect else "")
         print(f"[{i}/{len(plan)}] {fam.name} a={extent:.4g} {fam.unit} seed={seed}{status}  "
               f"elapsed {time.perf_counter() - clock:.0f} s", file=sys.stderr)
         if not done and args.collect:
             continue
-        r = row(fam, extent, seed, run_cell(args, fam, extent, seed, run_dir))
+        metrics = json.loads(metrics_path.read_text()) if done else run_cell(args, fam, extent, seed, run_dir)
+        r = row(fam, extent, seed, metrics)
         rows.append(r)
         write_tables(rows, out)  # the table stays current while later cells run
     if not rows:

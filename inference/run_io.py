@@ -36,7 +36,7 @@ from inference.checkpoint import (
     find_latest_valid,
     to_jsonable,
 )
-from inference.data import DataConfig, DatasetName, Datasets, load_datasets, resolve_data_dir
+from inference.data import DataConfig, DatasetName, Datasets, load_datasets, pixels_per_unit, resolve_data_dir
 from inference.eta_objectives import EtaObjective
 from inference.svi import TrainConfig, materialise_params
 from models.config import Likelihood, ModelConfig
@@ -302,7 +302,7 @@ def true_extent(data_cfg: DataConfig, image_size: int = 28) -> dict[str, float]:
         default = 180.0 if data_cfg.dataset is DatasetName.ROTATED else 90.0
         extent["rotate"] = math.radians(data_cfg.rotation_deg if data_cfg.rotation_deg is not None else default)
     elif data_cfg.dataset is DatasetName.TRANSLATED:
-        shift = data_cfg.translation_px / ((image_size - 1) / 2)
+        shift = data_cfg.translation_px / pixels_per_unit(image_size)
         extent["translate_x"] = extent["translate_y"] = shift
     elif data_cfg.dataset is DatasetName.SCALED:
         extent["scale_x"] = extent["scale_y"] = float(data_cfg.log_scale)

@@ -17,6 +17,7 @@ with the same seed ends; a checkpoint from different settings is refused.
 from __future__ import annotations
 
 import argparse
+import copy
 import csv
 import json
 import math
@@ -314,6 +315,18 @@ def main(args: argparse.Namespace) -> dict:
     print(json.dumps({k: metrics[k] for k in ("eta", "test_accuracy", "test_nll", "elbo_per_example",
                                                "elbo_stderr", "train_seconds")}, indent=2))
     return metrics
+
+
+def run_derived(args: argparse.Namespace, out: Path, **overrides) -> dict:
+    """:func:`main` on a copy of ``args`` with ``overrides``, as a fresh run in ``out``; returns the metrics.
+
+    The experiment CLIs (``compare``, ``extents``) derive each of their runs this way from the shared flags.
+    """
+    run_args = copy.copy(args)
+    for key, value in overrides.items():
+        setattr(run_args, key, value)
+    run_args.out, run_args.resume = str(out), None
+    return main(run_args)
 
 
 def announce_start(out: Path, start: Checkpoint | None, skipped: list[Exception]) -> None:

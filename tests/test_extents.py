@@ -31,13 +31,15 @@ def test_each_family_reads_its_extent_in_its_own_unit():
     assert rot.others(eta(rotate=3.0, shear=0.2, scale_x=0.1)) == pytest.approx(0.2)
     # 8 px = 8 / 13.5 normalised units (27 pixel steps span [-1, 1]); the mean of x and y
     assert trans.learned(eta(translate_x=8 / 13.5, translate_y=4 / 13.5)) == pytest.approx(6.0)
+    assert trans.learned(eta(translate_x=1.0, translate_y=1.0), image_size=32) == pytest.approx(15.5)  # CIFAR sides
     assert scale.learned(eta(scale_x=0.6, scale_y=0.8, rotate=0.5)) == pytest.approx(0.7)
     assert scale.others(eta(scale_x=0.6, scale_y=0.8, rotate=0.5)) == pytest.approx(0.5)
 
 
 def test_summary_gives_mean_and_std_over_seeds_and_no_ratio_at_zero():
     fam = extents.FAMILIES["rotation"]
-    metrics = {"test_accuracy": 0.9, "test_nll": 0.3, "elbo_per_example": -1.0, "train_seconds": 1.0}
+    metrics = {"test_accuracy": 0.9, "test_nll": 0.3, "elbo_per_example": -1.0, "train_seconds": 1.0,
+               "config": {"model": {"image_shape": [1, 28, 28]}}}
     rows = [extents.row(fam, 90.0, s, {"eta": eta(rotate=math.radians(d)), **metrics}) for s, d in enumerate((80, 100))]
     rows.append(extents.row(fam, 0.0, 0, {"eta": eta(rotate=math.radians(10)), **metrics}))
     (at90, at0) = extents.summarise(rows)
