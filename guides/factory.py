@@ -32,7 +32,7 @@ from pyro.infer.autoguide import (
     init_to_value,
 )
 
-from guides.meanfield import MeanFieldGuide
+from guides.meanfield import EVIDENCE_GUIDE_NAME, MeanFieldGuide
 from guides.paper import ClasswiseFullCovGuide
 from models.config import check_positive_float, check_positive_int
 from models.network import InvariantNet
@@ -205,5 +205,7 @@ def make_evidence_guide(model: InvariantNet, kind: GuideKind | str, init_scale: 
     if "W1" in model.weight_shapes() and not model.config.first_layer_prior:
         raise ValueError("the evidence objective needs the first layer's prior: build the model with "
                          "first_layer_prior=True")
-    return make_guide(model, GuideKind.MEANFIELD, init_scale=init_scale, init_loc=InitLoc.XAVIER)
+    check_positive_float("init_scale", init_scale)
+    return MeanFieldGuide(model, _initial_values(model, InitLoc.XAVIER), init_scale=init_scale,
+                          name=EVIDENCE_GUIDE_NAME)
 

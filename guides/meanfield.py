@@ -12,6 +12,9 @@ from torch.distributions import constraints
 from models.config import check_positive_float
 from models.network import InvariantNet
 
+EVIDENCE_GUIDE_NAME = "EvidenceGuide"
+"""Name (parameter prefix) of the ``evidence`` objective's mean-field guide over every weight."""
+
 
 class MeanFieldGuide(PyroModule):
     """Fully factorised Gaussian over every latent site of an :class:`~models.InvariantNet` but eps.
@@ -31,6 +34,9 @@ class MeanFieldGuide(PyroModule):
         Initial values in the constrained space, one per latent site (``model.initial_values()``).
     init_scale : float
         Initial standard deviation of every unconstrained coordinate.
+    name : str
+        The module's name, the prefix of its parameters' names (the ``evidence`` objective's second
+        guide is named :data:`EVIDENCE_GUIDE_NAME`, which gives it its own learning rate).
 
     Examples
     --------
@@ -39,8 +45,9 @@ class MeanFieldGuide(PyroModule):
     >>> guide = MeanFieldGuide(model, model.initial_values(), init_scale=0.01)
     """
 
-    def __init__(self, model: InvariantNet, init_values: dict[str, torch.Tensor], init_scale: float = 0.1) -> None:
-        super().__init__(name="MeanFieldGuide")
+    def __init__(self, model: InvariantNet, init_values: dict[str, torch.Tensor], init_scale: float = 0.1,
+                 name: str = "MeanFieldGuide") -> None:
+        super().__init__(name=name)
         check_positive_float("init_scale", init_scale)
         self._eps_prior = model.eps_prior
         self._default_S = model.config.num_transforms

@@ -46,7 +46,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from inference import train  # noqa: E402
-from models.transforms import GENERATOR_NAMES  # noqa: E402
+from models.transforms import ALL_GENERATOR_NAMES  # noqa: E402
 
 NAMED = {
     "elbo": {},
@@ -70,7 +70,7 @@ PRESETS: dict[str, dict] = {
 }
 """Named sets of defaults (``--preset``); flags given on the command line still override them."""
 
-COLUMNS = ["config", "guide", "generators", "eta_fixed", *(f"eta_{g}" for g in GENERATOR_NAMES),
+COLUMNS = ["config", "guide", "generators", "eta_fixed", *(f"eta_{g}" for g in ALL_GENERATOR_NAMES),
            "test_accuracy", "test_nll", "elbo_per_example", "elbo_stderr", "elbo_loglik", "elbo_kl", "train_seconds"]
 
 
@@ -116,7 +116,7 @@ def row(name: str, metrics: dict) -> dict:
         "guide": metrics["config"]["guide"]["kind"],
         "generators": "+".join(model["generators"]) or "none",
         "eta_fixed": not model["learn_eta"],
-        **{f"eta_{g}": metrics["eta"][g] for g in GENERATOR_NAMES},
+        **{f"eta_{g}": value for g, value in metrics["eta"].items()},  # the run's basis; other columns stay empty
     }
     out.update({k: metrics[k] for k in ("test_accuracy", "test_nll", "elbo_per_example", "train_seconds")})
     # absent in runs from before they were recorded
@@ -135,7 +135,7 @@ def write_table(rows: list[dict], out: Path) -> None:
     lines = ["| config | guide | generators | eta_rotate (rad / deg) | max other eta | test acc % | test NLL | "
              "ELBO / example (± s.e.) | = log-lik | - KL | train s |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        other = max(r[f"eta_{g}"] for g in GENERATOR_NAMES if g != "rotate")
+        other = max(r[f"eta_{g}"] for g in ALL_GENERATOR_NAMES if g != "rotate" and f"eta_{g}" in r)
         rot = r["eta_rotate"]
         lines.append(f"| {r['config']} | {r['guide']} | {r['generators']} | {rot:.3f} / {math.degrees(rot):.1f} | "
                      f"{other:.3f} | {100 * r['test_accuracy']:.2f} | {r['test_nll']:.3f} | "
@@ -192,7 +192,8 @@ def read_history(path: Path) -> tuple[list[int], dict[str, list[float]]]:
     """``eta_history.csv`` as steps and one list per generator."""
     with open(path) as f:
         rows = list(csv.DictReader(f))
-    return [int(r["step"]) for r in rows], {g: [float(r[g]) for r in rows] for g in GENERATOR_NAMES}
+    names = [g for g in ALL_GENERATOR_NAMES if rows and g in rows[0]]
+    return [int(r["step"]) for r in rows], {g: [float(r[g]) for r in rows] for g in names}
 
 
 def plot_terms(ax: plt.Axes, summary: dict) -> None:

@@ -134,7 +134,8 @@ def run_inference_data(run: LoadedRun, test: Split, opts: DiagnoseOptions) -> An
              "num_train_steps": run.train_config.num_steps, "hidden": run.model_config.hidden}
     return diagnostics.to_inference_data(
         run.model, run.guide, test.x, test.y, num_draws=opts.draws, num_transforms=S,
-        eta_history=read_eta_history(run), losses=run.losses, eta_true=true_extent(run.data_config), attrs=attrs)
+        eta_history=read_eta_history(run), losses=run.losses,
+        eta_true=true_extent(run.data_config, names=run.model_config.generator_names), attrs=attrs)
 
 
 def predictive_metrics(idata: Any) -> dict[str, float]:
@@ -151,7 +152,7 @@ def write_figures(run: LoadedRun, idata: Any, test: Split, fig_dir: Path, opts: 
     cfg, dataset = run.model_config, run.data_config.dataset.value
     name = run.name if run.name == dataset else f"{run.name} ({dataset})"
     eta = diagnostics.eta_values(idata)
-    extent = true_extent(run.data_config)
+    extent = true_extent(run.data_config, names=run.model_config.generator_names)
 
     def out(fig_name: str) -> Path:
         written[fig_name] = str(fig_dir / f"{fig_name}.png")
@@ -168,13 +169,14 @@ def write_figures(run: LoadedRun, idata: Any, test: Split, fig_dir: Path, opts: 
         plots.plot_filter_bank(W1, out("filters"), cfg.image_shape, opts.num_filters,
                                title=f"{name}: learned filters ({kind} of W1; {order})")
         plots.plot_invariant_filters(W1, eta, out("invariant_filters"), cfg.image_shape, opts.num_filters,
-                                     title=name, seed=opts.seed)
+                                     title=name, seed=opts.seed, names=cfg.generator_names)
     else:
         written["filters"] = "skipped: fixed random-Fourier-feature first layer"
     history = diagnostics.training_history(idata)
     if "eta" in history:
         plots.plot_eta_trajectories(history["step"], history["eta"], extent, out("eta_trajectories"),
-                                    title=f"{name}: eta during training (dashed: true extent)")
+                                    title=f"{name}: eta during training (dashed: true extent)",
+                                    names=cfg.generator_names)
     if "elbo" in history:
         plots.plot_elbo(history["iteration"], history["elbo"], out("elbo"),
                         final_elbo=run.metrics.get("elbo_per_example"), title=f"{name}: ELBO / N")
@@ -182,7 +184,7 @@ def write_figures(run: LoadedRun, idata: Any, test: Split, fig_dir: Path, opts: 
         plots.plot_reliability(diagnostics.class_probabilities(idata), diagnostics.observed(idata),
                                out("reliability"), title=f"{name}: reliability, {opts.draws} guide draws")
     plots.plot_transformed_digits(test.x[: opts.num_digits], eta, out("transformed_digits"), seed=opts.seed,
-                                  title=name)
+                                  title=name, names=cfg.generator_names)
     if "W2" in idata.posterior:
         plots.plot_weight_forest(idata, out("forest_W2"))
     if "eta" in idata.posterior:
@@ -206,7 +208,8 @@ def diagnose_run(run_dir: str | Path, out: Path, opts: DiagnoseOptions, compare:
     summary: dict[str, Any] = {
         "run_dir": str(run.run_dir), "dataset": run.data_config.dataset.value, "guide": run.guide_kind.value,
         "checkpoint_step": run.checkpoint.step, "eta": run.metrics.get("eta"),
-        "eta_true": true_extent(run.data_config), "num_test": len(test), "draws": opts.draws,
+        "eta_true": true_extent(run.data_config, names=run.model_config.generator_names),
+        "num_test": len(test), "draws": opts.draws,
         "num_transforms": int(idata.posterior.attrs["num_transforms"]),
         "predictive": predictive_metrics(idata) if run.model_config.likelihood is Likelihood.CATEGORICAL else None,
         "loo": diagnostics.loo_summary(idata), "waic": diagnostics.waic_summary(idata),

@@ -55,7 +55,7 @@ from pyro.infer import MCMC, NUTS, Predictive
 from models.config import FirstLayer, Likelihood
 from models.network import InvariantNet
 from models.priors import EtaPrior
-from models.transforms import GENERATOR_NAMES
+from models.transforms import NUM_GENERATORS
 
 with warnings.catch_warnings():  # ArviZ 0.2x announces its 1.x refactor once a day on import
     warnings.filterwarnings("ignore", message=r"\s*ArviZ is undergoing a major refactor", category=FutureWarning)
@@ -205,7 +205,7 @@ def draw_posterior(
     point = {n: trace.nodes[n]["value"].detach() for n, k in kinds.items() if k == "point"}
     M = int(num_draws)
     shapes = {name: tuple(site["fn"].event_shape) for name, site in model.latent_sites().items()}
-    shapes["eps"] = (S, len(GENERATOR_NAMES))  # Predictive pads a slot for the data plate: (M, 1, *event)
+    shapes["eps"] = (S, NUM_GENERATORS)  # Predictive pads a slot for the data plate: (M, 1, *event)
     return GuideDraws({n: samples[n].detach().reshape(M, *shapes[n]) for n in random}, point,
                       samples["eps"].detach().reshape(M, *shapes["eps"]))
 
@@ -336,7 +336,7 @@ def predictive_outputs(
 def _coords(model: InvariantNet, num_obs: int) -> dict[str, Any]:
     cfg = model.config
     return {"hidden": np.arange(cfg.hidden), "pixel": np.arange(cfg.num_pixels), "class": np.arange(cfg.num_classes),
-            "generator": list(GENERATOR_NAMES), "obs": np.arange(num_obs)}
+            "generator": list(model.generator_names), "obs": np.arange(num_obs)}
 
 
 def _attr_value(value: Any) -> Any:
@@ -431,7 +431,7 @@ def to_inference_data(
         log_likelihood={"y": _np(log_lik)[None]},
         predictions={"log_probs": _np(log_probs)[None]} if categorical else None,
         observed_data={"y": _np(y)},
-        constant_data={"eta_true": [float(eta_true[g]) for g in GENERATOR_NAMES]} if eta_true else None,
+        constant_data={"eta_true": [float(eta_true[g]) for g in model.generator_names]} if eta_true else None,
         coords=_coords(model, N),
         dims={**dims, "eta_true": ["generator"]},
         pred_dims={"log_probs": ["obs", "class"]},
@@ -453,7 +453,7 @@ def to_inference_data(
         note = "mean and std over the guide draws of sites too large to store every draw of"
         extra[MOMENTS_GROUP] = xr.Dataset(moments, coords=used(moments), attrs={**common, "note": note})
     if eta_history is not None or losses is not None:
-        extra[TRAINING_GROUP] = _training_dataset(eta_history, losses, common)
+        extra[TRAINING_GROUP] = _training_dataset(eta_history, losses, common, model.generator_names)
     idata.add_groups(extra)
     for group in idata.groups():
         idata[group].attrs.update(common, seconds_to_build=round(time.perf_counter() - start, 2))
@@ -461,12 +461,13 @@ def to_inference_data(
 
 
 def _training_dataset(
-    eta_history: tuple[Sequence[int], torch.Tensor] | None, losses: Sequence[float] | None, attrs: Mapping
+    eta_history: tuple[Sequence[int], torch.Tensor] | None, losses: Sequence[float] | None, attrs: Mapping,
+    names: Sequence[str],
 ) -> xr.Dataset:
-    data, coords = {}, {"generator": list(GENERATOR_NAMES)}
+    data, coords = {}, {"generator": list(names)}
     if eta_history is not None:
         steps, eta = eta_history
-        data["eta"] = (("step", "generator"), _np(torch.as_tensor(eta)).reshape(len(steps), len(GENERATOR_NAMES)))
+        data["eta"] = (("step", "generator"), _np(torch.as_tensor(eta)).reshape(len(steps), len(names)))
         coords["step"] = np.asarray(steps, dtype=np.int64)
     if losses is not None:
         data["elbo"] = (("iteration",), -np.asarray(losses, dtype=np.float64))
@@ -765,7 +766,7 @@ def output_layer_potential(
         raise ValueError("the NUTS reference needs the plain output-layer prior (not hierarchical, not masked)")
     D = cfg.hidden
     eye, zero = torch.eye(D, dtype=x.dtype)[None], torch.zeros(1, D, dtype=x.dtype)
-    eps = torch.zeros(1, 1, len(GENERATOR_NAMES), dtype=x.dtype)
+    eps = torch.zeros(1, 1, NUM_GENERATORS, dtype=x.dtype)
     with torch.no_grad():
         h = model.transformed_logits(x, model.W1[None], model.b1[None], eye, zero, eps)[0, 0]  # (N, D)
     priors = model.weight_priors()

@@ -49,7 +49,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 from inference import train  # noqa: E402
 from inference.data import pixels_per_unit  # noqa: E402
 from inference.eta_objectives import EtaObjective  # noqa: E402
-from models.transforms import GENERATOR_NAMES  # noqa: E402
+from models.config import GENERATOR_PRESETS  # noqa: E402
+from models.transforms import ALL_GENERATOR_NAMES  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -65,13 +66,14 @@ class Family:
     to_unit: float | None  # multiply eta (units of T) by this to get the extent's unit; None: pixels
 
     def learned(self, eta: dict[str, float], image_size: int = 28) -> float:
-        """The learned extent in this family's unit (mean over its generators); pixels on ``image_size``-pixel sides."""
+        """The learned extent in this family's unit (mean over its generators in the run's basis); pixels on
+        ``image_size``-pixel sides."""
         to_unit = pixels_per_unit(image_size) if self.to_unit is None else self.to_unit
-        return statistics.fmean(eta[g] for g in self.generators) * to_unit
+        return statistics.fmean(eta[g] for g in self.generators if g in eta) * to_unit
 
     def others(self, eta: dict[str, float]) -> float:
         """The largest eta outside the family (units of T)."""
-        return max(eta[g] for g in GENERATOR_NAMES if g not in self.generators)
+        return max(value for g, value in eta.items() if g not in self.generators)
 
 
 FAMILIES: dict[str, Family] = {
@@ -80,11 +82,11 @@ FAMILIES: dict[str, Family] = {
     "translation": Family("translation", "translated-mnist", "translation_px", "px", (0, 2, 4, 8),
                           ("translate_x", "translate_y"), None),
     "scale": Family("scale", "scaled-mnist", "log_scale", "log", (0, math.log(1.5), math.log(2)),
-                    ("scale_x", "scale_y"), 1.0),
+                    ("scale_x", "scale_y", "scale"), 1.0),  # the paper's basis has the first two, the isotropic one
 }
 
 COLUMNS = ["family", "true_extent", "unit", "seed", "learned_extent", "ratio", "max_other_eta",
-           *(f"eta_{g}" for g in GENERATOR_NAMES), "test_accuracy", "test_nll", "elbo_per_example", "train_seconds"]
+           *(f"eta_{g}" for g in ALL_GENERATOR_NAMES), "test_accuracy", "test_nll", "elbo_per_example", "train_seconds"]
 
 
 def parse_floats(text: str) -> tuple[float, ...]:
@@ -108,7 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
     """The training CLI's flags plus the calibration's own."""
     p = train.build_parser()
     p.description = __doc__.split("\n\n")[0]
-    p.set_defaults(eta_objective=EtaObjective.EVIDENCE)  # the recommended setting for partial invariance
+    # the recommended setting for partial invariance: the evidence, six generators in the isotropic basis
+    p.set_defaults(eta_objective=EtaObjective.EVIDENCE, generators=GENERATOR_PRESETS["affine-iso"])
     g = p.add_argument_group("calibration")
     g.add_argument("--families", default=",".join(FAMILIES),
                    help=f"comma list of {list(FAMILIES)}")
@@ -137,11 +140,14 @@ def cells(args: argparse.Namespace) -> list[tuple[Family, float, int]]:
 
 
 def cell_dir(out: Path, fam: Family, extent: float, seed: int) -> Path:
-    return out / f"{fam.name}-{extent:.4g}" / f"seed-{seed}"
+    """A cell's run folder; every family's a = 0 is untransformed MNIST, so they share ``untransformed/``."""
+    return out / ("untransformed" if extent == 0 else f"{fam.name}-{extent:.4g}") / f"seed-{seed}"
 
 
 def run_cell(args: argparse.Namespace, fam: Family, extent: float, seed: int, run_dir: Path) -> dict:
-    """Train one cell and return its metrics."""
+    """Train one cell and return its metrics (a = 0: plain MNIST, one run shared by the families)."""
+    if extent == 0:
+        return train.run_derived(args, run_dir, dataset=train.DatasetName.MNIST, seed=seed)
     return train.run_derived(args, run_dir, dataset=train.DatasetName(fam.dataset), seed=seed,
                              **{fam.data_flag: extent})
 
@@ -152,7 +158,7 @@ def row(fam: Family, extent: float, seed: int, metrics: dict) -> dict:
     return {
         "family": fam.name, "true_extent": extent, "unit": fam.unit, "seed": seed, "learned_extent": learned,
         "ratio": learned / extent if extent > 0 else float("nan"), "max_other_eta": fam.others(eta),
-        **{f"eta_{g}": eta[g] for g in GENERATOR_NAMES},
+        **{f"eta_{g}": value for g, value in eta.items()},
         **{k: metrics[k] for k in ("test_accuracy", "test_nll", "elbo_per_example", "train_seconds")},
     }
 

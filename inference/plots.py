@@ -30,12 +30,20 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from inference import diagnostics
-from models.transforms import GENERATOR_NAMES, affine_generators, affine_matrices, warp_filters, warp_images
+from models.transforms import (
+    ALL_GENERATOR_NAMES,
+    GENERATOR_NAMES,
+    affine_generators,
+    affine_matrices,
+    warp_filters,
+    warp_images,
+)
 
-GENERATOR_COLORS = dict(zip(GENERATOR_NAMES, ("tab:blue", "tab:orange", "tab:red", "tab:green", "tab:olive",
-                                              "tab:purple"), strict=True))
+GENERATOR_COLORS = dict(zip(ALL_GENERATOR_NAMES, ("tab:blue", "tab:orange", "tab:red", "tab:green", "tab:olive",
+                                                  "tab:purple", "tab:green", "tab:olive"), strict=True))
 GENERATOR_UNITS = {"translate_x": "normalised units (13.5 px on 28x28)", "translate_y": "normalised units",
-                   "rotate": "rad", "scale_x": "log-scale", "scale_y": "log-scale", "shear": "shear"}
+                   "rotate": "rad", "scale_x": "log-scale", "scale_y": "log-scale", "shear": "shear",
+                   "scale": "log-scale", "stretch": "log-scale"}
 
 
 # --------------------------------------------------------------------------- helpers
@@ -62,7 +70,7 @@ def _as_numpy(a: np.ndarray | torch.Tensor) -> np.ndarray:
 # --------------------------------------------------------------------------- filters
 def invariant_filters(
     W1: np.ndarray | torch.Tensor, eta: np.ndarray | torch.Tensor, image_shape: tuple[int, int, int] = (1, 28, 28),
-    num_samples: int = 128, seed: int = 0,
+    num_samples: int = 128, seed: int = 0, names: Sequence[str] = GENERATOR_NAMES,
 ) -> np.ndarray:
     """Filters averaged over transformations from the learned distribution: ``mean_s W1 o T_s``.
 
@@ -85,10 +93,10 @@ def invariant_filters(
     W = torch.as_tensor(_as_numpy(W1), dtype=torch.float32)
     eta_t = torch.as_tensor(_as_numpy(eta), dtype=torch.float32)
     gen = torch.Generator().manual_seed(seed)
-    eps = torch.rand(num_samples, len(GENERATOR_NAMES), generator=gen) * 2 - 1  # (S, K)
+    eps = torch.rand(num_samples, len(names), generator=gen) * 2 - 1  # (S, K)
     if eta_t.dim() == 2:  # full Bayes: pair every eps with a posterior draw of eta
         eta_t = eta_t[torch.randint(0, eta_t.shape[0], (num_samples,), generator=gen)]
-    T = affine_matrices(eta_t, eps, affine_generators())  # (S, 3, 3)
+    T = affine_matrices(eta_t, eps, affine_generators(tuple(names)))  # (S, 3, 3)
     with torch.no_grad():
         return warp_filters(W, T, image_shape).mean(0).numpy()  # (F, CHW)
 
@@ -137,27 +145,27 @@ def plot_filter_bank(
 def plot_invariant_filters(
     W1: np.ndarray | torch.Tensor, eta: np.ndarray | torch.Tensor, path: str | Path | None = None,
     image_shape: tuple[int, int, int] = (1, 28, 28), num_filters: int = 32, ncols: int = 8, num_samples: int = 128,
-    title: str | None = None, seed: int = 0,
+    title: str | None = None, seed: int = 0, names: Sequence[str] = GENERATOR_NAMES,
 ) -> Figure:
     """Learned filters averaged over ``num_samples`` transformations from the learned eta (the paper's figure).
 
-    ``title`` (e.g. the run's name) is put in front of the standard title.
+    ``title`` (e.g. the run's name) is put in front of the standard title; ``names`` is eta's basis.
     """
     W = _as_numpy(W1)[:num_filters]
-    inv = invariant_filters(W, eta, image_shape, num_samples, seed)
+    inv = invariant_filters(W, eta, image_shape, num_samples, seed, names)
     rows = math.ceil(W.shape[0] / ncols)
     fig = new_figure(1.3 * ncols, 1.3 * rows + 0.5)
     _image_grid(fig, _filter_images(inv, image_shape), ncols)
-    eta_text = _eta_text(eta)
+    eta_text = _eta_text(eta, names)
     fig.suptitle(f"{title + ': ' if title else ''}invariant filters, mean over {num_samples} T ~ learned distribution "
                  f"({eta_text})")
     return finish(fig, path)
 
 
-def _eta_text(eta: np.ndarray | torch.Tensor) -> str:
+def _eta_text(eta: np.ndarray | torch.Tensor, names: Sequence[str] = GENERATOR_NAMES) -> str:
     e = _as_numpy(eta)
     e = np.median(e, axis=0) if e.ndim == 2 else e
-    parts = [f"{name} {value:.2f}" for name, value in zip(GENERATOR_NAMES, e, strict=True) if value > 0.05]
+    parts = [f"{name} {value:.2f}" for name, value in zip(names, e, strict=True) if value > 0.05]
     return "eta: " + (", ".join(parts) if parts else "all < 0.05")
 
 
@@ -165,6 +173,7 @@ def _eta_text(eta: np.ndarray | torch.Tensor) -> str:
 def plot_eta_trajectories(
     steps: Sequence[int] | np.ndarray, eta: np.ndarray | torch.Tensor, true_extent: Mapping[str, float] | None = None,
     path: str | Path | None = None, title: str = "eta during training", ax: Axes | None = None,
+    names: Sequence[str] = GENERATOR_NAMES,
 ) -> Figure:
     """eta of each generator against the training step, the true extent of the data dashed.
 
@@ -178,7 +187,7 @@ def plot_eta_trajectories(
     eta = _as_numpy(eta)
     fig = ax.figure if ax is not None else new_figure(7, 4.2)
     ax = ax if ax is not None else fig.subplots()
-    for k, name in enumerate(GENERATOR_NAMES):
+    for k, name in enumerate(names):
         ax.plot(steps, eta[:, k], color=GENERATOR_COLORS[name], label=name, lw=1.6)
     for name, value in (true_extent or {}).items():
         if value > 0:
@@ -281,7 +290,8 @@ def plot_reliability(
 
 # --------------------------------------------------------------------------- transformed digits
 def transform_samples(
-    images: np.ndarray | torch.Tensor, eta: np.ndarray | torch.Tensor, num_samples: int = 8, seed: int = 0
+    images: np.ndarray | torch.Tensor, eta: np.ndarray | torch.Tensor, num_samples: int = 8, seed: int = 0,
+    names: Sequence[str] = GENERATOR_NAMES,
 ) -> np.ndarray:
     """Each image warped by ``num_samples`` transformations from the learned distribution.
 
@@ -298,10 +308,10 @@ def transform_samples(
     n = x.shape[0]
     eta_t = torch.as_tensor(_as_numpy(eta), dtype=torch.float32)
     gen = torch.Generator().manual_seed(seed)
-    eps = torch.rand(n * num_samples, len(GENERATOR_NAMES), generator=gen) * 2 - 1
+    eps = torch.rand(n * num_samples, len(names), generator=gen) * 2 - 1
     if eta_t.dim() == 2:
         eta_t = eta_t[torch.randint(0, eta_t.shape[0], (n * num_samples,), generator=gen)]
-    T = affine_matrices(eta_t, eps, affine_generators())  # (n * samples, 3, 3)
+    T = affine_matrices(eta_t, eps, affine_generators(tuple(names)))  # (n * samples, 3, 3)
     xs = x.repeat_interleave(num_samples, dim=0)
     with torch.no_grad():
         return warp_images(xs, T).reshape(n, num_samples, *x.shape[1:]).numpy()
@@ -309,11 +319,14 @@ def transform_samples(
 
 def plot_transformed_digits(
     images: np.ndarray | torch.Tensor, eta: np.ndarray | torch.Tensor, path: str | Path | None = None,
-    num_samples: int = 8, seed: int = 0, title: str | None = None,
+    num_samples: int = 8, seed: int = 0, title: str | None = None, names: Sequence[str] = GENERATOR_NAMES,
 ) -> Figure:
-    """Test digits (first column) and ``num_samples`` warps of each by T ~ the learned distribution."""
+    """Test digits (first column) and ``num_samples`` warps of each by T ~ the learned distribution.
+
+    ``names`` is eta's generator basis.
+    """
     x = _as_numpy(images)
-    warped = transform_samples(x, eta, num_samples, seed)
+    warped = transform_samples(x, eta, num_samples, seed, names)
     n = x.shape[0]
     grid = np.concatenate([x[:, None], warped], axis=1).mean(2)  # (n, 1 + samples, H, W)
     fig = new_figure(1.1 * (num_samples + 1), 1.1 * n + 0.6)
@@ -324,7 +337,8 @@ def plot_transformed_digits(
     for ax in axes[:: num_samples + 1]:
         for spine in ax.spines.values():
             spine.set_edgecolor("tab:red")
-    fig.suptitle(f"{title + ': ' if title else ''}digits transformed by the learned distribution ({_eta_text(eta)})")
+    fig.suptitle(f"{title + ': ' if title else ''}digits transformed by the learned distribution "
+                 f"({_eta_text(eta, names)})")
     return finish(fig, path)
 
 

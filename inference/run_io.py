@@ -286,18 +286,21 @@ def read_eta_history(run: LoadedRun) -> tuple[list[int], torch.Tensor]:
     else:
         rows = list(run.checkpoint.state.get("eta_history", []))
     steps = [int(float(r["step"])) for r in rows]
-    eta = torch.tensor([[float(r[name]) for name in GENERATOR_NAMES] for r in rows]).reshape(len(rows), -1)
+    names = run.model_config.generator_names
+    eta = torch.tensor([[float(r[name]) for name in names] for r in rows]).reshape(len(rows), -1)
     return steps, eta
 
 
-def true_extent(data_cfg: DataConfig, image_size: int = 28) -> dict[str, float]:
-    """The extent of the transformation applied to the data, per generator, in the units of T.
+def true_extent(data_cfg: DataConfig, image_size: int = 28,
+                names: tuple[str, ...] = GENERATOR_NAMES) -> dict[str, float]:
+    """The extent of the transformation applied to the data, per generator of the basis ``names``, in the units of T.
 
     rotated: pi (180 deg); partially rotated: pi / 2; translated: 8 px = 8 / 13.5 normalised units on
-    ``translate_x`` and ``translate_y``; scaled: log 2 on ``scale_x`` and ``scale_y``; plain MNIST: 0.
-    Generators the data does not use get 0.
+    ``translate_x`` and ``translate_y``; scaled: log 2 on ``scale_x`` and ``scale_y`` (the paper's basis)
+    or on ``scale`` (the isotropic basis; ``stretch`` 0); plain MNIST: 0. Generators the data does not
+    use get 0.
     """
-    extent = dict.fromkeys(GENERATOR_NAMES, 0.0)
+    extent = dict.fromkeys(names, 0.0)
     if data_cfg.dataset in (DatasetName.ROTATED, DatasetName.PARTIALLY_ROTATED):
         default = 180.0 if data_cfg.dataset is DatasetName.ROTATED else 90.0
         extent["rotate"] = math.radians(data_cfg.rotation_deg if data_cfg.rotation_deg is not None else default)
@@ -305,5 +308,6 @@ def true_extent(data_cfg: DataConfig, image_size: int = 28) -> dict[str, float]:
         shift = data_cfg.translation_px / pixels_per_unit(image_size)
         extent["translate_x"] = extent["translate_y"] = shift
     elif data_cfg.dataset is DatasetName.SCALED:
-        extent["scale_x"] = extent["scale_y"] = float(data_cfg.log_scale)
+        for name in {"scale_x", "scale_y", "scale"} & set(names):
+            extent[name] = float(data_cfg.log_scale)
     return extent

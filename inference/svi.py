@@ -36,6 +36,7 @@ from pyro import poutine
 from pyro.infer import SVI, Trace_ELBO
 from tqdm.auto import tqdm
 
+from guides.meanfield import EVIDENCE_GUIDE_NAME
 from inference.checkpoint import (
     Checkpoint,
     IncompatibleCheckpointError,
@@ -48,7 +49,6 @@ from inference.eta_objectives import EtaObjective, EvidenceEtaLoss, HeldOutEtaLo
 from models.config import ModelConfig, check_positive_float, check_positive_int
 from models.network import InvariantNet
 from models.priors import EtaPrior
-from models.transforms import GENERATOR_NAMES
 
 
 @dataclass(frozen=True)
@@ -67,12 +67,15 @@ class TrainConfig:
     seed: int = 0
     eta_objective: EtaObjective = EtaObjective.ELBO  # what sets eta (inference/eta_objectives.py)
     eta_holdout: float = 0.25  # the "heldout" objective only: fraction of the training set held out for eta
+    evidence_lr: float | None = None  # the "evidence" objective only: Adam on its mean-field guide (None: lr)
 
     def __post_init__(self) -> None:
         for name in ("num_steps", "batch_size", "num_particles", "log_every"):
             check_positive_int(name, getattr(self, name))
         for name in ("lr", "eta_lr"):
             check_positive_float(name, getattr(self, name))
+        if self.evidence_lr is not None:
+            object.__setattr__(self, "evidence_lr", check_positive_float("evidence_lr", self.evidence_lr))
         betas = tuple(self.betas)
         if len(betas) != 2 or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in betas):
             raise ValueError(f"betas must be two numbers in [0, 1), got {self.betas!r}")
@@ -171,11 +174,20 @@ class FitResult:
 
 
 def make_optimizer(cfg: TrainConfig) -> pyro.optim.PyroOptim:
-    """Adam with per-parameter learning rates (``eta_lr`` for ``eta``), optionally cosine-annealed."""
+    """Adam with per-parameter learning rates, optionally cosine-annealed.
+
+    ``eta_lr`` for ``eta``, ``evidence_lr`` for the ``evidence`` objective's mean-field guide (its
+    parameters are named ``EvidenceGuide.*``), ``lr`` for everything else.
+    """
 
     def optim_args(param_name: str) -> dict:
-        is_eta = param_name == "eta" or param_name.endswith(".eta")  # the param, or q(eta) under full Bayes
-        return {"lr": cfg.eta_lr if is_eta else cfg.lr, "betas": cfg.betas}
+        if param_name == "eta" or param_name.endswith(".eta"):  # the param, or q(eta) under full Bayes
+            lr = cfg.eta_lr
+        elif param_name.startswith(EVIDENCE_GUIDE_NAME + ".") and cfg.evidence_lr is not None:
+            lr = cfg.evidence_lr
+        else:
+            lr = cfg.lr
+        return {"lr": lr, "betas": cfg.betas}
 
     if not cfg.cosine:
         return pyro.optim.Adam(optim_args)
@@ -216,7 +228,7 @@ def eta_dict(model: InvariantNet, guide: Callable | None = None, num_samples: in
     ``num_samples`` draws from q(eta), taken without disturbing the global random stream.
     """
     if model.config.eta_prior is EtaPrior.NONE:
-        return dict(zip(GENERATOR_NAMES, model.eta_effective.detach().cpu().tolist(), strict=True))
+        return dict(zip(model.generator_names, model.eta_effective.detach().cpu().tolist(), strict=True))
     if guide is None:
         raise ValueError("under full Bayes eta is latent: pass the guide to read q(eta)")
     x = torch.zeros(1, *model.config.image_shape, device=model.prior_loc.device, dtype=model.prior_loc.dtype)
@@ -224,7 +236,7 @@ def eta_dict(model: InvariantNet, guide: Callable | None = None, num_samples: in
         draws = torch.stack([poutine.trace(guide).get_trace(x, None, 1).nodes["eta"]["value"].reshape(-1)
                              for _ in range(num_samples)])
     eta = draws.median(0).values * model.generator_mask
-    return dict(zip(GENERATOR_NAMES, eta.cpu().tolist(), strict=True))
+    return dict(zip(model.generator_names, eta.cpu().tolist(), strict=True))
 
 
 def minibatches(n: int, batch_size: int, generator: torch.Generator, skip: int = 0) -> Iterator[torch.Tensor]:

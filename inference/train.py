@@ -56,20 +56,18 @@ from inference.svi import CheckpointPolicy, TrainConfig, TrainingInterrupted, et
 from models.config import GENERATOR_PRESETS, Averaging, FirstLayer, ModelConfig, TransformMode
 from models.network import InvariantNet
 from models.priors import EtaPrior, PriorKind
-from models.transforms import GENERATOR_NAMES
+from models.transforms import ALL_GENERATOR_NAMES, GENERATOR_NAMES, generator_basis
 
 
 def parse_generators(text: str) -> tuple[str, ...]:
-    """A preset name (``none``, ``rotation``, ``translation``, ``scale``, ``affine``) or a comma list."""
+    """A preset name (``none``, ``rotation``, ..., ``affine``, ``affine-iso``) or a comma list of one basis."""
     if text in GENERATOR_PRESETS:
         return GENERATOR_PRESETS[text]
     names = tuple(t.strip() for t in text.split(",") if t.strip())
-    unknown = [n for n in names if n not in GENERATOR_NAMES]
-    if unknown:
-        raise argparse.ArgumentTypeError(
-            f"unknown generator(s) {unknown}: use a preset {sorted(GENERATOR_PRESETS)} "
-            f"or names from {list(GENERATOR_NAMES)}"
-        )
+    try:
+        generator_basis(names)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"{err} (or a preset from {sorted(GENERATOR_PRESETS)})") from None
     return names
 
 
@@ -107,7 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="passes over the training set for the reported ELBO / N (mean and standard error; "
                    "32 for comparisons to 0.01 / example)")
     g.add_argument("--generators", type=parse_generators, default="affine",
-                   help=f"preset {sorted(GENERATOR_PRESETS)} or comma list of {list(GENERATOR_NAMES)}")
+                   help=f"preset {sorted(GENERATOR_PRESETS)} or comma list of {list(ALL_GENERATOR_NAMES)} "
+                        "from one basis (scale_x, scale_y: the paper's; scale, stretch: isotropic)")
     g.add_argument("--eta-init-deg", type=float, default=math.degrees(m.eta_init),
                    help="initial eta in degrees (radians for rotate; the same number in T's units for the others)")
     g.add_argument("--fixed-eta", action="store_true", help="keep eta at its initial value (fixed-eta baselines)")
@@ -136,6 +135,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "partial invariance; 'heldout' a held-out part's log-likelihood (inference/eta_objectives.py)")
     g.add_argument("--eta-holdout", type=float, default=t.eta_holdout, metavar="F",
                    help="'heldout' objective only: fraction of the training set held out for eta")
+    g.add_argument("--evidence-lr", type=float, default=t.evidence_lr,
+                   help="'evidence' objective only: Adam's learning rate for the mean-field guide over every weight "
+                        "(default: --lr)")
     g = p.add_argument_group("run")
     g.add_argument("--out", default=None, help="output directory (required unless --resume is given)")
     g.add_argument("--resume", default=None, metavar="DIR",
@@ -170,7 +172,7 @@ def configs_from_args(args: argparse.Namespace) -> tuple[DataConfig, ModelConfig
     train = TrainConfig(num_steps=args.num_steps, batch_size=args.batch_size, lr=args.lr, eta_lr=args.eta_lr,
                         num_particles=args.num_particles, vectorize_particles=not args.no_vectorize,
                         cosine=not args.no_cosine, seed=args.seed, eta_objective=objective,
-                        eta_holdout=args.eta_holdout)
+                        eta_holdout=args.eta_holdout, evidence_lr=args.evidence_lr)
     if args.eval_transforms < 1 or args.eval_samples < 1 or args.elbo_passes < 1:
         raise ValueError("--eval-transforms, --eval-samples and --elbo-passes must be positive integers")
     if not (math.isfinite(args.init_scale) and args.init_scale > 0):
@@ -228,10 +230,13 @@ def resolve_device(name: str) -> torch.device:
 class EtaHistoryWriter:
     """Streams the eta rows that :func:`fit` records to a CSV while training, so a run can be watched."""
 
-    def __init__(self, path: Path, rows: Iterable[Mapping] = ()) -> None:
-        """Start ``path`` afresh with ``rows`` already recorded (a resumed run's history up to its checkpoint)."""
+    def __init__(self, path: Path, rows: Iterable[Mapping] = (), names: Iterable[str] = GENERATOR_NAMES) -> None:
+        """Start ``path`` afresh with ``rows`` already recorded (a resumed run's history up to its checkpoint).
+
+        ``names`` are eta's generators (the model's basis), one column each.
+        """
         self.file = open(path, "w", newline="")
-        self.writer = csv.DictWriter(self.file, fieldnames=["step", *GENERATOR_NAMES])
+        self.writer = csv.DictWriter(self.file, fieldnames=["step", *names])
         self.writer.writeheader()
         self.writer.writerows(rows)
         self.file.flush()
@@ -276,7 +281,7 @@ def main(args: argparse.Namespace) -> dict:
     policy = CheckpointPolicy(out / CHECKPOINT_DIRNAME, every=args.checkpoint_every, keep=args.keep_checkpoints,
                               run_config=settings)
     rows = resume_from.state["eta_history"] if resume_from is not None else ()
-    history = EtaHistoryWriter(out / "eta_history.csv", rows)
+    history = EtaHistoryWriter(out / "eta_history.csv", rows, model_cfg.generator_names)
     try:
         result = fit(model, guide, train, train_cfg, on_record=history, progress=not args.no_progress,
                      checkpoints=policy, start=resume_from, heldout=heldout, evidence_guide=evidence_guide)

@@ -3,12 +3,15 @@
 from models.config import GENERATOR_PRESETS, Averaging, FirstLayer, ModelConfig, TransformMode, WarpImpl
 from models.network import InvariantNet
 from models.transforms import (
+    ALL_GENERATOR_NAMES,
     GENERATOR_NAMES,
+    ISOTROPIC_NAMES,
     NUM_GENERATORS,
     affine_generators,
     affine_matrices,
     batched_linear,
     bilinear_taps,
+    generator_basis,
     warp_filters,
     warp_filters_gather,
     warp_images,
@@ -16,7 +19,9 @@ from models.transforms import (
 )
 
 __all__ = [
+    "ALL_GENERATOR_NAMES",
     "GENERATOR_NAMES",
+    "ISOTROPIC_NAMES",
     "GENERATOR_PRESETS",
     "NUM_GENERATORS",
     "Averaging",
@@ -27,6 +32,7 @@ __all__ = [
     "WarpImpl",
     "affine_generators",
     "affine_matrices",
+    "generator_basis",
     "batched_linear",
     "bilinear_taps",
     "warp_filters",

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 
 from models.priors import EtaPrior, PriorKind
-from models.transforms import GENERATOR_NAMES
+from models.transforms import GENERATOR_NAMES, ISOTROPIC_NAMES, generator_basis
 
 
 class FirstLayer(StrEnum):
@@ -68,8 +68,11 @@ GENERATOR_PRESETS: dict[str, tuple[str, ...]] = {
     "translation": ("translate_x", "translate_y"),
     "scale": ("scale_x", "scale_y"),
     "affine": GENERATOR_NAMES,
+    "scale-iso": ("scale",),
+    "affine-iso": ISOTROPIC_NAMES,
 }
-"""Named sets of active generators ("+ rotation", "+ affine", ... of Table 2)."""
+"""Named sets of active generators ("+ rotation", "+ affine", ... of Table 2, in the paper's basis; the
+``-iso`` sets use the isotropic basis, :data:`models.transforms.ISOTROPIC_NAMES`)."""
 
 
 @dataclass(frozen=True)
@@ -87,7 +90,7 @@ class ModelConfig:
     warp_impl: WarpImpl = WarpImpl.GATHER  # weights mode only: the fast gather warp or the grid_sample reference
     averaging: Averaging = Averaging.PROBS
     num_transforms: int = 32  # S, transformation samples per forward pass
-    generators: tuple[str, ...] = GENERATOR_NAMES  # active generators; the others have eta = 0
+    generators: tuple[str, ...] = GENERATOR_NAMES  # active generators (one basis); the others have eta = 0
     eta_init: float = math.radians(5.0)  # initial eta of every active generator (5 degrees)
     learn_eta: bool = True  # False: eta stays at eta_init (the fixed-eta baselines)
     prior_scale: float = 1.0  # alpha: weights ~ N(0, alpha^2) a priori
@@ -115,9 +118,7 @@ class ModelConfig:
             raise ValueError("the hierarchical prior needs the weight priors switched on")
         object.__setattr__(self, "image_shape", tuple(int(s) for s in self.image_shape))
         object.__setattr__(self, "generators", tuple(self.generators))
-        unknown = sorted(set(self.generators) - set(GENERATOR_NAMES))
-        if unknown:
-            raise ValueError(f"unknown generator(s) {unknown}; choose from {list(GENERATOR_NAMES)}")
+        generator_basis(self.generators)  # unknown names or two bases: ValueError
         for name in ("num_classes", "hidden", "num_transforms"):
             check_positive_int(name, getattr(self, name))
         if len(self.image_shape) != 3 or min(self.image_shape) < 1:
@@ -126,6 +127,11 @@ class ModelConfig:
             raise ValueError(f"rff_blur must be >= 0 and finite, got {self.rff_blur}")
         for name in ("eta_init", "prior_scale", "rff_scale", "noise_scale"):  # eta is a positive parameter
             check_positive_float(name, getattr(self, name))
+
+    @property
+    def generator_names(self) -> tuple[str, ...]:
+        """The six generators of the basis that ``generators`` belong to, in the order of eta and eps."""
+        return generator_basis(self.generators)
 
     @property
     def num_pixels(self) -> int:

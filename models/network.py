@@ -111,8 +111,9 @@ class InvariantNet(PyroModule):
         self.num_data = int(num_data)
         self._eta_frozen = False
         D, P = config.hidden, config.num_pixels
-        self.register_buffer("generators", affine_generators())  # (K, 3, 3)
-        mask = torch.tensor([name in config.generators for name in GENERATOR_NAMES], dtype=torch.float)
+        self.generator_names = config.generator_names  # the basis, K = 6 names in the order of eta and eps
+        self.register_buffer("generators", affine_generators(self.generator_names))  # (K, 3, 3)
+        mask = torch.tensor([name in config.generators for name in self.generator_names], dtype=torch.float)
         self.register_buffer("generator_mask", mask)  # (K,)
         self.register_buffer("prior_loc", torch.tensor(0.0))
         self.register_buffer("prior_scale", torch.tensor(float(config.prior_scale)))

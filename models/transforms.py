@@ -1,6 +1,6 @@
 """Affine generators, the exponential map and image warps (pure torch, no Pyro).
 
-Shape vocabulary (also in the README): S transform samples, K = 6 generators,
+Shape vocabulary (also in the README): S transform samples, K = 6 generators (two bases),
 D hidden units, C/H/W image channels/height/width, B batch.
 
 Coordinates are ``torch.nn.functional.affine_grid``'s normalised [-1, 1] coordinates with
@@ -29,22 +29,73 @@ GENERATOR_NAMES: tuple[str, ...] = (
     "scale_y",
     "shear",
 )
-"""Names of the K = 6 generators, in the order of :func:`affine_generators`."""
+"""The paper's K = 6 generators (the ``axes`` basis), in the order of :func:`affine_generators`."""
+
+ISOTROPIC_NAMES: tuple[str, ...] = (
+    "translate_x",
+    "translate_y",
+    "rotate",
+    "scale",
+    "stretch",
+    "shear",
+)
+"""The ``isotropic`` basis of the same affine algebra: one isotropic scale (both axes by e^t) and one
+aspect-ratio change (x by e^t, y by e^-t) in place of the paper's independent scale_x, scale_y. Data
+scaled by one factor for both axes need only ``scale``; under the paper's basis, covering its range with
+scale_x and scale_y also averages over aspect changes the data never show (README, "How much invariance")."""
 
 NUM_GENERATORS = len(GENERATOR_NAMES)
+"""K: every basis has six generators (six slots of eta and eps)."""
+
+ALL_GENERATOR_NAMES: tuple[str, ...] = (*GENERATOR_NAMES, "scale", "stretch")
+"""Every generator name of either basis."""
+
+_ENTRIES: dict[str, tuple[tuple[int, int, float], ...]] = {  # (row, col, value) of each 3 x 3 generator
+    "translate_x": ((0, 2, 1.0),),
+    "translate_y": ((1, 2, 1.0),),
+    "rotate": ((0, 1, -1.0), (1, 0, 1.0)),  # counter-clockwise in (x, y)
+    "scale_x": ((0, 0, 1.0),),
+    "scale_y": ((1, 1, 1.0),),
+    "shear": ((0, 1, 1.0), (1, 0, 1.0)),  # symmetric shear
+    "scale": ((0, 0, 1.0), (1, 1, 1.0)),
+    "stretch": ((0, 0, 1.0), (1, 1, -1.0)),
+}
+
+
+def generator_basis(active: tuple[str, ...] | list[str]) -> tuple[str, ...]:
+    """The six generator names (:data:`GENERATOR_NAMES` or :data:`ISOTROPIC_NAMES`) that ``active`` belongs to.
+
+    ``active`` names the learnable generators; ``scale``/``stretch`` select the isotropic basis,
+    anything else the paper's. Mixing ``scale_x``/``scale_y`` with ``scale``/``stretch`` is an error
+    (the eight would not be independent).
+    """
+    unknown = sorted(set(active) - set(ALL_GENERATOR_NAMES))
+    if unknown:
+        raise ValueError(f"unknown generator(s) {unknown}; choose from {list(ALL_GENERATOR_NAMES)}")
+    iso, axes = set(active) & {"scale", "stretch"}, set(active) & {"scale_x", "scale_y"}
+    if iso and axes:
+        raise ValueError(f"generators {sorted(axes)} (the paper's axes basis) and {sorted(iso)} (the isotropic "
+                         "basis) exclude each other: choose one basis")
+    return ISOTROPIC_NAMES if iso else GENERATOR_NAMES
 
 
 def affine_generators(
-    dtype: torch.dtype | None = None, device: torch.device | str | None = None
+    names: tuple[str, ...] = GENERATOR_NAMES,
+    dtype: torch.dtype | None = None, device: torch.device | str | None = None,
 ) -> torch.Tensor:
-    """The six generators of the 2-D affine group in homogeneous coordinates.
+    """Generators of the 2-D affine group in homogeneous coordinates.
+
+    Parameters
+    ----------
+    names : tuple of str
+        The basis, :data:`GENERATOR_NAMES` (the paper's) or :data:`ISOTROPIC_NAMES`; any names from
+        :data:`ALL_GENERATOR_NAMES` are accepted.
 
     Returns
     -------
     torch.Tensor
-        Shape ``(K, 3, 3)`` with K = 6, ordered as :data:`GENERATOR_NAMES`. The last row of
-        every generator is zero, so ``expm`` of any combination is an affine matrix whose last
-        row is ``(0, 0, 1)``.
+        Shape ``(K, 3, 3)``, ordered as ``names``. The last row of every generator is zero, so
+        ``expm`` of any combination is an affine matrix whose last row is ``(0, 0, 1)``.
 
     Examples
     --------
@@ -53,13 +104,10 @@ def affine_generators(
     tensor([[0., -1.],
             [1., 0.]])
     """
-    G = torch.zeros(NUM_GENERATORS, 3, 3, dtype=dtype, device=device)
-    G[0, 0, 2] = 1.0  # translate_x
-    G[1, 1, 2] = 1.0  # translate_y
-    G[2, 0, 1], G[2, 1, 0] = -1.0, 1.0  # rotate (counter-clockwise in (x, y))
-    G[3, 0, 0] = 1.0  # scale_x
-    G[4, 1, 1] = 1.0  # scale_y
-    G[5, 0, 1], G[5, 1, 0] = 1.0, 1.0  # symmetric shear
+    G = torch.zeros(len(names), 3, 3, dtype=dtype, device=device)
+    for k, name in enumerate(names):
+        for row, col, value in _ENTRIES[name]:
+            G[k, row, col] = value
     return G
 
 

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from guides.factory import make_evidence_guide, make_guide
+from guides.meanfield import EVIDENCE_GUIDE_NAME
 from inference.data import Split
 from inference.eta_objectives import EvidenceEtaLoss, HeldOutEtaLoss, heldout_loglik, split_holdout
 from inference.svi import TrainConfig, fit, make_elbo
@@ -96,7 +97,7 @@ def test_evidence_loss_moves_eta_and_the_evidence_guide_by_the_evidence_elbo_onl
     elbo.differentiable_loss(model, evidence, x, y).backward()
     ev = grads()
     for name, g in ev.items():  # the evidence ELBO reaches eta and the evidence guide, nothing of the other guide
-        if name == "eta" or name.startswith("MeanFieldGuide"):
+        if name == "eta" or name.startswith(EVIDENCE_GUIDE_NAME):
             want[name] = want[name] + g
         else:
             assert g.abs().sum() == 0, name
@@ -179,9 +180,26 @@ def test_evidence_fit_trains_both_guides_and_resumes_exactly(tmp_path):
         return result, {k: v.detach().clone() for k, v in pyro.get_param_store().named_parameters()}
 
     full, params = run(tmp_path / "a")
-    assert any(k.startswith("MeanFieldGuide") for k in params) and any(k.startswith("AutoGuideList") for k in params)
+    assert any(k.startswith(EVIDENCE_GUIDE_NAME) for k in params) and any(k.startswith("AutoGuideList") for k in params)
     assert run(tmp_path / "b", stop_at=3) is None
     resumed, params_b = run(tmp_path / "b")
     assert resumed.eta_history == full.eta_history
     for name, value in params.items():
         torch.testing.assert_close(params_b[name], value, rtol=0, atol=0, msg=name)
+
+
+def test_evidence_guide_has_its_own_learning_rate_and_follows_lr_by_default():
+    from inference.svi import make_optimizer
+
+    model = tiny_model(first_layer_prior=True)
+    guide, evidence = make_guide(model, "hybrid"), make_evidence_guide(model, "hybrid")
+    x, y = batch(8, 1)
+    guide(x, y)
+    evidence(x, y)
+    for evidence_lr, want in ((None, 5e-3), (5e-2, 5e-2)):
+        optim = make_optimizer(TrainConfig(lr=5e-3, eta_lr=3e-2, evidence_lr=evidence_lr, cosine=False))
+        store = pyro.get_param_store()
+        lrs = {name: optim.pt_optim_args(name)["lr"] for name in store.keys()}  # Adam's arguments per parameter
+        assert lrs["eta"] == 3e-2
+        assert {v for k, v in lrs.items() if k.startswith(EVIDENCE_GUIDE_NAME + ".")} == {want}
+        assert {v for k, v in lrs.items() if k != "eta" and not k.startswith(EVIDENCE_GUIDE_NAME)} == {5e-3}

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from inference import extents
+from models.transforms import ISOTROPIC_NAMES
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--train-size", "100", "--test-size", "50", "--hidden", "8", "--num-steps", "3", "--num-transforms", "2",
@@ -34,6 +35,8 @@ def test_each_family_reads_its_extent_in_its_own_unit():
     assert trans.learned(eta(translate_x=1.0, translate_y=1.0), image_size=32) == pytest.approx(15.5)  # CIFAR sides
     assert scale.learned(eta(scale_x=0.6, scale_y=0.8, rotate=0.5)) == pytest.approx(0.7)
     assert scale.others(eta(scale_x=0.6, scale_y=0.8, rotate=0.5)) == pytest.approx(0.5)
+    iso = dict(zip(ISOTROPIC_NAMES, (0.1, 0.1, 0.2, 0.7, 0.3, 0.0), strict=True))  # the isotropic basis
+    assert scale.learned(iso) == pytest.approx(0.7) and scale.others(iso) == pytest.approx(0.3)  # stretch is other
 
 
 def test_summary_gives_mean_and_std_over_seeds_and_no_ratio_at_zero():
@@ -63,32 +66,39 @@ def test_bad_arguments_are_one_line_errors(tmp_path):
 def test_cli_runs_every_cell_writes_table_and_figure_and_reuses_finished_cells(tmp_path, data_dir):
     out = tmp_path / "ext"
     cmd = [sys.executable, "-m", "inference.extents", "--data-dir", str(data_dir), "--out", str(out), "--seeds", "0,1",
-           "--rotation-grid", "0,90", "--translation-grid", "4", "--scale-grid", "0.4", *TINY]
+           "--rotation-grid", "0,90", "--translation-grid", "0,4", "--scale-grid", "0.4", *TINY]
     env = {**os.environ, "PYTHONWARNINGS": "error"}
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    # a = 0 is untransformed MNIST: trained once per seed (by rotation), reused by translation
+    assert proc.stderr.count("(done, reused)") == 2 and "translation a=0 px seed=1 (done, reused)" in proc.stderr
+    zero = json.loads((out / "untransformed" / "seed-1" / "metrics.json").read_text())
+    assert zero["config"]["data"]["dataset"] == "mnist"
     with open(out / "extents.csv") as f:
         rows = list(csv.DictReader(f))
     assert [(r["family"], float(r["true_extent"]), int(r["seed"])) for r in rows] == [
-        ("rotation", 0, 0), ("rotation", 0, 1), ("rotation", 90, 0), ("rotation", 90, 1),
-        ("translation", 4, 0), ("translation", 4, 1), ("scale", 0.4, 0), ("scale", 0.4, 1)]
+        ("rotation", 0, 0), ("rotation", 0, 1), ("rotation", 90, 0), ("rotation", 90, 1), ("translation", 0, 0),
+        ("translation", 0, 1), ("translation", 4, 0), ("translation", 4, 1), ("scale", 0.4, 0), ("scale", 0.4, 1)]
     cell = json.loads((out / "translation-4" / "seed-1" / "metrics.json").read_text())
     assert cell["config"]["data"]["dataset"] == "translated-mnist" and cell["config"]["data"]["translation_px"] == 4
     assert cell["config"]["seed"] == 1 and cell["config"]["train"]["eta_objective"] == "evidence"
-    assert set(cell["config"]["model"]["generators"]) == {"translate_x", "translate_y", "rotate", "scale_x",
-                                                          "scale_y", "shear"}
+    # the recommended basis: isotropic scale and aspect change in place of scale_x, scale_y
+    assert tuple(cell["config"]["model"]["generators"]) == ISOTROPIC_NAMES
+    scale_row = next(r for r in rows if r["family"] == "scale")
+    assert float(scale_row["learned_extent"]) == pytest.approx(float(scale_row["eta_scale"]))
+    assert scale_row["eta_scale_x"] == ""  # not in the run's basis
     assert (out / "extents.png").stat().st_size > 10_000
     md = (out / "extents.md").read_text().splitlines()
-    assert len(md) == 2 + 4 and md[2].startswith("| rotation | 0 deg |")  # header, separator, one line per cell
+    assert len(md) == 2 + 5 and md[2].startswith("| rotation | 0 deg |")  # header, separator, one line per cell
     # a second run trains nothing: every cell is reused (the files keep their times)
     before = {p: p.stat().st_mtime_ns for p in out.glob("*/seed-*/metrics.json")}
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
-    assert proc.returncode == 0 and proc.stderr.count("(done, reused)") == 8
+    assert proc.returncode == 0 and proc.stderr.count("(done, reused)") == 10
     assert {p: p.stat().st_mtime_ns for p in out.glob("*/seed-*/metrics.json")} == before
     # --collect trains nothing: the cells of a seed never run are skipped, the table holds the finished ones
     proc = subprocess.run([*cmd, "--collect", "--seeds", "1,2"], cwd=ROOT, capture_output=True, text=True,
                           timeout=600, env=env)
-    assert proc.returncode == 0 and proc.stderr.count("(not run, skipped)") == 4
-    assert not (out / "rotation-0" / "seed-2").exists()
+    assert proc.returncode == 0 and proc.stderr.count("(not run, skipped)") == 5
+    assert not (out / "untransformed" / "seed-2").exists()
     with open(out / "extents.csv") as f:
-        assert [int(r["seed"]) for r in csv.DictReader(f)] == [1, 1, 1, 1]
+        assert [int(r["seed"]) for r in csv.DictReader(f)] == [1, 1, 1, 1, 1]

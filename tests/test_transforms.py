@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
@@ -16,9 +17,11 @@ from hypothesis import strategies as st
 
 from models.transforms import (
     GENERATOR_NAMES,
+    ISOTROPIC_NAMES,
     NUM_GENERATORS,
     affine_generators,
     affine_matrices,
+    generator_basis,
     warp_filters,
     warp_images,
 )
@@ -263,3 +266,28 @@ def test_gradcheck_eta_through_affine_matrices_and_warp_filters():
     (grad,) = torch.autograd.grad(fn(eta), eta)
     assert torch.all(torch.isfinite(grad))
     assert torch.all(grad.abs() > 1e-8), f"every generator should receive gradient, got {grad}"
+
+
+def test_isotropic_basis_scales_both_axes_and_stretch_changes_the_aspect_exactly():
+    G = dict(zip(ISOTROPIC_NAMES, affine_generators(ISOTROPIC_NAMES, dtype=torch.float64), strict=True))
+    t = 0.3
+    np.testing.assert_allclose(torch.linalg.matrix_exp(t * G["scale"]), torch.diag(torch.tensor(
+        [math.exp(t), math.exp(t), 1.0], dtype=torch.float64)), atol=1e-12)
+    np.testing.assert_allclose(torch.linalg.matrix_exp(t * G["stretch"]), torch.diag(torch.tensor(
+        [math.exp(t), math.exp(-t), 1.0], dtype=torch.float64)), atol=1e-12)
+    # the two bases span the same algebra: scale = scale_x + scale_y, stretch = scale_x - scale_y
+    A = dict(zip(GENERATOR_NAMES, affine_generators(dtype=torch.float64), strict=True))
+    assert torch.equal(G["scale"], A["scale_x"] + A["scale_y"])
+    assert torch.equal(G["stretch"], A["scale_x"] - A["scale_y"])
+    for name in ("translate_x", "translate_y", "rotate", "shear"):
+        assert torch.equal(G[name], A[name])
+
+
+def test_generator_basis_picks_one_basis_and_refuses_a_mix():
+    assert generator_basis(("rotate",)) == GENERATOR_NAMES
+    assert generator_basis(("scale_x",)) == GENERATOR_NAMES
+    assert generator_basis(("scale", "rotate")) == ISOTROPIC_NAMES
+    with pytest.raises(ValueError, match="exclude each other"):
+        generator_basis(("scale", "scale_x"))
+    with pytest.raises(ValueError, match="unknown generator"):
+        generator_basis(("zoom",))
