@@ -17,6 +17,7 @@ checkpoint.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import re
 import signal
@@ -68,12 +69,15 @@ class TrainConfig:
     eta_objective: EtaObjective = EtaObjective.ELBO  # what sets eta (inference/eta_objectives.py)
     eta_holdout: float = 0.25  # the "heldout" objective only: fraction of the training set held out for eta
     evidence_lr: float | None = None  # the "evidence" objective only: Adam on its mean-field guide (None: lr)
+    eta_burnin: int = 0  # eta stays at its initial value for this many first steps while the guide(s) settle
 
     def __post_init__(self) -> None:
         for name in ("num_steps", "batch_size", "num_particles", "log_every"):
             check_positive_int(name, getattr(self, name))
         for name in ("lr", "eta_lr"):
             check_positive_float(name, getattr(self, name))
+        if isinstance(self.eta_burnin, bool) or not isinstance(self.eta_burnin, int) or self.eta_burnin < 0:
+            raise ValueError(f"eta_burnin must be an integer >= 0, got {self.eta_burnin!r}")
         if self.evidence_lr is not None:
             object.__setattr__(self, "evidence_lr", check_positive_float("evidence_lr", self.evidence_lr))
         betas = tuple(self.betas)
@@ -214,6 +218,9 @@ def eta_loss(
                                                or not model.config.learn_eta):
         raise ValueError(f"the {objective.value!r} eta objective learns eta as a parameter: it needs eta prior "
                          "'none' and a learned eta")
+    if cfg.eta_burnin and (model.config.eta_prior is not EtaPrior.NONE or not model.config.learn_eta):
+        raise ValueError("an eta burn-in holds a learned eta parameter fixed: it needs eta prior 'none' and a "
+                         "learned eta")
     if objective is EtaObjective.HELDOUT:
         return HeldOutEtaLoss(make_elbo(cfg), len(heldout))
     if objective is EtaObjective.EVIDENCE:
@@ -573,7 +580,8 @@ def fit(
                 if held_batches is not None:
                     idx = next(held_batches).to(heldout.x.device)
                     batch += (heldout.x[idx], heldout.y[idx])
-                loss = _svi_step(svi, optim, batch, len(data), step, saver.last_path)
+                with model.eta_frozen() if step <= cfg.eta_burnin else contextlib.nullcontext():
+                    loss = _svi_step(svi, optim, batch, len(data), step, saver.last_path)
                 eta = _record(result, model, guide, step, loss, cfg)
                 done, in_step = step, False
                 if eta is not None:

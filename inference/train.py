@@ -135,6 +135,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "partial invariance; 'heldout' a held-out part's log-likelihood (inference/eta_objectives.py)")
     g.add_argument("--eta-holdout", type=float, default=t.eta_holdout, metavar="F",
                    help="'heldout' objective only: fraction of the training set held out for eta")
+    g.add_argument("--eta-burnin", type=int, default=t.eta_burnin, metavar="STEPS",
+                   help="eta stays at its initial value for the first STEPS steps while the guide(s) settle "
+                        "(the burn-in of marginal-likelihood hyperparameter learning, Immer et al. 2021, 2022)")
     g.add_argument("--evidence-lr", type=float, default=t.evidence_lr,
                    help="'evidence' objective only: Adam's learning rate for the mean-field guide over every weight "
                         "(default: --lr)")
@@ -172,7 +175,7 @@ def configs_from_args(args: argparse.Namespace) -> tuple[DataConfig, ModelConfig
     train = TrainConfig(num_steps=args.num_steps, batch_size=args.batch_size, lr=args.lr, eta_lr=args.eta_lr,
                         num_particles=args.num_particles, vectorize_particles=not args.no_vectorize,
                         cosine=not args.no_cosine, seed=args.seed, eta_objective=objective,
-                        eta_holdout=args.eta_holdout, evidence_lr=args.evidence_lr)
+                        eta_holdout=args.eta_holdout, evidence_lr=args.evidence_lr, eta_burnin=args.eta_burnin)
     if args.eval_transforms < 1 or args.eval_samples < 1 or args.elbo_passes < 1:
         raise ValueError("--eval-transforms, --eval-samples and --elbo-passes must be positive integers")
     if not (math.isfinite(args.init_scale) and args.init_scale > 0):

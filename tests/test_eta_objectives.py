@@ -203,3 +203,33 @@ def test_evidence_guide_has_its_own_learning_rate_and_follows_lr_by_default():
         assert lrs["eta"] == 3e-2
         assert {v for k, v in lrs.items() if k.startswith(EVIDENCE_GUIDE_NAME + ".")} == {want}
         assert {v for k, v in lrs.items() if k != "eta" and not k.startswith(EVIDENCE_GUIDE_NAME)} == {5e-3}
+
+
+@pytest.mark.parametrize("objective", ["elbo", "evidence"])
+def test_eta_burnin_holds_eta_at_its_start_then_lets_it_move(objective):
+    x, y = batch(40, 0)
+    model = tiny_model(first_layer_prior=True)
+    guide = make_guide(model, "hybrid")
+    evidence = make_evidence_guide(model, "hybrid") if objective == "evidence" else None
+    start = model.eta_effective.detach().clone()
+    cfg = TrainConfig(num_steps=8, batch_size=8, eta_objective=objective, log_every=1, eta_burnin=4, eta_lr=0.1)
+    weights_before = {k: v.detach().clone() for k, v in pyro.get_param_store().named_parameters()}
+    result = fit(model, guide, Split(x, y), cfg, progress=False, evidence_guide=evidence)
+    rows = [torch.tensor([r[g] for g in model.generator_names]) for r in result.eta_history]
+    for row in rows[:4]:  # steps 1..4: eta untouched (the guides train)
+        torch.testing.assert_close(row, start, rtol=0, atol=0)
+    assert not torch.equal(rows[-1], start)  # after the burn-in eta follows its objective
+    moved = [k for k, v in pyro.get_param_store().named_parameters() if k in weights_before
+             and not torch.equal(v, weights_before[k])]
+    assert moved  # the guide trained during the burn-in
+
+
+def test_eta_burnin_needs_eta_as_a_learned_parameter():
+    model_fixed = InvariantNet(ModelConfig(image_shape=(1, 8, 8), hidden=4, num_transforms=2, learn_eta=False),
+                               num_data=40)
+    x, y = batch(40, 0)
+    with pytest.raises(ValueError, match="burn-in"):
+        fit(model_fixed, make_guide(model_fixed, "normal"), Split(x, y), TrainConfig(num_steps=2, eta_burnin=1),
+            progress=False)
+    with pytest.raises(ValueError, match="eta_burnin"):
+        TrainConfig(eta_burnin=-1)
