@@ -60,6 +60,41 @@ class EtaObjective(StrEnum):
     HELDOUT = "heldout"
 
 
+class EvidenceSchedule(StrEnum):
+    """How the ``evidence`` objective's two guides share the training steps."""
+
+    JOINT = "joint"  # both guides every step, the predicting one at the current eta (MAP in W1)
+    SEQUENTIAL = "sequential"  # first eta and the evidence guide, then the predicting guide at the final eta
+
+
+class SequentialEvidenceLoss:
+    """Loss of one SVI step of the ``evidence`` objective on the ``sequential`` schedule.
+
+    Empirical Bayes in its textbook order, over ``2 * num_steps`` steps of one guide each (the compute of
+    ``num_steps`` joint steps):
+
+    1. while ``predicting`` is False: eta and the evidence guide maximise the evidence ELBO
+       (the predicting guide is not run);
+    2. then (``fit`` sets ``predicting``): the predicting guide maximises its ELBO with eta fixed at
+       the value of step 1 and W1's prior masked (W1 a hyperparameter, the paper's ReLU network), so the
+       network that predicts trains for all of its steps at the learned invariance. eta is hidden from
+       the optimiser in this phase, so its Adam momentum cannot move it.
+
+    Its value is the current phase's negative ELBO. Call it as SVI's loss: ``loss(model, guide, x, y)``.
+    """
+
+    def __init__(self, elbo: Trace_ELBO, evidence_guide: Callable) -> None:
+        self.elbo = elbo
+        self.evidence_guide = evidence_guide
+        self.predicting = False
+
+    def __call__(self, model: InvariantNet, guide: Callable, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        if not self.predicting:
+            return self.elbo.differentiable_loss(model, self.evidence_guide, x, y)
+        with model.eta_frozen(), model.first_layer_prior_masked():
+            return self.elbo.differentiable_loss(poutine.block(model, hide=["eta"]), guide, x, y)
+
+
 def split_holdout(data: Split, fraction: float, seed: int) -> tuple[Split, Split]:
     """Split ``data`` into a fitting part A and a held-out part B of about ``fraction * N`` examples.
 

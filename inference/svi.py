@@ -46,7 +46,13 @@ from inference.checkpoint import (
     to_jsonable,
 )
 from inference.data import Split, check_seed, validate_split
-from inference.eta_objectives import EtaObjective, EvidenceEtaLoss, HeldOutEtaLoss
+from inference.eta_objectives import (
+    EtaObjective,
+    EvidenceEtaLoss,
+    EvidenceSchedule,
+    HeldOutEtaLoss,
+    SequentialEvidenceLoss,
+)
 from models.config import ModelConfig, check_positive_float, check_positive_int
 from models.network import InvariantNet
 from models.priors import EtaPrior
@@ -70,6 +76,7 @@ class TrainConfig:
     eta_holdout: float = 0.25  # the "heldout" objective only: fraction of the training set held out for eta
     evidence_lr: float | None = None  # the "evidence" objective only: Adam on its mean-field guide (None: lr)
     eta_burnin: int = 0  # eta stays at its initial value for this many first steps while the guide(s) settle
+    evidence_schedule: EvidenceSchedule = EvidenceSchedule.JOINT  # "evidence" only: joint or sequential guides
 
     def __post_init__(self) -> None:
         for name in ("num_steps", "batch_size", "num_particles", "log_every"):
@@ -87,9 +94,21 @@ class TrainConfig:
         check_seed("seed", self.seed)
         try:
             object.__setattr__(self, "eta_objective", EtaObjective(self.eta_objective))
+            object.__setattr__(self, "evidence_schedule", EvidenceSchedule(self.evidence_schedule))
         except ValueError:
-            raise ValueError(f"unknown eta objective {self.eta_objective!r}; choose from "
-                             f"{[o.value for o in EtaObjective]}") from None
+            raise ValueError(f"unknown eta objective {self.eta_objective!r} or evidence schedule "
+                             f"{self.evidence_schedule!r}; choose from {[o.value for o in EtaObjective]} and "
+                             f"{[s.value for s in EvidenceSchedule]}") from None
+
+    @property
+    def total_steps(self) -> int:
+        """SVI steps of the run: ``num_steps``, twice that on the sequential evidence schedule (one guide a step)."""
+        return self.num_steps * (2 if self.sequential else 1)
+
+    @property
+    def sequential(self) -> bool:
+        """True on the ``evidence`` objective's sequential schedule."""
+        return self.eta_objective is EtaObjective.EVIDENCE and self.evidence_schedule is EvidenceSchedule.SEQUENTIAL
         if isinstance(self.eta_holdout, bool) or not (0 < float(self.eta_holdout) < 1):
             raise ValueError(f"eta_holdout must lie in (0, 1), got {self.eta_holdout!r}")
 
@@ -223,6 +242,8 @@ def eta_loss(
                          "learned eta")
     if objective is EtaObjective.HELDOUT:
         return HeldOutEtaLoss(make_elbo(cfg), len(heldout))
+    if cfg.sequential:
+        return SequentialEvidenceLoss(make_elbo(cfg), evidence_guide)
     if objective is EtaObjective.EVIDENCE:
         return EvidenceEtaLoss(make_elbo(cfg), evidence_guide)
     return make_elbo(cfg)
@@ -476,7 +497,7 @@ def _record(
     result: FitResult, model: InvariantNet, guide: Callable, step: int, loss: float, cfg: TrainConfig
 ) -> dict | None:
     result.losses.append(loss)
-    if step % cfg.log_every == 0 or step == 1 or step == cfg.num_steps:
+    if step % cfg.log_every == 0 or step == 1 or step == cfg.total_steps:
         eta = eta_dict(model, guide)
         result.eta_history.append({"step": step, **eta})
         return eta
@@ -548,9 +569,9 @@ def fit(
         raise ValueError(f"model.num_data = {model.num_data} but the training set has {len(data)} examples")
     validate_split(data, model.config.image_shape, model.config.num_classes, "training")
     config = fingerprint_config(model.config, cfg, len(data), checkpoints.run_config if checkpoints else None)
-    loss = eta_loss(model, cfg, heldout, evidence_guide)
+    objective = eta_loss(model, cfg, heldout, evidence_guide)
     optim = make_optimizer(cfg)
-    svi = SVI(model, guide, optim, loss=loss)
+    svi = SVI(model, guide, optim, loss=objective)
     guides = [guide] if evidence_guide is None else [guide, evidence_guide]
     result, done = FitResult(), 0
     if start is not None:
@@ -558,7 +579,7 @@ def fit(
         done = restore_training_state(start.state, model, guides, data, optim)
         result = FitResult(list(start.state["losses"]), [dict(r) for r in start.state["eta_history"]],
                            float(start.state["seconds"]))
-    saver = _Checkpointer(checkpoints, config, cfg.num_steps, start)
+    saver = _Checkpointer(checkpoints, config, cfg.total_steps, start)
     batches = minibatches(len(data), cfg.batch_size, torch.Generator().manual_seed(cfg.seed), skip=done)
     held_batches = (minibatches(len(heldout), cfg.batch_size, torch.Generator().manual_seed(cfg.seed + 1), skip=done)
                     if heldout is not None else None)
@@ -568,7 +589,7 @@ def fit(
         result.seconds = seconds_before + time.perf_counter() - clock
         return capture_training_state(step, result, optim)
 
-    bar = tqdm(range(done + 1, cfg.num_steps + 1), initial=done, total=cfg.num_steps, disable=not progress,
+    bar = tqdm(range(done + 1, cfg.total_steps + 1), initial=done, total=cfg.total_steps, disable=not progress,
                desc="SVI", dynamic_ncols=True)
     in_step = False
     try:
@@ -580,6 +601,8 @@ def fit(
                 if held_batches is not None:
                     idx = next(held_batches).to(heldout.x.device)
                     batch += (heldout.x[idx], heldout.y[idx])
+                if cfg.sequential:  # steps 1..N: eta and the evidence guide; N+1..2N: the predicting guide
+                    objective.predicting = step > cfg.num_steps
                 with model.eta_frozen() if step <= cfg.eta_burnin else contextlib.nullcontext():
                     loss = _svi_step(svi, optim, batch, len(data), step, saver.last_path)
                 eta = _record(result, model, guide, step, loss, cfg)
@@ -598,7 +621,7 @@ def fit(
         if checkpoints is not None and not in_step and done > 0 and saver.last_step != done:
             saver.save(done, state_now(done))  # the state after `done` steps is complete: keep it
         saved = checkpoints is not None and saver.last_step == done
-        raise TrainingInterrupted(done, cfg.num_steps, saver.last_path, saved) from None
+        raise TrainingInterrupted(done, cfg.total_steps, saver.last_path, saved) from None
     finally:
         bar.close()
     result.seconds = seconds_before + time.perf_counter() - clock

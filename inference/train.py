@@ -50,7 +50,7 @@ from inference.data import (
     load_datasets,
     validate_split,
 )
-from inference.eta_objectives import EtaObjective, split_holdout
+from inference.eta_objectives import EtaObjective, EvidenceSchedule, split_holdout
 from inference.evaluate import accuracy_and_nll, elbo_estimate, predictive_log_probs
 from inference.svi import CheckpointPolicy, TrainConfig, TrainingInterrupted, eta_dict, fingerprint_config, fit
 from models.config import GENERATOR_PRESETS, Averaging, FirstLayer, ModelConfig, TransformMode
@@ -138,6 +138,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--eta-burnin", type=int, default=t.eta_burnin, metavar="STEPS",
                    help="eta stays at its initial value for the first STEPS steps while the guide(s) settle "
                         "(the burn-in of marginal-likelihood hyperparameter learning, Immer et al. 2021, 2022)")
+    g.add_argument("--evidence-schedule", type=EvidenceSchedule, choices=list(EvidenceSchedule),
+                   default=t.evidence_schedule,
+                   help="'evidence' objective only: 'joint' trains both guides every step (the predicting one at the "
+                        "current eta, MAP in W1); 'sequential' first learns eta with the evidence guide for "
+                        "--num-steps, then trains the predicting guide (W1 a hyperparameter, as in the paper) at "
+                        "that eta for --num-steps more")
     g.add_argument("--evidence-lr", type=float, default=t.evidence_lr,
                    help="'evidence' objective only: Adam's learning rate for the mean-field guide over every weight "
                         "(default: --lr)")
@@ -175,7 +181,8 @@ def configs_from_args(args: argparse.Namespace) -> tuple[DataConfig, ModelConfig
     train = TrainConfig(num_steps=args.num_steps, batch_size=args.batch_size, lr=args.lr, eta_lr=args.eta_lr,
                         num_particles=args.num_particles, vectorize_particles=not args.no_vectorize,
                         cosine=not args.no_cosine, seed=args.seed, eta_objective=objective,
-                        eta_holdout=args.eta_holdout, evidence_lr=args.evidence_lr, eta_burnin=args.eta_burnin)
+                        eta_holdout=args.eta_holdout, evidence_lr=args.evidence_lr, eta_burnin=args.eta_burnin,
+                        evidence_schedule=args.evidence_schedule)
     if args.eval_transforms < 1 or args.eval_samples < 1 or args.elbo_passes < 1:
         raise ValueError("--eval-transforms, --eval-samples and --elbo-passes must be positive integers")
     if not (math.isfinite(args.init_scale) and args.init_scale > 0):

@@ -110,6 +110,7 @@ class InvariantNet(PyroModule):
         self.config = config
         self.num_data = int(num_data)
         self._eta_frozen = False
+        self._w1_prior_masked = False
         D, P = config.hidden, config.num_pixels
         self.generator_names = config.generator_names  # the basis, K = 6 names in the order of eta and eps
         self.register_buffer("generators", affine_generators(self.generator_names))  # (K, 3, 3)
@@ -153,6 +154,20 @@ class InvariantNet(PyroModule):
             yield
         finally:
             self._eta_frozen = before
+
+    @contextlib.contextmanager
+    def first_layer_prior_masked(self) -> Iterator[None]:
+        """Within this block log p(W1, b1) is left out of the joint density (as with ``first_layer_prior=False``).
+
+        The sequential ``evidence`` schedule fits the predicting guide this way: its point-estimated W1 is
+        then a hyperparameter (ML-II, the paper's ReLU network) while the evidence guide, outside the
+        block, keeps the prior over every weight.
+        """
+        before, self._w1_prior_masked = self._w1_prior_masked, True
+        try:
+            yield
+        finally:
+            self._w1_prior_masked = before
 
     @property
     def has_transforms(self) -> bool:
@@ -335,7 +350,7 @@ class InvariantNet(PyroModule):
         S = self.config.num_transforms if num_transforms is None else int(num_transforms)
         if S < 1:
             raise ValueError(f"num_transforms must be a positive integer, got {S}")
-        with poutine.mask(mask=self.config.first_layer_prior):
+        with poutine.mask(mask=self.config.first_layer_prior and not self._w1_prior_masked):
             W1, b1 = self.W1, self.b1
         with poutine.mask(mask=self.config.output_layer_prior):
             W2, b2 = self.W2, self.b2
