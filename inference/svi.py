@@ -99,6 +99,8 @@ class TrainConfig:
             raise ValueError(f"unknown eta objective {self.eta_objective!r} or evidence schedule "
                              f"{self.evidence_schedule!r}; choose from {[o.value for o in EtaObjective]} and "
                              f"{[s.value for s in EvidenceSchedule]}") from None
+        if isinstance(self.eta_holdout, bool) or not (0 < float(self.eta_holdout) < 1):
+            raise ValueError(f"eta_holdout must lie in (0, 1), got {self.eta_holdout!r}")
 
     @property
     def total_steps(self) -> int:
@@ -109,8 +111,6 @@ class TrainConfig:
     def sequential(self) -> bool:
         """True on the ``evidence`` objective's sequential schedule."""
         return self.eta_objective is EtaObjective.EVIDENCE and self.evidence_schedule is EvidenceSchedule.SEQUENTIAL
-        if isinstance(self.eta_holdout, bool) or not (0 < float(self.eta_holdout) < 1):
-            raise ValueError(f"eta_holdout must lie in (0, 1), got {self.eta_holdout!r}")
 
 
 @dataclass(frozen=True)
