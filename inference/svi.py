@@ -576,7 +576,10 @@ def fit(
     result, done = FitResult(), 0
     if start is not None:
         check_compatible(start, config)
-        done = restore_training_state(start.state, model, guides, data, optim)
+        # on the sequential schedule the predicting guide first runs at step N + 1: a phase-1 checkpoint has none
+        # of its parameters, and they are created then, from the same random stream as in an unbroken run
+        phase1 = cfg.sequential and start.step <= cfg.num_steps
+        done = restore_training_state(start.state, model, [evidence_guide] if phase1 else guides, data, optim)
         result = FitResult(list(start.state["losses"]), [dict(r) for r in start.state["eta_history"]],
                            float(start.state["seconds"]))
     saver = _Checkpointer(checkpoints, config, cfg.total_steps, start)

@@ -7,6 +7,7 @@ under the same random numbers (same seed, same order of draws).
 from __future__ import annotations
 
 import pyro
+from pyro import poutine
 import pytest
 import torch
 
@@ -150,13 +151,15 @@ def test_unknown_objective_and_bad_fraction_are_one_line_errors():
         TrainConfig(eta_holdout=1.0)
 
 
-def test_evidence_fit_trains_both_guides_and_resumes_exactly(tmp_path):
-    """Interrupted at step 3 and resumed, an evidence run ends where the uninterrupted one ends."""
+@pytest.mark.parametrize("schedule, stop_at", [("joint", 3), ("sequential", 3), ("sequential", 8)])
+def test_evidence_fit_trains_both_guides_and_resumes_exactly(tmp_path, schedule, stop_at):
+    """Interrupted and resumed (on the sequential schedule in either phase), an evidence run ends where the
+    uninterrupted one ends."""
     from inference.svi import CheckpointPolicy, TrainingInterrupted
 
     x, y = batch(40, 0)
     data = Split(x, y)
-    cfg = TrainConfig(num_steps=6, batch_size=8, eta_objective="evidence", log_every=1)
+    cfg = TrainConfig(num_steps=6, batch_size=8, eta_objective="evidence", log_every=1, evidence_schedule=schedule)
 
     def run(folder, stop_at=None):
         pyro.clear_param_store()
@@ -181,7 +184,7 @@ def test_evidence_fit_trains_both_guides_and_resumes_exactly(tmp_path):
 
     full, params = run(tmp_path / "a")
     assert any(k.startswith(EVIDENCE_GUIDE_NAME) for k in params) and any(k.startswith("AutoGuideList") for k in params)
-    assert run(tmp_path / "b", stop_at=3) is None
+    assert run(tmp_path / "b", stop_at=stop_at) is None
     resumed, params_b = run(tmp_path / "b")
     assert resumed.eta_history == full.eta_history
     for name, value in params.items():
@@ -233,3 +236,44 @@ def test_eta_burnin_needs_eta_as_a_learned_parameter():
             progress=False)
     with pytest.raises(ValueError, match="eta_burnin"):
         TrainConfig(eta_burnin=-1)
+
+
+def test_sequential_schedule_learns_eta_first_then_fits_the_predicting_guide_at_that_eta():
+    x, y = batch(40, 0)
+    model = tiny_model(first_layer_prior=True)
+    guide, evidence = make_guide(model, "hybrid"), make_evidence_guide(model, "hybrid")
+    cfg = TrainConfig(num_steps=5, batch_size=8, eta_objective="evidence", evidence_schedule="sequential",
+                      log_every=1, eta_lr=0.1)
+    assert cfg.total_steps == 10
+    snapshots = {}
+
+    def snap(step, loss):
+        snapshots[step] = {k: v.detach().clone() for k, v in pyro.get_param_store().named_parameters()}
+
+    result = fit(model, guide, Split(x, y), cfg, callback=snap, progress=False, evidence_guide=evidence)
+    assert [r["step"] for r in result.eta_history] == list(range(1, 11))
+    eta = [torch.tensor([r[g] for g in model.generator_names]) for r in result.eta_history]
+    assert not torch.equal(eta[4], eta[0])  # phase 1 moves eta ...
+    for later in eta[5:]:
+        torch.testing.assert_close(later, eta[4], rtol=0, atol=0)  # ... phase 2 (Adam's momentum included) does not
+    first, end1, last = snapshots[1], snapshots[5], snapshots[10]
+    predicting = [k for k in last if k.startswith("AutoGuideList")]
+    assert predicting and not any(k in end1 for k in predicting)  # the predicting guide is not run in phase 1
+    for k in (k for k in end1 if k.startswith(EVIDENCE_GUIDE_NAME)):
+        assert not torch.equal(end1[k], first[k]) or k.endswith("b1")  # the evidence guide trains in phase 1
+        torch.testing.assert_close(last[k], end1[k], rtol=0, atol=0)  # and rests in phase 2
+    assert any(not torch.equal(last[k], snapshots[6][k]) for k in predicting)  # the predicting guide trains
+
+
+def test_sequential_predicting_phase_leaves_out_the_first_layer_prior():
+    x, y = batch(8, 0)
+    model = tiny_model(first_layer_prior=True)
+    guide = make_guide(model, "hybrid")
+    guide(x, y)
+    trace = poutine.trace(poutine.replay(model, trace=poutine.trace(guide).get_trace(x, y))).get_trace(x, y)
+    with model.first_layer_prior_masked():
+        masked = poutine.trace(poutine.replay(model, trace=poutine.trace(guide).get_trace(x, y))).get_trace(x, y)
+    trace.compute_log_prob()
+    masked.compute_log_prob()
+    assert trace.nodes["W1"]["log_prob_sum"] != 0 and masked.nodes["W1"]["log_prob_sum"] == 0
+    assert model.config.first_layer_prior  # the evidence guide, outside the block, keeps it
