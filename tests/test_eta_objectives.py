@@ -7,9 +7,9 @@ under the same random numbers (same seed, same order of draws).
 from __future__ import annotations
 
 import pyro
-from pyro import poutine
 import pytest
 import torch
+from pyro import poutine
 
 from guides.factory import make_evidence_guide, make_guide
 from guides.meanfield import EVIDENCE_GUIDE_NAME
