@@ -29,6 +29,7 @@ def eta(**values: float) -> dict[str, float]:
 def test_each_family_reads_its_extent_in_its_own_unit():
     rot, trans, scale = (extents.FAMILIES[n] for n in ("rotation", "translation", "scale"))
     assert rot.learned(eta(rotate=math.pi / 2, shear=0.2)) == pytest.approx(90.0)
+    assert rot.learned(eta(rotate=3 * math.pi)) == pytest.approx(180.0)  # beyond a full turn: every angle, 180 deg
     assert rot.others(eta(rotate=3.0, shear=0.2, scale_x=0.1)) == pytest.approx(0.2)
     # 8 px = 8 / 13.5 normalised units (27 pixel steps span [-1, 1]); the mean of x and y
     assert trans.learned(eta(translate_x=8 / 13.5, translate_y=4 / 13.5)) == pytest.approx(6.0)
