@@ -155,12 +155,25 @@ def cell_dir(out: Path, fam: Family, extent: float, seed: int) -> Path:
     return out / ("untransformed" if extent == 0 else f"{fam.name}-{extent:.4g}") / f"seed-{seed}"
 
 
-def run_cell(args: argparse.Namespace, fam: Family, extent: float, seed: int, run_dir: Path) -> dict:
-    """Train one cell and return its metrics (a = 0: plain MNIST, one run shared by the families)."""
+def cell_args(args: argparse.Namespace, fam: Family, extent: float, seed: int, run_dir: Path) -> argparse.Namespace:
+    """The training flags of one cell (a = 0: plain MNIST, one run shared by the families)."""
     if extent == 0:
-        return train.run_derived(args, run_dir, dataset=train.DatasetName.MNIST, seed=seed)
-    return train.run_derived(args, run_dir, dataset=train.DatasetName(fam.dataset), seed=seed,
-                             **{fam.data_flag: extent})
+        return train.derived_args(args, run_dir, dataset=train.DatasetName.MNIST, seed=seed)
+    return train.derived_args(args, run_dir, dataset=train.DatasetName(fam.dataset), seed=seed,
+                              **{fam.data_flag: extent})
+
+
+def finished_cell(args: argparse.Namespace, fam: Family, extent: float, seed: int, run_dir: Path) -> dict | None:
+    """The metrics of a finished cell, None if it has not run; a run made with other settings is an error."""
+    path = run_dir / "metrics.json"
+    if not path.exists():
+        return None
+    metrics = json.loads(path.read_text())
+    differ = train.config_differences(cell_args(args, fam, extent, seed, run_dir), metrics)
+    if differ:
+        raise ValueError(f"{run_dir} holds a run made with other settings ({', '.join(differ[:4])}"
+                         f"{', ...' if len(differ) > 4 else ''}): choose another --out or remove that folder")
+    return metrics
 
 
 def row(fam: Family, extent: float, seed: int, metrics: dict) -> dict:
@@ -256,14 +269,15 @@ def main(args: argparse.Namespace) -> list[dict]:
     rows, clock = [], time.perf_counter()
     for i, (fam, extent, seed) in enumerate(plan, 1):
         run_dir = cell_dir(out, fam, extent, seed)
-        metrics_path = run_dir / "metrics.json"
-        done = metrics_path.exists()
+        metrics = finished_cell(args, fam, extent, seed, run_dir)
+        done = metrics is not None
         status = " (done, reused)" if done else (" (not run, skipped)" if args.collect else "")
         print(f"[{i}/{len(plan)}] {fam.name} a={extent:.4g} {fam.unit} seed={seed}{status}  "
               f"elapsed {time.perf_counter() - clock:.0f} s", file=sys.stderr)
         if not done and args.collect:
             continue
-        metrics = json.loads(metrics_path.read_text()) if done else run_cell(args, fam, extent, seed, run_dir)
+        if not done:
+            metrics = train.main(cell_args(args, fam, extent, seed, run_dir))
         r = row(fam, extent, seed, metrics)
         rows.append(r)
         write_tables(rows, out)  # the table stays current while later cells run

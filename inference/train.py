@@ -40,6 +40,7 @@ from inference.checkpoint import (
     find_latest_valid,
     list_checkpoints,
     remove_checkpoints,
+    to_jsonable,
 )
 from inference.cpu import configure_cpu
 from inference.data import (
@@ -332,16 +333,31 @@ def main(args: argparse.Namespace) -> dict:
     return metrics
 
 
+def derived_args(args: argparse.Namespace, out: Path, **overrides) -> argparse.Namespace:
+    """A copy of ``args`` with ``overrides``, for a fresh run in ``out``."""
+    run_args = copy.copy(args)
+    for key, value in overrides.items():
+        setattr(run_args, key, value)
+    run_args.out, run_args.resume = str(out), None
+    return run_args
+
+
 def run_derived(args: argparse.Namespace, out: Path, **overrides) -> dict:
     """:func:`main` on a copy of ``args`` with ``overrides``, as a fresh run in ``out``; returns the metrics.
 
     The experiment CLIs (``compare``, ``extents``) derive each of their runs this way from the shared flags.
     """
-    run_args = copy.copy(args)
-    for key, value in overrides.items():
-        setattr(run_args, key, value)
-    run_args.out, run_args.resume = str(out), None
-    return main(run_args)
+    return main(derived_args(args, out, **overrides))
+
+
+def config_differences(args: argparse.Namespace, metrics: Mapping) -> list[str]:
+    """The model and training settings (``"train.eta_lr"``, ...) in which a finished run's ``metrics.json`` differs
+    from the run ``args`` describe; empty when it is that run."""
+    _, model_cfg, train_cfg = configs_from_args(args)
+    want = {"model": to_jsonable(model_cfg), "train": to_jsonable(train_cfg)}
+    have = metrics.get("config", {})
+    return [f"{part}.{key}" for part in want for key in sorted(set(want[part]) | set(have.get(part, {})))
+            if want[part].get(key) != have.get(part, {}).get(key)]
 
 
 def announce_start(out: Path, start: Checkpoint | None, skipped: list[Exception]) -> None:

@@ -101,5 +101,9 @@ def test_cli_runs_every_cell_writes_table_and_figure_and_reuses_finished_cells(t
                           timeout=600, env=env)
     assert proc.returncode == 0 and proc.stderr.count("(not run, skipped)") == 5
     assert not (out / "untransformed" / "seed-2").exists()
+    # a finished cell made with other settings is never mixed in: one-line error, nothing trained or changed
+    proc = subprocess.run([*cmd, "--eta-lr", "0.2"], cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 2 and "other settings (train.eta_lr)" in proc.stderr and "Traceback" not in proc.stderr
+    assert {p: p.stat().st_mtime_ns for p in out.glob("*/seed-*/metrics.json")} == before
     with open(out / "extents.csv") as f:
         assert [int(r["seed"]) for r in csv.DictReader(f)] == [1, 1, 1, 1, 1]
