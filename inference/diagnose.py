@@ -104,6 +104,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # --------------------------------------------------------------------------- one run
+def _phase_marks(cfg: TrainConfig) -> dict[str, int]:
+    """Steps worth marking on eta's trajectory: the end of its burn-in, the start of the predicting phase."""
+    marks = {"burn-in ends": cfg.eta_burnin} if cfg.eta_burnin else {}
+    if cfg.sequential:
+        marks["predicting guide starts (eta fixed)"] = cfg.num_steps
+    return marks
+
+
 def _eval_transforms(run: LoadedRun) -> int:
     return int(run.metrics["config"].get("eval", {}).get("num_transforms", run.model_config.num_transforms))
 
@@ -176,7 +184,7 @@ def write_figures(run: LoadedRun, idata: Any, test: Split, fig_dir: Path, opts: 
     if "eta" in history:
         plots.plot_eta_trajectories(history["step"], history["eta"], extent, out("eta_trajectories"),
                                     title=f"{name}: eta during training (dashed: true extent)",
-                                    names=cfg.generator_names)
+                                    names=cfg.generator_names, marks=_phase_marks(run.train_config))
     if "elbo" in history:
         plots.plot_elbo(history["iteration"], history["elbo"], out("elbo"),
                         final_elbo=run.metrics.get("elbo_per_example"), title=f"{name}: ELBO / N")

@@ -173,7 +173,7 @@ def _eta_text(eta: np.ndarray | torch.Tensor, names: Sequence[str] = GENERATOR_N
 def plot_eta_trajectories(
     steps: Sequence[int] | np.ndarray, eta: np.ndarray | torch.Tensor, true_extent: Mapping[str, float] | None = None,
     path: str | Path | None = None, title: str = "eta during training", ax: Axes | None = None,
-    names: Sequence[str] = GENERATOR_NAMES,
+    names: Sequence[str] = GENERATOR_NAMES, marks: Mapping[str, int] | None = None,
 ) -> Figure:
     """eta of each generator against the training step, the true extent of the data dashed.
 
@@ -183,6 +183,11 @@ def plot_eta_trajectories(
         log-scale for scales).
     true_extent : mapping, optional
         Generator -> extent of the data's transformation; non-zero ones are drawn as dashed lines.
+    names : sequence of str
+        eta's generators (the run's basis), one per column of ``eta``.
+    marks : mapping, optional
+        Label -> step, drawn as dotted vertical lines (the end of eta's burn-in, the start of the
+        predicting phase of the sequential schedule).
     """
     eta = _as_numpy(eta)
     fig = ax.figure if ax is not None else new_figure(7, 4.2)
@@ -193,6 +198,10 @@ def plot_eta_trajectories(
         if value > 0:
             ax.axhline(value, color=GENERATOR_COLORS[name], ls="--", lw=1.2,
                        label=f"true extent {name} = {value:.3g}")
+    for label, step in (marks or {}).items():
+        ax.axvline(step, color="0.4", ls=":", lw=1.2)
+        ax.annotate(label, (step, 1.0), xycoords=("data", "axes fraction"), xytext=(3, -12),
+                    textcoords="offset points", fontsize=7, color="0.3")
     ax.set_xlabel("SVI step")
     ax.set_ylabel("eta (rad | normalised units | log-scale)")
     ax.set_title(title)

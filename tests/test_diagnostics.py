@@ -374,3 +374,13 @@ def test_diagnose_cli_in_a_subprocess_writes_the_file_and_figures(tiny_runs, tmp
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert summary["figures"]["eta_posterior"].startswith("skipped")
     assert (out / "loo_comparison.csv").is_file() and (out / "inference_data-eta0.nc").is_file()
+
+
+def test_phase_marks_follow_the_training_schedule():
+    from inference.diagnose import _phase_marks
+    from inference.svi import TrainConfig
+
+    assert _phase_marks(TrainConfig()) == {}
+    marks = _phase_marks(TrainConfig(num_steps=50, eta_objective="evidence", evidence_schedule="sequential",
+                                     eta_burnin=10))
+    assert sorted(marks.values()) == [10, 50]

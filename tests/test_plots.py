@@ -12,7 +12,7 @@ from matplotlib.figure import Figure
 from guides import make_guide
 from inference import diagnostics as dg
 from inference import plots
-from models import GENERATOR_NAMES, InvariantNet, ModelConfig
+from models import GENERATOR_NAMES, ISOTROPIC_NAMES, InvariantNet, ModelConfig
 
 PNG = b"\x89PNG\r\n\x1a\n"
 K = len(GENERATOR_NAMES)
@@ -204,3 +204,13 @@ def test_reference_comparison_scatter(tmp_path):
     assert_png(tmp_path / "ref.png")
     ax_mean, ax_sd = fig.axes
     assert ax_mean.get_xlim() == ax_mean.get_ylim() and ax_sd.get_xlabel() == "NUTS posterior std"
+
+
+def test_eta_trajectories_mark_the_burn_in_and_the_predicting_phase(tmp_path):
+    steps = np.arange(0, 40, 10)
+    eta = np.full((4, 6), 0.1)
+    fig = plots.plot_eta_trajectories(steps, eta, names=ISOTROPIC_NAMES, marks={"burn-in ends": 10, "phase 2": 20})
+    ax = fig.axes[0]
+    assert [line.get_label() for line in ax.get_lines()[:6]] == list(ISOTROPIC_NAMES)
+    assert sorted(line.get_xdata()[0] for line in ax.get_lines()[6:]) == [10, 20]  # two vertical marks
+    assert {t.get_text() for t in ax.texts} == {"burn-in ends", "phase 2"}
