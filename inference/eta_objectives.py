@@ -26,6 +26,12 @@ ELBO set eta?"). Three objectives are offered:
     sharper point-estimate-based posterior. Mean-field q over 800,000 first-layer weights learns
     the extent but predicts poorly (its one-draw accuracy is far below the point estimate's).
 
+    Two schedules (``TrainConfig.evidence_schedule``): ``joint`` trains both guides every step as
+    above (:class:`EvidenceEtaLoss`); ``sequential`` (recommended) first trains eta and q_ev, then the
+    predictive guide at the final eta with W1's prior masked, i.e. W1 a hyperparameter as in the
+    paper (:class:`SequentialEvidenceLoss`), so the predicting network never catches up with an eta
+    that rose late.
+
 ``heldout``
     The training set is split once into A and B (``eta_holdout`` is B's fraction). The guide fits A's
     ELBO with eta held fixed; eta maximises ``E_q log p(y_B | x_B, theta, eta)``, a lower bound on the
