@@ -5,28 +5,32 @@ Usage::
     python -m inference.extents --data-dir ../shared/data --out runs/extents --seeds 0,1,2
 
 trains one model per (transformation family, true extent, seed) with every flag of
-``python -m inference.train`` (all six generators learnable by default; ``--eta-objective`` defaults to
-``evidence`` here, the recommended setting for partial invariance) on MNIST transformed by that family and
-extent, and writes
+``python -m inference.train``, defaulting to the recommended setting for relaxed invariance
+(:data:`RECOMMENDED`: the ``evidence`` objective on the ``sequential`` schedule, a 200-step eta burn-in, eta's
+learning rate 0.1, all six generators in the isotropic basis) on MNIST transformed by that family and extent,
+and writes
 
-* ``OUT/<family>-<extent>/seed-<s>/`` one training run each (``metrics.json``, ``eta_history.csv``),
+* ``OUT/<family>-<extent>/seed-<s>/`` one training run each (``metrics.json``, ``eta_history.csv``); every
+  family's a = 0 is untransformed MNIST, one run per seed in ``OUT/untransformed/seed-<s>/``,
 * ``OUT/extents.csv`` one row per run, ``OUT/extents.md`` mean +- std over seeds per cell,
 * ``OUT/extents.png`` learned against true extent with the line y = x, one panel per family.
 
 Families and the units of their extent (the data's transformation is U[-a, a] in these units):
 
-===========  ==================================  ==========================================
+===========  ==================================  ==================================================
 family       data                                learned extent
-===========  ==================================  ==========================================
-rotation     rotated by U[-a, a] degrees         eta_rotate, in degrees
+===========  ==================================  ==================================================
+rotation     rotated by U[-a, a] degrees         eta_rotate in degrees, at most 180 (a full turn)
 translation  shifted by U[-a, a] px along x, y   mean of eta_translate_x, _y, in pixels
-scale        magnified by exp(U[-a, a])          mean of eta_scale_x, _y, in log units
-===========  ==================================  ==========================================
+scale        magnified by exp(U[-a, a])          eta_scale (isotropic basis) or the mean of
+                                                 eta_scale_x, _y (paper's basis), in log units
+===========  ==================================  ==================================================
 
 "others" is the largest eta of the generators outside the family, in the units of T (radians for
 rotation). A finished run (its ``metrics.json`` exists) is not trained again, so an interrupted
-calibration continues where it stopped when the same command is run again; ``--collect`` trains nothing and
-builds the table and figure from the cells finished so far (e.g. by several processes sharing ``--out``).
+calibration continues where it stopped when the same command is run again; a finished run made with other
+settings is refused, never mixed in. ``--collect`` trains nothing and builds the table and figure from the
+cells finished so far (e.g. by several processes sharing ``--out``).
 """
 
 from __future__ import annotations

@@ -233,11 +233,11 @@ def eta_loss(
         raise ValueError("pass the held-out split exactly when the eta objective is 'heldout'")
     if (objective is EtaObjective.EVIDENCE) != (evidence_guide is not None):
         raise ValueError("pass the evidence guide exactly when the eta objective is 'evidence'")
-    if objective is not EtaObjective.ELBO and (model.config.eta_prior is not EtaPrior.NONE
-                                               or not model.config.learn_eta):
+    eta_is_param = model.config.eta_prior is EtaPrior.NONE and model.config.learn_eta
+    if objective is not EtaObjective.ELBO and not eta_is_param:
         raise ValueError(f"the {objective.value!r} eta objective learns eta as a parameter: it needs eta prior "
                          "'none' and a learned eta")
-    if cfg.eta_burnin and (model.config.eta_prior is not EtaPrior.NONE or not model.config.learn_eta):
+    if cfg.eta_burnin and not eta_is_param:
         raise ValueError("an eta burn-in holds a learned eta parameter fixed: it needs eta prior 'none' and a "
                          "learned eta")
     if objective is EtaObjective.HELDOUT:
