@@ -109,18 +109,24 @@ def config_fingerprint(config: Mapping) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def config_differences(saved: Mapping, current: Mapping, prefix: str = "") -> list[str]:
-    """Dotted keys whose values differ, as ``"train.lr: 0.001 in the checkpoint, 0.01 now"``."""
+def differing_settings(saved: Mapping, current: Mapping, prefix: str = "") -> list[tuple[str, Any, Any]]:
+    """``(dotted key, saved value, current value)`` for every setting whose JSON values differ ("<absent>" on
+    the side that lacks it), nested mappings compared key by key."""
     saved, current = to_jsonable(saved), to_jsonable(current)
     out = []
     for key in sorted(set(saved) | set(current)):
         name = f"{prefix}{key}"
         a, b = saved.get(key, "<absent>"), current.get(key, "<absent>")
         if isinstance(a, dict) and isinstance(b, dict):
-            out.extend(config_differences(a, b, prefix=f"{name}."))
+            out.extend(differing_settings(a, b, prefix=f"{name}."))
         elif a != b:
-            out.append(f"{name}: {a!r} in the checkpoint, {b!r} now")
+            out.append((name, a, b))
     return out
+
+
+def config_differences(saved: Mapping, current: Mapping) -> list[str]:
+    """Dotted keys whose values differ, as ``"train.lr: 0.001 in the checkpoint, 0.01 now"``."""
+    return [f"{name}: {a!r} in the checkpoint, {b!r} now" for name, a, b in differing_settings(saved, current)]
 
 
 def check_compatible(checkpoint: Checkpoint, config: Mapping) -> None:

@@ -37,10 +37,10 @@ from inference.checkpoint import (
     Checkpoint,
     NoCheckpointError,
     check_compatible,
+    differing_settings,
     find_latest_valid,
     list_checkpoints,
     remove_checkpoints,
-    to_jsonable,
 )
 from inference.cpu import configure_cpu
 from inference.data import (
@@ -354,10 +354,9 @@ def config_differences(args: argparse.Namespace, metrics: Mapping) -> list[str]:
     """The model and training settings (``"train.eta_lr"``, ...) in which a finished run's ``metrics.json`` differs
     from the run ``args`` describe; empty when it is that run."""
     _, model_cfg, train_cfg = configs_from_args(args)
-    want = {"model": to_jsonable(model_cfg), "train": to_jsonable(train_cfg)}
     have = metrics.get("config", {})
-    return [f"{part}.{key}" for part in want for key in sorted(set(want[part]) | set(have.get(part, {})))
-            if want[part].get(key) != have.get(part, {}).get(key)]
+    saved = {"model": have.get("model", {}), "train": have.get("train", {})}
+    return [name for name, _, _ in differing_settings(saved, {"model": model_cfg, "train": train_cfg})]
 
 
 def announce_start(out: Path, start: Checkpoint | None, skipped: list[Exception]) -> None:
