@@ -21,6 +21,7 @@ from collections.abc import Callable
 from enum import StrEnum
 
 import pyro
+import torch
 from pyro import poutine
 from pyro.infer.autoguide import (
     AutoDelta,
@@ -32,10 +33,11 @@ from pyro.infer.autoguide import (
     init_to_value,
 )
 
-from guides.meanfield import EVIDENCE_GUIDE_NAME, MeanFieldGuide
+from guides.meanfield import EVIDENCE_GUIDE_NAME, EtaGuide, MeanFieldGuide
 from guides.paper import ClasswiseFullCovGuide
 from models.config import check_positive_float, check_positive_int
 from models.network import InvariantNet
+from models.priors import EtaPrior
 
 
 class GuideKind(StrEnum):
@@ -52,6 +54,10 @@ class GuideKind(StrEnum):
 
 POINT_FIRST_LAYER = (GuideKind.HYBRID, GuideKind.PAPER)
 """Guides with a point-estimated W1 (a hyperparameter when the first-layer prior is off)."""
+
+OWN_ETA_FACTOR = (GuideKind.NORMAL, GuideKind.HYBRID, GuideKind.PAPER)
+"""Guides whose full-Bayes q(eta) is a separate :class:`~guides.meanfield.EtaGuide` piece (which can be held fixed
+and shared); ``meanfield``, ``lowrank``, ``map`` and ``ml`` cover eta inside their own family."""
 
 
 class InitLoc(StrEnum):
@@ -101,6 +107,26 @@ def _initial_values(model: InvariantNet, init_loc: InitLoc) -> dict:
     sites = model.latent_sites()
     return {name: site["fn"].mean if init_loc is InitLoc.MEDIAN else site["fn"].sample()
             for name, site in sites.items()}
+
+
+def _initial_eta(model: InvariantNet, init_loc: InitLoc):
+    """Initial median of a full-Bayes q(eta) as the autoguides' ``init_loc_fn`` would choose it."""
+    if init_loc is InitLoc.XAVIER:
+        return model.initial_eta()
+    prior = model.latent_sites()["eta"]["fn"]
+    return prior.mean if init_loc is InitLoc.MEDIAN else prior.sample()
+
+
+def eta_guide_of(guide: Callable | None) -> EtaGuide | None:
+    """The :class:`~guides.meanfield.EtaGuide` piece of ``guide`` (owned or borrowed), None if it has none."""
+    if guide is None:
+        return None
+    if isinstance(guide, EtaGuide):
+        return guide
+    if isinstance(guide, MeanFieldGuide) and guide.eta_guide is not None:
+        return guide.eta_guide
+    modules = guide.modules() if isinstance(guide, torch.nn.Module) else ()
+    return next((m for m in modules if isinstance(m, EtaGuide)), None)
 
 
 def _check(model: InvariantNet, kind: GuideKind, init_loc: InitLoc) -> None:
@@ -175,6 +201,9 @@ def make_guide(
         guide.append(AutoLowRankMultivariateNormal(poutine.block(model, expose=latent), init_loc_fn=loc_fn,
                                                    init_scale=init_scale, rank=rank))
     else:
+        full_bayes = "eta" in latent
+        if full_bayes:
+            latent.remove("eta")
         if kind in POINT_FIRST_LAYER:
             point = [n for n in latent if n in ("W1", "b1")]
             if point:
@@ -184,17 +213,22 @@ def make_guide(
             guide.append(ClasswiseFullCovGuide(_initial_values(model, init_loc)["W2"], init_scale=init_scale))
             latent.remove("W2")
         guide.append(AutoNormal(poutine.block(model, expose=latent), init_loc_fn=loc_fn, init_scale=init_scale))
+        if full_bayes:
+            guide.append(EtaGuide(model, _initial_eta(model, init_loc), init_scale=init_scale))
     guide.append(EpsFromPrior(model))
     return guide
 
 
-def make_evidence_guide(model: InvariantNet, kind: GuideKind | str, init_scale: float = 0.1) -> MeanFieldGuide:
+def make_evidence_guide(model: InvariantNet, kind: GuideKind | str, init_scale: float = 0.1,
+                        predicting_guide: Callable | None = None) -> MeanFieldGuide:
     """The mean-field guide over every weight whose ELBO sets eta under the ``evidence`` objective.
 
     ``kind`` is the predictive guide's: it must point-estimate W1 (``hybrid`` or ``paper``), since a guide
     with a distribution over W1 needs no second guide for the evidence (use the ``elbo`` objective).
     The model must carry the first layer's prior (``first_layer_prior=True``): the evidence is that of
-    the model with priors on every weight.
+    the model with priors on every weight. Under full Bayes (``eta_prior="uniform"``) pass the
+    predicting guide: the evidence guide borrows its q(eta), so that the q(eta) the evidence learns is
+    the one the predicting guide trains and predicts with.
     """
     kind = GuideKind(kind)
     if kind not in POINT_FIRST_LAYER:
@@ -206,6 +240,12 @@ def make_evidence_guide(model: InvariantNet, kind: GuideKind | str, init_scale: 
         raise ValueError("the evidence objective needs the first layer's prior: build the model with "
                          "first_layer_prior=True")
     check_positive_float("init_scale", init_scale)
+    eta_guide = None
+    if model.config.eta_prior is not EtaPrior.NONE:
+        eta_guide = eta_guide_of(predicting_guide)
+        if eta_guide is None:
+            raise ValueError("under full Bayes the evidence guide shares q(eta) with the predicting guide: pass "
+                             "predicting_guide, built by make_guide with the 'hybrid' or 'paper' family")
     return MeanFieldGuide(model, _initial_values(model, InitLoc.XAVIER), init_scale=init_scale,
-                          name=EVIDENCE_GUIDE_NAME)
+                          name=EVIDENCE_GUIDE_NAME, eta_guide=eta_guide)
 

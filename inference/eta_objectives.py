@@ -47,15 +47,18 @@ Shapes: ``x (B, C, H, W)``, ``y (B,)``.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 from enum import StrEnum
 
 import torch
 from pyro import poutine
 from pyro.infer import Trace_ELBO
 
+from guides.factory import eta_guide_of
 from inference.data import Split
 from models.network import InvariantNet
+from models.priors import EtaPrior
 
 
 class EtaObjective(StrEnum):
@@ -73,6 +76,34 @@ class EvidenceSchedule(StrEnum):
     SEQUENTIAL = "sequential"  # first eta and the evidence guide, then the predicting guide at the final eta
 
 
+@contextlib.contextmanager
+def eta_held(model: InvariantNet, *guides: Callable | None) -> Iterator[None]:
+    """Within this block eta passes no gradient: the model's eta parameter (empirical Bayes) and q(eta) of
+    every guide with an :class:`~guides.meanfield.EtaGuide` piece (full Bayes) are used as they are."""
+    pieces = {id(e): e for e in map(eta_guide_of, guides) if e is not None}
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(model.eta_frozen())
+        for piece in pieces.values():
+            stack.enter_context(piece.frozen())
+        yield
+
+
+def hide_eta(model: InvariantNet, guide: Callable) -> tuple[Callable, Callable]:
+    """``(model, guide)`` with eta's parameters hidden from the optimiser (SVI steps what a trace records).
+
+    Empirical Bayes: the model's ``eta`` param; full Bayes: the parameters of the guide's q(eta) piece.
+    Hidden parameters get no Adam step at all, so momentum from earlier steps cannot move them.
+    """
+    if model.config.eta_prior is EtaPrior.NONE:
+        return poutine.block(model, hide=["eta"]), guide
+    piece = eta_guide_of(guide)
+    if piece is None:
+        raise ValueError("this guide has no separate q(eta) to hold fixed (use the 'normal', 'hybrid' or 'paper' "
+                         "family under full Bayes)")
+    prefix = f"{piece._pyro_name}."
+    return model, poutine.block(guide, hide_fn=lambda msg: msg["type"] == "param" and msg["name"].startswith(prefix))
+
+
 class SequentialEvidenceLoss:
     """Loss of one SVI step of the ``evidence`` objective on the ``sequential`` schedule.
 
@@ -86,6 +117,9 @@ class SequentialEvidenceLoss:
        network that predicts trains for all of its steps at the learned invariance. eta is hidden from
        the optimiser in this phase, so its Adam momentum cannot move it.
 
+    Under full Bayes (``eta_prior="uniform"``) step 1 learns q(eta), which the two guides share, and
+    step 2 holds q(eta) fixed in the same way: the predicting guide trains at eta ~ q(eta).
+
     Its value is the current phase's negative ELBO. Call it as SVI's loss: ``loss(model, guide, x, y)``.
     """
 
@@ -97,8 +131,8 @@ class SequentialEvidenceLoss:
     def __call__(self, model: InvariantNet, guide: Callable, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         if not self.predicting:
             return self.elbo.differentiable_loss(model, self.evidence_guide, x, y)
-        with model.eta_frozen(), model.first_layer_prior_masked():
-            return self.elbo.differentiable_loss(poutine.block(model, hide=["eta"]), guide, x, y)
+        with eta_held(model, guide), model.first_layer_prior_masked():
+            return self.elbo.differentiable_loss(*hide_eta(model, guide), x, y)
 
 
 def split_holdout(data: Split, fraction: float, seed: int) -> tuple[Split, Split]:

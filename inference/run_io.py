@@ -255,7 +255,7 @@ def load_run(run_dir: str | Path, device: str | torch.device = "cpu") -> LoadedR
                        init_loc=guide_settings.get("init_loc", "xavier"))
     guides = [guide]
     if train_cfg.eta_objective is EtaObjective.EVIDENCE:  # its parameters are in the checkpoint too
-        guides.append(make_evidence_guide(model, kind, guide_settings.get("init_scale", 0.1)))
+        guides.append(make_evidence_guide(model, kind, guide_settings.get("init_scale", 0.1), predicting_guide=guide))
     load_params(model, guides, checkpoint.state["params"])
     return LoadedRun(run_dir, metrics, model_cfg, data_cfg, train_cfg, kind, model, guide, checkpoint)
 

@@ -37,6 +37,7 @@ from pyro import poutine
 from pyro.infer import SVI, Trace_ELBO
 from tqdm.auto import tqdm
 
+from guides.factory import eta_guide_of
 from guides.meanfield import EVIDENCE_GUIDE_NAME
 from inference.checkpoint import (
     Checkpoint,
@@ -52,6 +53,7 @@ from inference.eta_objectives import (
     EvidenceSchedule,
     HeldOutEtaLoss,
     SequentialEvidenceLoss,
+    eta_held,
 )
 from models.config import ModelConfig, check_positive_float, check_positive_int
 from models.network import InvariantNet
@@ -225,7 +227,8 @@ def make_elbo(cfg: TrainConfig) -> Trace_ELBO:
 
 
 def eta_loss(
-    model: InvariantNet, cfg: TrainConfig, heldout: Split | None = None, evidence_guide: Callable | None = None
+    model: InvariantNet, cfg: TrainConfig, heldout: Split | None = None, evidence_guide: Callable | None = None,
+    guide: Callable | None = None,
 ) -> Callable:
     """SVI's loss for ``cfg.eta_objective`` (see :mod:`inference.eta_objectives`), after checking its inputs."""
     objective = cfg.eta_objective
@@ -233,13 +236,17 @@ def eta_loss(
         raise ValueError("pass the held-out split exactly when the eta objective is 'heldout'")
     if (objective is EtaObjective.EVIDENCE) != (evidence_guide is not None):
         raise ValueError("pass the evidence guide exactly when the eta objective is 'evidence'")
-    eta_is_param = model.config.eta_prior is EtaPrior.NONE and model.config.learn_eta
-    if objective is not EtaObjective.ELBO and not eta_is_param:
-        raise ValueError(f"the {objective.value!r} eta objective learns eta as a parameter: it needs eta prior "
-                         "'none' and a learned eta")
-    if cfg.eta_burnin and not eta_is_param:
-        raise ValueError("an eta burn-in holds a learned eta parameter fixed: it needs eta prior 'none' and a "
+    full_bayes = model.config.eta_prior is not EtaPrior.NONE
+    eta_is_param = not full_bayes and model.config.learn_eta
+    if objective is EtaObjective.HELDOUT and not eta_is_param:
+        raise ValueError("the 'heldout' eta objective learns eta as a parameter: it needs eta prior 'none' and a "
                          "learned eta")
+    if objective is EtaObjective.EVIDENCE and not eta_is_param and not (full_bayes and cfg.sequential):
+        raise ValueError("the 'evidence' eta objective learns eta as a parameter, or, under full Bayes (eta prior "
+                         "'uniform'), q(eta) on the 'sequential' schedule; it needs a learned eta")
+    if cfg.eta_burnin and not eta_is_param and eta_guide_of(evidence_guide or guide) is None:
+        raise ValueError("an eta burn-in holds a learned eta fixed: it needs a learned eta parameter (eta prior "
+                         "'none') or, under full Bayes, a guide with a separate q(eta) ('normal', 'hybrid', 'paper')")
     if objective is EtaObjective.HELDOUT:
         return HeldOutEtaLoss(make_elbo(cfg), len(heldout))
     if cfg.sequential:
@@ -257,6 +264,10 @@ def eta_dict(model: InvariantNet, guide: Callable | None = None, num_samples: in
     """
     if model.config.eta_prior is EtaPrior.NONE:
         return dict(zip(model.generator_names, model.eta_effective.detach().cpu().tolist(), strict=True))
+    piece = eta_guide_of(guide)
+    if piece is not None:  # a separate q(eta): its exact median
+        eta = piece.median() * model.generator_mask
+        return dict(zip(model.generator_names, eta.cpu().tolist(), strict=True))
     if guide is None:
         raise ValueError("under full Bayes eta is latent: pass the guide to read q(eta)")
     x = torch.zeros(1, *model.config.image_shape, device=model.prior_loc.device, dtype=model.prior_loc.dtype)
@@ -569,7 +580,7 @@ def fit(
         raise ValueError(f"model.num_data = {model.num_data} but the training set has {len(data)} examples")
     validate_split(data, model.config.image_shape, model.config.num_classes, "training")
     config = fingerprint_config(model.config, cfg, len(data), checkpoints.run_config if checkpoints else None)
-    objective = eta_loss(model, cfg, heldout, evidence_guide)
+    objective = eta_loss(model, cfg, heldout, evidence_guide, guide)
     optim = make_optimizer(cfg)
     svi = SVI(model, guide, optim, loss=objective)
     guides = [guide] if evidence_guide is None else [guide, evidence_guide]
@@ -606,7 +617,7 @@ def fit(
                     batch += (heldout.x[idx], heldout.y[idx])
                 if cfg.sequential:  # steps 1..N: eta and the evidence guide; N+1..2N: the predicting guide
                     objective.predicting = step > cfg.num_steps
-                with model.eta_frozen() if step <= cfg.eta_burnin else contextlib.nullcontext():
+                with eta_held(model, guide, evidence_guide) if step <= cfg.eta_burnin else contextlib.nullcontext():
                     loss = _svi_step(svi, optim, batch, len(data), step, saver.last_path)
                 eta = _record(result, model, guide, step, loss, cfg)
                 done, in_step = step, False

@@ -283,7 +283,7 @@ def main(args: argparse.Namespace) -> dict:
     train.x, train.y, test.x, test.y = (t.to(device) for t in (train.x, train.y, test.x, test.y))
     model = InvariantNet(model_cfg, num_data=len(train)).to(device)
     guide = make_guide(model, args.guide, init_scale=args.init_scale, init_loc=args.init_loc)
-    evidence_guide = (make_evidence_guide(model, args.guide, args.init_scale)
+    evidence_guide = (make_evidence_guide(model, args.guide, args.init_scale, predicting_guide=guide)
                       if train_cfg.eta_objective is EtaObjective.EVIDENCE else None)
     out.mkdir(parents=True, exist_ok=True)
     print(f"data: {data.info['dataset']} train={len(train)} test={len(test)} from {data.info['root']}"

@@ -30,7 +30,7 @@ from pyro.nn import PyroModule, PyroParam, PyroSample
 from torch.distributions import constraints
 
 from models.config import Averaging, FirstLayer, Likelihood, ModelConfig, TransformMode, WarpImpl
-from models.priors import EtaPrior, PriorKind, eta_prior, layer_of, tau_prior, weight_prior
+from models.priors import ETA_MAX, EtaPrior, PriorKind, eta_prior, layer_of, tau_prior, weight_prior
 from models.transforms import (
     GENERATOR_NAMES,
     affine_generators,
@@ -215,9 +215,14 @@ class InvariantNet(PyroModule):
             else:
                 values[name] = torch.zeros(shape, device=dev, dtype=dtype)
         if self.config.eta_prior is not EtaPrior.NONE:
-            values["eta"] = torch.full((len(GENERATOR_NAMES),), min(self.config.eta_init, 0.99 * math.pi), device=dev,
-                                       dtype=dtype)
+            values["eta"] = self.initial_eta()
         return values
+
+    def initial_eta(self) -> torch.Tensor:
+        """Initial value of a full-Bayes eta, ``(K,)``: ``eta_init`` kept inside the prior's support (no randomness)."""
+        like = self.prior_loc
+        return torch.full((len(GENERATOR_NAMES),), min(self.config.eta_init, 0.99 * ETA_MAX), device=like.device,
+                          dtype=like.dtype)
 
     def latent_sites(self) -> dict[str, dict]:
         """Every latent site but eps, in the order the model samples them.

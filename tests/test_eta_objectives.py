@@ -11,17 +11,17 @@ import pytest
 import torch
 from pyro import poutine
 
-from guides.factory import make_evidence_guide, make_guide
+from guides.factory import eta_guide_of, make_evidence_guide, make_guide
 from guides.meanfield import EVIDENCE_GUIDE_NAME
 from inference.data import Split
 from inference.eta_objectives import EvidenceEtaLoss, HeldOutEtaLoss, heldout_loglik, split_holdout
-from inference.svi import TrainConfig, fit, make_elbo
+from inference.svi import TrainConfig, eta_dict, fit, make_elbo
 from models import InvariantNet, ModelConfig
 
 
-def tiny_model(num_data: int = 40, first_layer_prior: bool = False) -> InvariantNet:
+def tiny_model(num_data: int = 40, first_layer_prior: bool = False, eta_prior: str = "none") -> InvariantNet:
     cfg = ModelConfig(image_shape=(1, 8, 8), hidden=6, num_transforms=3, generators=("rotate", "translate_x"),
-                      eta_init=0.3, first_layer_prior=first_layer_prior)
+                      eta_init=0.3, first_layer_prior=first_layer_prior, eta_prior=eta_prior)
     return InvariantNet(cfg, num_data=num_data)
 
 
@@ -119,6 +119,21 @@ def test_evidence_guide_needs_a_point_estimate_guide_and_the_first_layer_prior()
         make_evidence_guide(tiny_model(first_layer_prior=False), "hybrid")
 
 
+def test_full_bayes_evidence_shares_q_eta_on_the_sequential_schedule_only():
+    x, y = batch(40, 0)
+    model = tiny_model(first_layer_prior=True, eta_prior="uniform")
+    guide = make_guide(model, "hybrid")
+    with pytest.raises(ValueError, match="pass predicting_guide"):
+        make_evidence_guide(model, "hybrid")
+    evidence = make_evidence_guide(model, "hybrid", predicting_guide=guide)
+    with pytest.raises(ValueError, match="'sequential' schedule"):
+        fit(model, guide, Split(x, y), TrainConfig(num_steps=2, eta_objective="evidence"), progress=False,
+            evidence_guide=evidence)
+    own = make_guide(model, "meanfield")  # q(eta) inside its own family: nothing to hold apart
+    with pytest.raises(ValueError, match="burn-in"):
+        fit(model, own, Split(x, y), TrainConfig(num_steps=2, eta_burnin=1), progress=False)
+
+
 def test_split_holdout_is_stratified_disjoint_and_complete():
     y = torch.arange(10).repeat_interleave(20)  # class-sorted, like the shared subset
     x = torch.arange(200, dtype=torch.float).reshape(200, 1, 1, 1)
@@ -151,21 +166,25 @@ def test_unknown_objective_and_bad_fraction_are_one_line_errors():
         TrainConfig(eta_holdout=1.0)
 
 
-@pytest.mark.parametrize("schedule, stop_at", [("joint", 3), ("sequential", 3), ("sequential", 8)])
-def test_evidence_fit_trains_both_guides_and_resumes_exactly(tmp_path, schedule, stop_at):
-    """Interrupted and resumed (on the sequential schedule in either phase), an evidence run ends where the
-    uninterrupted one ends."""
+@pytest.mark.parametrize("schedule, stop_at, eta_prior", [("joint", 3, "none"), ("sequential", 3, "none"),
+                                                         ("sequential", 8, "none"), ("sequential", 3, "uniform"),
+                                                         ("sequential", 8, "uniform")])
+def test_evidence_fit_trains_both_guides_and_resumes_exactly(tmp_path, schedule, stop_at, eta_prior):
+    """Interrupted and resumed (on the sequential schedule in either phase, with eta a parameter or under full
+    Bayes), an evidence run ends where the uninterrupted one ends."""
     from inference.svi import CheckpointPolicy, TrainingInterrupted
 
     x, y = batch(40, 0)
     data = Split(x, y)
-    cfg = TrainConfig(num_steps=6, batch_size=8, eta_objective="evidence", log_every=1, evidence_schedule=schedule)
+    cfg = TrainConfig(num_steps=6, batch_size=8, eta_objective="evidence", log_every=1, evidence_schedule=schedule,
+                      eta_burnin=2)
 
     def run(folder, stop_at=None):
         pyro.clear_param_store()
         pyro.set_rng_seed(0)
-        model = tiny_model(first_layer_prior=True)
-        guide, evidence = make_guide(model, "hybrid"), make_evidence_guide(model, "hybrid")
+        model = tiny_model(first_layer_prior=True, eta_prior=eta_prior)
+        guide = make_guide(model, "hybrid")
+        evidence = make_evidence_guide(model, "hybrid", predicting_guide=guide)
         policy = CheckpointPolicy(folder, every=1)
 
         def stop(step, loss):
@@ -208,23 +227,36 @@ def test_evidence_guide_has_its_own_learning_rate_and_follows_lr_by_default():
         assert {v for k, v in lrs.items() if k != "eta" and not k.startswith(EVIDENCE_GUIDE_NAME)} == {5e-3}
 
 
-@pytest.mark.parametrize("objective", ["elbo", "evidence"])
-def test_eta_burnin_holds_eta_at_its_start_then_lets_it_move(objective):
+@pytest.mark.parametrize("objective, eta_prior", [("elbo", "none"), ("evidence", "none"), ("elbo", "uniform"),
+                                                  ("evidence", "uniform")])
+def test_eta_burnin_holds_eta_at_its_start_then_lets_it_move(objective, eta_prior):
+    """Under full Bayes the burn-in holds q(eta) (the median recorded here, and its scale)."""
     x, y = batch(40, 0)
-    model = tiny_model(first_layer_prior=True)
+    model = tiny_model(first_layer_prior=True, eta_prior=eta_prior)
     guide = make_guide(model, "hybrid")
-    evidence = make_evidence_guide(model, "hybrid") if objective == "evidence" else None
-    start = model.eta_effective.detach().clone()
-    cfg = TrainConfig(num_steps=8, batch_size=8, eta_objective=objective, log_every=1, eta_burnin=4, eta_lr=0.1)
-    weights_before = {k: v.detach().clone() for k, v in pyro.get_param_store().named_parameters()}
-    result = fit(model, guide, Split(x, y), cfg, progress=False, evidence_guide=evidence)
+    evidence = make_evidence_guide(model, "hybrid", predicting_guide=guide) if objective == "evidence" else None
+    start = torch.tensor(list(eta_dict(model, guide).values()))
+    cfg = TrainConfig(num_steps=8, batch_size=8, eta_objective=objective, log_every=1, eta_burnin=4, eta_lr=0.1,
+                      evidence_schedule="sequential" if eta_prior == "uniform" else "joint")
+    scales, snapshots = [], {}
+    piece = eta_guide_of(guide)
+
+    def record_scale(step, loss):
+        if piece is not None:
+            scales.append(piece.scales.eta.detach().clone())
+        snapshots[step] = {k: v.detach().clone() for k, v in pyro.get_param_store().named_parameters()}
+
+    result = fit(model, guide, Split(x, y), cfg, progress=False, evidence_guide=evidence, callback=record_scale)
     rows = [torch.tensor([r[g] for g in model.generator_names]) for r in result.eta_history]
+    if piece is not None:
+        for scale in scales[:4]:
+            torch.testing.assert_close(scale, scales[0], rtol=0, atol=0)
+        assert not torch.equal(scales[7], scales[0])
     for row in rows[:4]:  # steps 1..4: eta untouched (the guides train)
         torch.testing.assert_close(row, start, rtol=0, atol=0)
     assert not torch.equal(rows[-1], start)  # after the burn-in eta follows its objective
-    moved = [k for k, v in pyro.get_param_store().named_parameters() if k in weights_before
-             and not torch.equal(v, weights_before[k])]
-    assert moved  # the guide trained during the burn-in
+    moved = [k for k, v in snapshots[4].items() if not torch.equal(v, snapshots[1][k])]
+    assert moved and not any(k == "eta" or k.endswith(".eta") for k in moved)  # only the guides trained in steps 2..4
 
 
 def test_eta_burnin_needs_eta_as_a_learned_parameter():
@@ -238,10 +270,16 @@ def test_eta_burnin_needs_eta_as_a_learned_parameter():
         TrainConfig(eta_burnin=-1)
 
 
-def test_sequential_schedule_learns_eta_first_then_fits_the_predicting_guide_at_that_eta():
+@pytest.mark.parametrize("eta_prior", ["none", "uniform"])
+def test_sequential_schedule_learns_eta_first_then_fits_the_predicting_guide_at_that_eta(eta_prior):
+    """Under full Bayes the two guides share q(eta): phase 1 learns it, phase 2 holds it."""
     x, y = batch(40, 0)
-    model = tiny_model(first_layer_prior=True)
-    guide, evidence = make_guide(model, "hybrid"), make_evidence_guide(model, "hybrid")
+    model = tiny_model(first_layer_prior=True, eta_prior=eta_prior)
+    guide = make_guide(model, "hybrid")
+    evidence = make_evidence_guide(model, "hybrid", predicting_guide=guide)
+    piece = eta_guide_of(guide)
+    assert (piece is not None) == (eta_prior == "uniform") and eta_guide_of(evidence) is piece
+    q_eta = [] if piece is None else [f"{piece._pyro_name}.{part}.eta" for part in ("locs", "scales")]
     cfg = TrainConfig(num_steps=5, batch_size=8, eta_objective="evidence", evidence_schedule="sequential",
                       log_every=1, eta_lr=0.1)
     assert cfg.total_steps == 10
@@ -257,9 +295,9 @@ def test_sequential_schedule_learns_eta_first_then_fits_the_predicting_guide_at_
     for later in eta[5:]:
         torch.testing.assert_close(later, eta[4], rtol=0, atol=0)  # ... phase 2 (Adam's momentum included) does not
     first, end1, last = snapshots[1], snapshots[5], snapshots[10]
-    predicting = [k for k in last if k.startswith("AutoGuideList")]
+    predicting = [k for k in last if k.startswith("AutoGuideList") and k not in q_eta]
     assert predicting and not any(k in end1 for k in predicting)  # the predicting guide is not run in phase 1
-    for k in (k for k in end1 if k.startswith(EVIDENCE_GUIDE_NAME)):
+    for k in (k for k in end1 if k.startswith(EVIDENCE_GUIDE_NAME) or k in q_eta):
         assert not torch.equal(end1[k], first[k]) or k.endswith("b1")  # the evidence guide trains in phase 1
         torch.testing.assert_close(last[k], end1[k], rtol=0, atol=0)  # and rests in phase 2
     assert any(not torch.equal(last[k], snapshots[6][k]) for k in predicting)  # the predicting guide trains
