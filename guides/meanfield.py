@@ -71,9 +71,16 @@ class EtaGuide(PyroModule):
         finally:
             self._frozen = before
 
+    def quantile(self, q: float) -> torch.Tensor:
+        """The ``q``-quantile of q(eta), ``(K,)``: exact, the logit map being monotone."""
+        if not 0 < q < 1:
+            raise ValueError(f"a quantile level must lie in (0, 1), got {q}")
+        z = torch.special.ndtri(torch.tensor(float(q), dtype=self.locs.eta.dtype))
+        return biject_to(self._support)(self.locs.eta.detach() + z * self.scales.eta.detach())
+
     def median(self) -> torch.Tensor:
-        """The median of q(eta), ``(K,)`` (the logit map is monotone: the image of the Gaussian's median)."""
-        return biject_to(self._support)(self.locs.eta.detach())
+        """The median of q(eta), ``(K,)``."""
+        return self.quantile(0.5)
 
     def forward(self, *args, **kwargs) -> dict[str, torch.Tensor]:
         """Sample ``eta`` from q(eta); returns ``{"eta": value}`` (an autoguide part's convention)."""

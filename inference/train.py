@@ -53,7 +53,7 @@ from inference.data import (
 )
 from inference.eta_objectives import EtaObjective, EvidenceSchedule, split_holdout
 from inference.evaluate import accuracy_and_nll, elbo_estimate, predictive_log_probs
-from inference.svi import CheckpointPolicy, TrainConfig, TrainingInterrupted, eta_dict, fingerprint_config, fit
+from inference.svi import CheckpointPolicy, TrainConfig, TrainingInterrupted, eta_dict, eta_interval, fingerprint_config, fit
 from models.config import GENERATOR_PRESETS, Averaging, FirstLayer, ModelConfig, TransformMode
 from models.network import InvariantNet
 from models.priors import EtaPrior, PriorKind
@@ -305,6 +305,7 @@ def main(args: argparse.Namespace) -> dict:
     elbo = elbo_estimate(model, evidence_guide or guide, train, num_passes=args.elbo_passes)
     metrics = {
         "eta": eta_dict(model, guide),
+        "eta_interval_90": eta_interval(model, guide),  # full Bayes: q(eta)'s central 90% interval, else None
         "test_accuracy": acc,
         "test_nll": nll,
         "elbo_per_example": elbo.mean,

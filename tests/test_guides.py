@@ -360,3 +360,21 @@ def test_paper_guide_rows_grow_no_faster_through_the_off_diagonal_than_through_t
     diag_growth = init * (math.exp(lr * steps) - 1)
     assert rows.max() <= init + diag_growth + lr * steps * 1.01  # off-diagonal part: <= lr * steps in norm
     assert rows.max() > init + diag_growth  # the off-diagonal entries did move
+
+
+def test_eta_guide_quantiles_are_exact_and_it_is_one_piece_of_the_guide():
+    """Under full Bayes the autoguide families keep q(eta) apart: its quantiles are those of its draws."""
+    pyro.set_rng_seed(3)
+    from guides.factory import eta_guide_of
+
+    model = InvariantNet(ModelConfig(image_shape=(1, 8, 8), hidden=4, num_transforms=2, eta_prior="uniform",
+                                     eta_init=1.0), num_data=10)
+    guide = make_guide(model, "hybrid", init_scale=0.5)
+    piece = eta_guide_of(guide)
+    assert piece is not None and eta_guide_of(make_guide(model, "lowrank")) is None
+    x = torch.rand(2, 1, 8, 8)
+    draws = torch.stack([poutine.trace(guide).get_trace(x).nodes["eta"]["value"] for _ in range(20000)])
+    for q in (0.05, 0.5, 0.95):
+        torch.testing.assert_close(piece.quantile(q), torch.quantile(draws, q, dim=0), rtol=0.03, atol=0.01)
+    torch.testing.assert_close(piece.median(), torch.full((6,), 1.0), rtol=1e-5, atol=1e-6)  # starts at eta_init
+    assert ((draws > 0) & (draws < math.pi)).all()  # inside the prior's support
