@@ -16,7 +16,7 @@ from models.network import InvariantNet
 
 
 @torch.no_grad()
-def predictive_log_probs(
+def predictive_draws(
     model: InvariantNet,
     guide: Callable,
     x: torch.Tensor,
@@ -24,7 +24,10 @@ def predictive_log_probs(
     num_transforms: int | None = None,
     batch_size: int = 500,
 ) -> torch.Tensor:
-    """log p(y | x, D) ~= log (1/M) sum_m (1/S) sum_s softmax f_s(x; theta_m), theta_m ~ q.
+    """log p(y | x, theta_m) = log (1/S) sum_s softmax f_s(x; theta_m) for M draws theta_m ~ q.
+
+    Draw m is taken batch by batch (a fresh theta per batch of ``batch_size`` examples), all batches of draw
+    m before draw m + 1, so that draw 0 is exactly what a one-draw evaluation gives.
 
     Parameters
     ----------
@@ -41,21 +44,40 @@ def predictive_log_probs(
     Returns
     -------
     torch.Tensor
-        ``(N, classes)`` normalised log-probabilities.
+        ``(M, N, classes)`` normalised log-probabilities, one slice per draw.
     """
     if num_samples < 1:
         raise ValueError(f"num_samples must be a positive integer, got {num_samples}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size}")
-    out = []
-    for xb in torch.split(x, batch_size):
-        draws = []
-        for _ in range(num_samples):
+    draws = []
+    for _ in range(num_samples):
+        parts = []
+        for xb in torch.split(x, batch_size):
             guide_trace = poutine.trace(guide).get_trace(xb, None, num_transforms)
-            draws.append(poutine.replay(model, trace=guide_trace)(xb, None, num_transforms))
-        stacked = torch.stack(draws)  # (M, b, classes)
-        out.append(torch.logsumexp(stacked, 0) - math.log(num_samples))
-    return torch.cat(out)
+            parts.append(poutine.replay(model, trace=guide_trace)(xb, None, num_transforms))
+        draws.append(torch.cat(parts))
+    return torch.stack(draws)
+
+
+def average_draws(draws: torch.Tensor) -> torch.Tensor:
+    """The posterior predictive from ``(M, N, classes)`` per-draw log-probabilities: log (1/M) sum_m p_m."""
+    return torch.logsumexp(draws, 0) - math.log(draws.shape[0])
+
+
+def predictive_log_probs(
+    model: InvariantNet,
+    guide: Callable,
+    x: torch.Tensor,
+    num_samples: int = 1,
+    num_transforms: int | None = None,
+    batch_size: int = 500,
+) -> torch.Tensor:
+    """log p(y | x, D) ~= log (1/M) sum_m (1/S) sum_s softmax f_s(x; theta_m), theta_m ~ q.
+
+    Returns ``(N, classes)`` normalised log-probabilities; the arguments are those of :func:`predictive_draws`.
+    """
+    return average_draws(predictive_draws(model, guide, x, num_samples, num_transforms, batch_size))
 
 
 def accuracy_and_nll(log_probs: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:

@@ -6,8 +6,9 @@ Usage::
 
 trains one model per (transformation family, true extent, seed) with every flag of
 ``python -m inference.train``, defaulting to the recommended setting for relaxed invariance
-(:data:`RECOMMENDED`: the ``evidence`` objective on the ``sequential`` schedule, a 200-step eta burn-in, eta's
-learning rate 0.1, all six generators in the isotropic basis) on MNIST transformed by that family and extent,
+(:data:`RECOMMENDED`: the ``evidence`` objective on the ``sequential`` schedule, 2,000 steps per phase, a 200-step
+eta burn-in, eta's learning rate 0.1, all six generators in the isotropic basis) on MNIST transformed by that family
+and extent,
 and writes
 
 * ``OUT/<family>-<extent>/seed-<s>/`` one training run each (``metrics.json``, ``eta_history.csv``); every
@@ -37,11 +38,9 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import math
 import statistics
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -50,7 +49,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from inference import train  # noqa: E402
+from inference import grid, report, train  # noqa: E402
 from inference.data import pixels_per_unit  # noqa: E402
 from inference.eta_objectives import EtaObjective, EvidenceSchedule  # noqa: E402
 from models.config import GENERATOR_PRESETS  # noqa: E402
@@ -95,6 +94,7 @@ FAMILIES: dict[str, Family] = {
 RECOMMENDED = {  # the recommended setting for relaxed invariance (README, "How much invariance")
     "eta_objective": EtaObjective.EVIDENCE,  # eta from a bound on the evidence of the model with priors on every weight
     "evidence_schedule": EvidenceSchedule.SEQUENTIAL,  # learn eta first, then the predicting network at that eta
+    "num_steps": 2000,  # per phase: the mean-field guide settles (KL ~10 nats / example, ~50 after 1,000 steps)
     "eta_burnin": 200,  # eta waits while the mean-field guide is still noise (early on, averaging helps a noisy net)
     "eta_lr": 0.1,  # after the burn-in, eta can still travel from 5 deg to a full turn before the cosine ends
     "generators": GENERATOR_PRESETS["affine-iso"],  # six generators, one isotropic scale (the data's) + aspect change
@@ -102,7 +102,8 @@ RECOMMENDED = {  # the recommended setting for relaxed invariance (README, "How 
 """``inference.train`` flags the calibration sets by default (each can be overridden on its command line)."""
 
 COLUMNS = ["family", "true_extent", "unit", "seed", "learned_extent", "ratio", "max_other_eta",
-           *(f"eta_{g}" for g in ALL_GENERATOR_NAMES), "test_accuracy", "test_nll", "elbo_per_example", "train_seconds"]
+           *(f"eta_{g}" for g in ALL_GENERATOR_NAMES), "test_accuracy", "test_accuracy_one_draw", "eval_samples",
+           "test_nll", "elbo_per_example", "train_seconds"]
 
 
 def parse_floats(text: str) -> tuple[float, ...]:
@@ -131,6 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--families", default=",".join(FAMILIES),
                    help=f"comma list of {list(FAMILIES)}")
     g.add_argument("--seeds", type=parse_seeds, default=(0,), help="comma list of seeds, one run per cell and seed")
+    g.add_argument("--jobs", type=int, default=1,
+                   help="worker processes training cells in parallel (inference.grid: threads split between them)")
     g.add_argument("--collect", action="store_true",
                    help="train nothing: build the table and figure from the cells already finished in --out")
     for fam in FAMILIES.values():
@@ -167,19 +170,6 @@ def cell_args(args: argparse.Namespace, fam: Family, extent: float, seed: int, r
                               **{fam.data_flag: extent})
 
 
-def finished_cell(args: argparse.Namespace, fam: Family, extent: float, seed: int, run_dir: Path) -> dict | None:
-    """The metrics of a finished cell, None if it has not run; a run made with other settings is an error."""
-    path = run_dir / "metrics.json"
-    if not path.exists():
-        return None
-    metrics = json.loads(path.read_text())
-    differ = train.config_differences(cell_args(args, fam, extent, seed, run_dir), metrics)
-    if differ:
-        raise ValueError(f"{run_dir} holds a run made with other settings ({', '.join(differ[:4])}"
-                         f"{', ...' if len(differ) > 4 else ''}): choose another --out or remove that folder")
-    return metrics
-
-
 def row(fam: Family, extent: float, seed: int, metrics: dict) -> dict:
     eta = metrics["eta"]
     learned = fam.learned(eta, image_size=metrics["config"]["model"]["image_shape"][-1])
@@ -188,6 +178,8 @@ def row(fam: Family, extent: float, seed: int, metrics: dict) -> dict:
         "ratio": learned / extent if extent > 0 else float("nan"), "max_other_eta": fam.others(eta),
         **{f"eta_{g}": value for g, value in eta.items()},
         **{k: metrics[k] for k in ("test_accuracy", "test_nll", "elbo_per_example", "train_seconds")},
+        "test_accuracy_one_draw": report.one_draw(metrics)[0],
+        "eval_samples": metrics.get("config", {}).get("eval", {}).get("num_samples", 1),
     }
 
 
@@ -197,16 +189,15 @@ def summarise(rows: list[dict]) -> list[dict]:
     for r in rows:
         groups.setdefault((r["family"], r["true_extent"]), []).append(r)
 
-    def ms(values: list[float]) -> tuple[float, float]:
-        if any(math.isnan(v) for v in values):  # the ratio at a true extent of 0
-            return math.nan, math.nan
-        return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
-
     out = []
     for (family, extent), rs in groups.items():
-        s = {"family": family, "true_extent": extent, "unit": rs[0]["unit"], "seeds": len(rs)}
-        for key in ("learned_extent", "ratio", "max_other_eta", "test_accuracy"):
-            s[f"{key}_mean"], s[f"{key}_std"] = ms([r[key] for r in rs])
+        s = {"family": family, "true_extent": extent, "unit": rs[0]["unit"], "seeds": len(rs),
+             "eval_samples": sorted({r["eval_samples"] for r in rs})}
+        for key in ("learned_extent", "ratio", "max_other_eta", "test_accuracy_one_draw"):
+            s[f"{key}_mean"], s[f"{key}_std"] = report.mean_std([r[key] for r in rs])
+        posterior = [r["test_accuracy"] for r in rs if r["eval_samples"] > 1]  # M-draw accuracy, where measured
+        complete = posterior if len(posterior) == len(rs) else []
+        s["test_accuracy_mean"], s["test_accuracy_std"] = report.mean_std(complete)
         out.append(s)
     return out
 
@@ -216,13 +207,17 @@ def write_tables(rows: list[dict], out: Path) -> None:
         writer = csv.DictWriter(f, fieldnames=COLUMNS)
         writer.writeheader()
         writer.writerows(rows)
-    lines = ["| family | true extent | learned extent | learned / true | max other eta | test acc. (%) | seeds |",
-             "| --- | --- | --- | --- | --- | --- | --- |"]
+    lines = ["| family | true extent | learned extent | learned / true | max other eta | test acc. (%, one draw) | "
+             "test acc. (%, M draws) | seeds |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for s in summarise(rows):
         ratio = "-" if s["true_extent"] == 0 else f"{s['ratio_mean']:.2f} ± {s['ratio_std']:.2f}"
+        posterior = ("-" if s["test_accuracy_mean"] != s["test_accuracy_mean"] else
+                     f"{100 * s['test_accuracy_mean']:.1f} ± {100 * s['test_accuracy_std']:.1f} "
+                     f"(M = {'/'.join(map(str, s['eval_samples']))})")
         lines.append(f"| {s['family']} | {s['true_extent']:.3g} {s['unit']} | {s['learned_extent_mean']:.3g} ± "
                      f"{s['learned_extent_std']:.2g} {s['unit']} | {ratio} | {s['max_other_eta_mean']:.3f} | "
-                     f"{100 * s['test_accuracy_mean']:.1f} ± {100 * s['test_accuracy_std']:.1f} | {s['seeds']} |")
+                     f"{100 * s['test_accuracy_one_draw_mean']:.1f} ± {100 * s['test_accuracy_one_draw_std']:.1f} | "
+                     f"{posterior} | {s['seeds']} |")
     (out / "extents.md").write_text("\n".join(lines) + "\n")
 
 
@@ -264,29 +259,28 @@ def plot(rows: list[dict], out: Path) -> Path:
 
 
 def main(args: argparse.Namespace) -> list[dict]:
-    """Train every missing cell, then write the tables and the figure; returns the rows."""
+    """Train (or reuse) every cell, then write the tables and the figure; returns the rows."""
     if args.out is None:
         raise ValueError("--out is required")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    plan = cells(args)
-    rows, clock = [], time.perf_counter()
-    for i, (fam, extent, seed) in enumerate(plan, 1):
+    jobs, cell_of = [], {}
+    for fam, extent, seed in cells(args):
         run_dir = cell_dir(out, fam, extent, seed)
-        metrics = finished_cell(args, fam, extent, seed, run_dir)
-        done = metrics is not None
-        status = " (done, reused)" if done else (" (not run, skipped)" if args.collect else "")
-        print(f"[{i}/{len(plan)}] {fam.name} a={extent:.4g} {fam.unit} seed={seed}{status}  "
-              f"elapsed {time.perf_counter() - clock:.0f} s", file=sys.stderr)
-        if not done and args.collect:
-            continue
-        if not done:
-            metrics = train.main(cell_args(args, fam, extent, seed, run_dir))
-        r = row(fam, extent, seed, metrics)
-        rows.append(r)
+        jobs.append(grid.Job(f"{fam.name} a={extent:.4g} {fam.unit} seed={seed}", run_dir,
+                             cell_args(args, fam, extent, seed, run_dir)))
+        cell_of[id(jobs[-1])] = (fam, extent, seed)
+    rows: list[dict] = []
+
+    def add(job: grid.Job, metrics: dict) -> None:
+        rows.append(row(*cell_of[id(job)], metrics))
         write_tables(rows, out)  # the table stays current while later cells run
-    if not rows:
+
+    results = grid.run_jobs(jobs, args.jobs, collect_only=args.collect, on_result=add)
+    if not results:
         raise ValueError(f"no finished cell in {out} to collect")
+    rows = [row(*cell_of[id(job)], metrics) for job, metrics in results]  # in the planned order
+    write_tables(rows, out)
     plot(rows, out)
     print((out / "extents.md").read_text())
     return rows

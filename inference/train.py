@@ -21,6 +21,7 @@ import copy
 import csv
 import json
 import math
+import re
 import shlex
 import sys
 import time
@@ -52,12 +53,24 @@ from inference.data import (
     validate_split,
 )
 from inference.eta_objectives import EtaObjective, EvidenceSchedule, split_holdout
-from inference.evaluate import accuracy_and_nll, elbo_estimate, predictive_log_probs
-from inference.svi import CheckpointPolicy, TrainConfig, TrainingInterrupted, eta_dict, eta_interval, fingerprint_config, fit
+from inference.evaluate import accuracy_and_nll, average_draws, elbo_estimate, predictive_draws
+from inference.svi import (
+    CheckpointPolicy,
+    TrainConfig,
+    TrainingInterrupted,
+    eta_dict,
+    eta_interval,
+    fingerprint_config,
+    fit,
+)
 from models.config import GENERATOR_PRESETS, Averaging, FirstLayer, ModelConfig, TransformMode
 from models.network import InvariantNet
 from models.priors import EtaPrior, PriorKind
 from models.transforms import ALL_GENERATOR_NAMES, GENERATOR_NAMES, generator_basis
+
+EVAL_SAMPLES = 32
+"""Default M of the test predictive. Measured on the main job's run (runs/rotated-mnist, 64 draws in groups of M):
+accuracy 86.6 +- 1.4 % with one draw, 88.0 +- 0.7 with 4, 88.7 +- 0.6 with 16, 88.8 (both groups of 32 alike)."""
 
 
 def parse_generators(text: str) -> tuple[str, ...]:
@@ -101,7 +114,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--num-transforms", type=int, default=m.num_transforms,
                    help="S transformation samples per training step")
     g.add_argument("--eval-transforms", type=int, default=m.num_transforms, help="S at evaluation")
-    g.add_argument("--eval-samples", type=int, default=1, help="weight samples from q at evaluation")
+    g.add_argument("--eval-samples", type=int, default=EVAL_SAMPLES, metavar="M",
+                   help="weight draws from q averaged in the test predictive (metrics.json also keeps the first "
+                   "draw's accuracy and NLL as test_accuracy_one_draw, test_nll_one_draw)")
     g.add_argument("--elbo-passes", type=int, default=4,
                    help="passes over the training set for the reported ELBO / N (mean and standard error; "
                    "32 for comparisons to 0.01 / example)")
@@ -156,7 +171,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="save a checkpoint every N steps (0: only at the end and on Ctrl-C)")
     g.add_argument("--keep-checkpoints", type=int, default=3, metavar="K", help="keep the newest K checkpoints")
     g.add_argument("--seed", type=int, default=t.seed)
-    g.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    g.add_argument("--device", type=parse_device, default="cpu", metavar="{cpu,cuda,cuda:N}",
+                   help="where to train; cuda:N picks one of several GPUs (compare / extents --jobs: one per worker)")
     g.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
@@ -211,7 +227,7 @@ def run_settings(args: argparse.Namespace, data_cfg: DataConfig, device: torch.d
         "data": asdict(data_cfg),
         "guide": {"kind": GuideKind(args.guide).value, "init_scale": args.init_scale,
                   "init_loc": InitLoc(args.init_loc).value},
-        "device": str(device),
+        "device": device.type,  # not the index: a run may resume on another GPU
     }
 
 
@@ -231,11 +247,21 @@ def latest_checkpoint(run_dir: Path) -> tuple[Checkpoint, list[Exception]]:
     return checkpoint, list(skipped)
 
 
+def parse_device(text: str) -> str:
+    """``cpu``, ``cuda`` or ``cuda:N``."""
+    if text in ("cpu", "cuda") or re.fullmatch(r"cuda:\d+", text):
+        return text
+    raise argparse.ArgumentTypeError(f"expected cpu, cuda or cuda:N, got {text!r}")
+
+
 def resolve_device(name: str) -> torch.device:
-    """``cpu`` or ``cuda``; asking for CUDA without a GPU is an error, not a silent fallback."""
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda was requested but torch sees no CUDA device")
-    return torch.device(name)
+    """``cpu``, ``cuda`` or ``cuda:N``; asking for a GPU torch does not see is an error, not a silent fallback."""
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name} was requested but torch sees no CUDA device")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(f"--device {name} was requested but torch sees {torch.cuda.device_count()} CUDA device(s)")
+    return device
 
 
 class EtaHistoryWriter:
@@ -299,8 +325,9 @@ def main(args: argparse.Namespace) -> dict:
     finally:
         history.close()
     start = time.perf_counter()
-    log_p = predictive_log_probs(model, guide, test.x, args.eval_samples, args.eval_transforms)
-    acc, nll = accuracy_and_nll(log_p, test.y)
+    draws = predictive_draws(model, guide, test.x, args.eval_samples, args.eval_transforms)  # (M, N, classes)
+    acc, nll = accuracy_and_nll(average_draws(draws), test.y)
+    acc_one, nll_one = accuracy_and_nll(draws[0], test.y)  # the first draw alone: a one-draw evaluation
     # the bound on the marginal likelihood: the evidence guide's ELBO under the evidence objective
     elbo = elbo_estimate(model, evidence_guide or guide, train, num_passes=args.elbo_passes)
     metrics = {
@@ -308,6 +335,8 @@ def main(args: argparse.Namespace) -> dict:
         "eta_interval_90": eta_interval(model, guide),  # full Bayes: q(eta)'s central 90% interval, else None
         "test_accuracy": acc,
         "test_nll": nll,
+        "test_accuracy_one_draw": acc_one,
+        "test_nll_one_draw": nll_one,
         "elbo_per_example": elbo.mean,
         "elbo_stderr": elbo.stderr,
         "elbo_terms": {"expected_loglik": elbo.expected_loglik, "kl": elbo.kl},  # per example: loglik - kl = ELBO
@@ -324,7 +353,7 @@ def main(args: argparse.Namespace) -> dict:
             "guide": settings["guide"],
             "eval": {"num_transforms": args.eval_transforms, "num_samples": args.eval_samples,
                      "elbo_passes": args.elbo_passes},
-            "device": str(device),
+            "device": device.type,
             "seed": args.seed,
         },
     }

@@ -242,3 +242,14 @@ def test_cli_wrong_image_size(tmp_path, capsys):
     write_root(tmp_path / "root", image_hw=(28, 27))
     assert cli_on(tmp_path / "root", tmp_path) == 2
     assert "training images are 28x27 pixels but the model expects 28x28" in one_line_error(capsys)
+
+
+def test_device_names_are_checked_when_parsed():
+    from inference.train import build_parser
+
+    parser = build_parser()
+    for good in ("cpu", "cuda", "cuda:1"):
+        assert parser.parse_args(["--out", "x", "--device", good]).device == good
+    for bad in ("gpu", "cuda:", "cuda:x", "cpu:0"):
+        with pytest.raises(SystemExit):
+            parser.parse_args(["--out", "x", "--device", bad])

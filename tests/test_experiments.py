@@ -5,16 +5,18 @@ A coverage test fails when a new script (a module with ``if __name__ == "__main_
 
 from __future__ import annotations
 
+import csv
 import json
 import math
 import os
+import statistics
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from inference import compare
+from inference import compare, report
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--train-size", "100", "--test-size", "50", "--hidden", "8", "--num-steps", "3", "--num-transforms", "2",
@@ -23,13 +25,14 @@ TINY = ["--train-size", "100", "--test-size", "50", "--hidden", "8", "--num-step
 # script -> the test that runs it end to end in a subprocess with tiny settings
 SCRIPTS: dict[str, str] = {
     "inference/train.py": "tests/test_train_cli.py, tests/test_resume_cli.py",
-    "inference/compare.py": "test_compare_writes_table_and_figure below",
+    "inference/compare.py": "test_compare_with_seeds_writes_per_seed_runs_mean_and_std_and_a_figure below",
     "inference/extents.py": "tests/test_extents.py",
     "inference/diagnose.py": "tests/test_diagnostics.py",
     "benchmarks/bench_step.py": "tests/test_benchmarks.py",
 }
 COMPARE = ["-m", "inference.compare", "--dataset", "rotated-mnist", "--data-dir", "{data}", "--out", "{out}",
-           "--configs", "elbo,ml", "--sweep-deg", "5,90", *TINY]
+           "--configs", "elbo,ml", "--sweep-deg", "5,90", "--seeds", "0,1", "--eval-samples", "2", "--elbo-passes", "1",
+           *TINY]
 
 
 def entry_points() -> set[str]:
@@ -45,46 +48,147 @@ def test_every_script_is_listed():
     assert entry_points() <= set(SCRIPTS), f"add these scripts to SCRIPTS: {sorted(entry_points() - set(SCRIPTS))}"
 
 
-def test_compare_writes_table_and_figure(tmp_path, data_dir):
-    """The comparison's table has one row per configuration and sweep angle, and the figure exists."""
+def test_compare_with_seeds_writes_per_seed_runs_mean_and_std_and_a_figure(tmp_path, data_dir):
+    """End to end with two seeds: one folder per configuration and seed, one summary row per configuration whose
+    mean and std are those of its two runs, and the figure."""
     out = tmp_path / "cmp"
     args = [a.format(out=out, data=data_dir) for a in COMPARE]
     proc = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=300,
                           env={**os.environ, "PYTHONWARNINGS": "error"})
     assert proc.returncode == 0, proc.stderr[-3000:]
-    rows = (out / "comparison.csv").read_text().splitlines()
-    assert [r.split(",")[0] for r in rows[1:]] == ["elbo", "ml", "fixed-5", "fixed-90", "learned"]
+    with open(out / "comparison.csv") as f:
+        summary = list(csv.DictReader(f))
+    assert [r["config"] for r in summary] == ["elbo", "ml", "fixed-5", "fixed-90", "learned"]
+    for r in summary:
+        runs = [json.loads((out / r["config"] / f"seed-{s}" / "metrics.json").read_text()) for s in (0, 1)]
+        assert [m["config"]["seed"] for m in runs] == [0, 1] and r["seeds"] == "2"
+        for key in ("test_accuracy", "test_nll", "elbo_per_example", "test_accuracy_one_draw"):
+            values = [m[key] for m in runs]
+            assert float(r[f"{key}_mean"]) == pytest.approx(statistics.fmean(values))
+            assert float(r[f"{key}_std"]) == pytest.approx(statistics.stdev(values))
+        eta = [m["eta"]["rotate"] for m in runs]
+        assert float(r["eta_rotate_mean"]) == pytest.approx(statistics.fmean(eta))
+    with open(out / "runs.csv") as f:
+        assert len(list(csv.DictReader(f))) == 10
     assert (out / "comparison.png").stat().st_size > 10_000
     md = (out / "comparison.md").read_text()
-    assert sum(line.startswith("|") for line in md.splitlines()) == len(rows) + 1  # header, separator, runs
-    assert "Fixed-eta sweep, ELBO / example by fixed eta_rotate: 5 deg:" in md and "learned - best fixed" in md
-    fixed = json.loads((out / "fixed-90" / "metrics.json").read_text())
+    assert "Fixed-eta sweep, ELBO / example by fixed eta_rotate: 5 deg:" in md and "within noise" in md
+    fixed = json.loads((out / "fixed-90" / "seed-1" / "metrics.json").read_text())
     assert fixed["eta"]["rotate"] == pytest.approx(1.5707963, abs=1e-6)  # fixed at 90 degrees, not learned
     assert fixed["config"]["model"]["generators"] == ["rotate"]
-    ml = json.loads((out / "ml" / "metrics.json").read_text())["config"]["model"]
+    ml = json.loads((out / "ml" / "seed-0" / "metrics.json").read_text())["config"]["model"]
     assert (ml["first_layer_prior"], ml["output_layer_prior"]) == (False, False)  # maximum likelihood: no prior
+    again = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0 and again.stderr.count("(done, reused)") == 10  # nothing is trained twice
 
 
-def test_sweep_summary_picks_the_best_fixed_angle_and_the_learned_gap():
-    def r(name, deg, elbo):
-        return {"config": name, "eta_rotate": math.radians(deg), "elbo_per_example": elbo, "elbo_stderr": 0.01}
+def test_compare_runs_jobs_in_parallel_processes_and_refuses_other_settings(tmp_path, data_dir):
+    base = ["--dataset", "rotated-mnist", "--data-dir", str(data_dir), "--out", str(tmp_path / "par"),
+            "--configs", "elbo,ml", "--seeds", "0,1", "--eval-samples", "1", "--elbo-passes", "1", *TINY]
+    assert compare.cli([*base, "--jobs", "2"]) == 0
+    for name in ("elbo", "ml"):
+        for seed in (0, 1):
+            assert (tmp_path / "par" / name / f"seed-{seed}" / "train.log").stat().st_size > 0  # the worker's output
+    serial = tmp_path / "serial"
+    assert compare.cli([*base[:5], str(serial), *base[6:], "--jobs", "1"]) == 0
+    for name in ("elbo", "ml"):  # a worker trains exactly what this process trains
+        a = json.loads((tmp_path / "par" / name / "seed-1" / "metrics.json").read_text())
+        b = json.loads((serial / name / "seed-1" / "metrics.json").read_text())
+        assert a["eta"] == b["eta"] and a["test_accuracy"] == b["test_accuracy"]
+    changed = [*base[:5], str(serial), *base[6:], "--lr", "0.01"]
+    assert compare.cli(changed) == 2  # a finished run made with other settings is refused, not mixed in
+
+
+def test_worker_settings_split_the_cores_and_the_gpus():
+    from inference.grid import worker_settings
+
+    assert worker_settings(2, "cpu", cores=16) == [{"threads": 8}, {"threads": 8}]
+    assert worker_settings(3, "cpu", cores=2) == [{"threads": 1}] * 3
+    assert [w["device"] for w in worker_settings(3, "cuda", cores=16, gpus=2)] == ["cuda:0", "cuda:1", "cuda:0"]
+    assert worker_settings(2, "cuda", cores=4, gpus=1) == [{"threads": 2}, {"threads": 2}]
+    with pytest.raises(ValueError, match="--jobs"):
+        worker_settings(0, "cpu")
+
+
+def test_sweep_summary_picks_the_best_fixed_angle_and_judges_the_gap_by_the_seed_spread():
+    def r(name, deg, elbo, std=0.02, seeds=3):
+        return {"config": name, "eta_rotate_mean": math.radians(deg), "elbo_per_example_mean": elbo,
+                "elbo_per_example_std": std, "elbo_stderr_mean": 0.01, "seeds": seeds, "elbo_loglik_mean": 0.0,
+                "elbo_kl_mean": 0.0, "test_accuracy_mean": 0.9}
 
     rows = [r("elbo", 10, -9.0), r("fixed-90", 90, -1.5), r("fixed-5", 5, -2.0), r("fixed-175", 175, -1.25),
             r("learned", 200, -1.3)]
-    summary = compare.sweep_summary(rows)
+    summary = report.sweep_summary(rows)
     assert summary["angles_deg"] == pytest.approx([5, 90, 175]) and summary["elbos"] == [-2.0, -1.5, -1.25]
     assert summary["best_deg"] == pytest.approx(175) and summary["best_elbo"] == -1.25
     assert summary["learned_deg"] == pytest.approx(200) and summary["learned_minus_best"] == pytest.approx(-0.05)
-    assert "learned - best fixed = -0.050 per example" in compare.describe_sweep(summary)
-    assert compare.sweep_summary(rows[:1]) is None
-    assert compare.sweep_summary(rows[:4])["learned_elbo"] is None
+    assert summary["noise"] == pytest.approx(math.hypot(0.02, 0.02))
+    assert "-0.050 ± 0.028 per example: it falls short of" in report.describe_sweep(summary)
+    rows[-1] = r("learned", 200, -1.26)
+    assert "it ties with" in report.describe_sweep(report.sweep_summary(rows))
+    one_seed = [r("fixed-5", 5, -2.0, seeds=1), r("learned", 20, -1.9, seeds=1)]
+    assert report.sweep_summary(one_seed)["noise"] == pytest.approx(math.hypot(0.01, 0.01))  # Monte-Carlo errors
+    assert "it beats" in report.describe_sweep(report.sweep_summary(one_seed))
+    assert report.sweep_summary(rows[:1]) is None
+    assert report.sweep_summary(rows[:4])["learned_elbo"] is None
 
 
-def test_preset_sets_defaults_and_explicit_flags_win():
+def test_presets_set_defaults_and_explicit_flags_win():
     args = compare.parse_args(["--preset", "table1", "--out", "x", "--num-steps", "7"])
     assert (args.first_layer, args.rff_scale, args.rff_blur, args.prior_scale) == ("rff", 8.0, 1.0, 4.0)
     assert args.configs == "" and args.sweep_deg == "5,45,90,135,175" and args.num_steps == 7
-    assert [name for name, _ in compare.plan(args)] == ["fixed-5", "fixed-45", "fixed-90", "fixed-135",
-                                                         "fixed-175", "learned"]
+    planned = compare.plan(args)
+    assert [(d, c) for d, c, _, _ in planned[:6]] == [("rotated", n) for n in ("fixed-5", "fixed-45", "fixed-90",
+                                                                               "fixed-135", "fixed-175", "learned")]
+    assert {d for d, *_ in planned} == {"rotated", "partially-rotated", "regular"} and len(planned) == 18
     plain = compare.parse_args(["--out", "x"])
     assert plain.first_layer == "relu" and plain.configs == "elbo,map,ml" and plain.sweep_deg == ""
+    assert [(d, c, s) for d, c, s, _ in compare.plan(plain)] == [("", "elbo", 0), ("", "map", 0), ("", "ml", 0)]
+
+
+def test_table2_plan_is_the_papers_grid_with_the_fixed_augmentation_at_the_true_extent():
+    args = compare.parse_args(["--preset", "table2", "--out", "x", "--seeds", "0,1,2"])
+    planned = compare.plan(args)
+    assert len(planned) == 4 * 6 * 3
+    runs = {(d, c): o for d, c, s, o in planned if s == 2}
+    assert runs["rotated", "inv-affine"]["generators"] == ("translate_x", "translate_y", "rotate", "scale", "stretch",
+                                                           "shear")  # the recommended (isotropic) basis
+    assert runs["scaled", "inv-scale"]["generators"] == ("scale",)
+    aug = runs["translated", "fixed-aug"]
+    assert aug["generators"] == ("translate_x", "translate_y") and aug["fixed_eta"]
+    assert math.radians(aug["eta_init_deg"]) == pytest.approx(8 / 13.5)  # 8 px in normalised units
+    assert math.radians(runs["scaled", "fixed-aug"]["eta_init_deg"]) == pytest.approx(math.log(2))
+    assert math.radians(runs["rotated", "fixed-aug"]["eta_init_deg"]) == pytest.approx(math.pi)
+    assert runs["regular", "fixed-aug"]["generators"] == ()
+    for key in (("rotated", "fixed-aug"), ("regular", "inv-none")):  # nothing to learn: the plain ELBO
+        assert runs[key]["eta_objective"] == "elbo" and runs[key]["eta_burnin"] == 0
+    assert "eta_objective" not in runs["rotated", "inv-rotation"] and args.eta_objective == "evidence"
+    with pytest.raises(ValueError, match="unknown dataset"):
+        compare.plan(compare.parse_args(["--out", "x", "--datasets", "cifar"]))
+    with pytest.raises(ValueError, match="unknown configuration"):
+        compare.plan(compare.parse_args(["--out", "x", "--configs", "inv-colour"]))
+
+
+def test_grid_resumes_a_run_interrupted_part_way_and_trains_a_shared_folder_once(tmp_path, data_dir):
+    """A folder with checkpoints but no metrics.json continues from its newest checkpoint and ends where an
+    uninterrupted run ends; two jobs naming one folder train it once."""
+    from inference import grid, train
+
+    def job(folder: Path, label: str = "run") -> grid.Job:
+        args = train.build_parser().parse_args(
+            ["--dataset", "rotated-mnist", "--data-dir", str(data_dir), "--out", str(folder), *TINY, "--num-steps", "6",
+             "--checkpoint-every", "2", "--keep-checkpoints", "5", "--eval-samples", "1", "--elbo-passes", "1"])
+        return grid.Job(label, folder, args)
+
+    whole = grid.run_jobs([job(tmp_path / "a")])[0][1]
+    cut = tmp_path / "b"
+    grid.run_jobs([job(cut)])
+    (cut / "metrics.json").unlink()  # as if stopped after step 2: only its checkpoint is left
+    for step in (4, 6):
+        (cut / "checkpoints" / f"step-{step:08d}.pt").unlink()
+    calls = []
+    results = grid.run_jobs([job(cut, "first"), job(cut, "second")], on_result=lambda j, m: calls.append(j.label))
+    assert calls == ["first", "second"] and results[0][1] is not None
+    resumed = json.loads((cut / "metrics.json").read_text())
+    assert resumed["resumed_from_step"] == 2
+    assert resumed["eta"] == whole["eta"] and resumed["test_accuracy"] == whole["test_accuracy"]
