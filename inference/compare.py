@@ -100,17 +100,6 @@ PRESETS: dict[str, dict] = {
 """Named sets of defaults (``--preset``); flags given on the command line still override them."""
 
 
-def parse_seeds(text: str) -> tuple[int, ...]:
-    """A comma list of distinct non-negative seeds."""
-    try:
-        seeds = tuple(int(t) for t in text.split(",") if t.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a comma list of integer seeds, got {text!r}") from None
-    if not seeds or len(set(seeds)) != len(seeds) or min(seeds) < 0:
-        raise argparse.ArgumentTypeError(f"expected distinct seeds >= 0, got {text!r}")
-    return seeds
-
-
 def build_parser() -> argparse.ArgumentParser:
     """The training CLI's flags plus the comparison's own."""
     p = train.build_parser()
@@ -127,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="generators whose eta is fixed in the sweep (preset or comma list)")
     g.add_argument("--datasets", default="",
                    help=f"comma list of {sorted(DATASETS)}: every configuration on each (default: --dataset)")
-    g.add_argument("--seeds", type=parse_seeds, default=None, metavar="S1,S2,...",
+    g.add_argument("--seeds", type=grid.parse_seeds, default=None, metavar="S1,S2,...",
                    help="one run per configuration and seed, summarised as mean and std (default: --seed)")
     g.add_argument("--jobs", type=int, default=1,
                    help="worker processes training runs in parallel (threads split between them; one GPU each "

@@ -113,16 +113,6 @@ def parse_floats(text: str) -> tuple[float, ...]:
         raise argparse.ArgumentTypeError(f"expected a comma list of numbers, got {text!r}") from None
 
 
-def parse_seeds(text: str) -> tuple[int, ...]:
-    try:
-        seeds = tuple(int(t) for t in text.split(",") if t.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a comma list of integers, got {text!r}") from None
-    if not seeds or len(set(seeds)) != len(seeds):
-        raise argparse.ArgumentTypeError(f"expected distinct seeds, got {text!r}")
-    return seeds
-
-
 def build_parser() -> argparse.ArgumentParser:
     """The training CLI's flags plus the calibration's own."""
     p = train.build_parser()
@@ -131,7 +121,8 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("calibration")
     g.add_argument("--families", default=",".join(FAMILIES),
                    help=f"comma list of {list(FAMILIES)}")
-    g.add_argument("--seeds", type=parse_seeds, default=(0,), help="comma list of seeds, one run per cell and seed")
+    g.add_argument("--seeds", type=grid.parse_seeds, default=(0,),
+                   help="comma list of seeds, one run per cell and seed")
     g.add_argument("--jobs", type=int, default=1,
                    help="worker processes training cells in parallel (inference.grid: threads split between them)")
     g.add_argument("--collect", action="store_true",

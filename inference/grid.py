@@ -41,6 +41,17 @@ class Job:
     args: argparse.Namespace
 
 
+def parse_seeds(text: str) -> tuple[int, ...]:
+    """A comma list of distinct non-negative seeds."""
+    try:
+        seeds = tuple(int(t) for t in text.split(",") if t.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a comma list of integer seeds, got {text!r}") from None
+    if not seeds or len(set(seeds)) != len(seeds) or min(seeds) < 0:
+        raise argparse.ArgumentTypeError(f"expected distinct seeds >= 0, got {text!r}")
+    return seeds
+
+
 def finished_metrics(job: Job) -> dict | None:
     """The metrics of a finished run in ``job.run_dir``, None if it has not finished.
 

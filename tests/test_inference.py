@@ -13,9 +13,11 @@ from guides import make_guide
 from inference.data import Split
 from inference.evaluate import (
     accuracy_and_nll,
+    average_draws,
     elbo_estimate,
     elbo_per_example,
     elbo_terms,
+    predictive_draws,
     predictive_log_probs,
 )
 from inference.svi import TrainConfig, eta_dict, fit, make_optimizer, minibatches
@@ -115,6 +117,23 @@ def test_predictive_log_probs_are_normalised(device, num_samples):
     torch.testing.assert_close(torch.logsumexp(log_p, -1), torch.zeros(12, device=device), atol=1e-5, rtol=0)
     with pytest.raises(ValueError, match="num_samples must be a positive integer"):
         predictive_log_probs(model, guide, data.x, num_samples=0)
+
+
+def test_predictive_draws_average_to_the_posterior_predictive_and_draw_0_is_the_one_draw_evaluation(device):
+    """Reference: the M-draw predictive is log (1/M) sum_m p_m of the per-draw predictives, and under the same
+    seed the first draw is exactly what a one-draw evaluation gives (batch by batch)."""
+    model, data = tiny(device)
+    guide = make_guide(model, "normal")
+    guide(data.x, data.y)
+    pyro.set_rng_seed(7)
+    draws = predictive_draws(model, guide, data.x, num_samples=4, num_transforms=3, batch_size=5)
+    pyro.set_rng_seed(7)
+    one = predictive_log_probs(model, guide, data.x, num_samples=1, num_transforms=3, batch_size=5)
+    assert draws.shape == (4, 12, 10)
+    torch.testing.assert_close(draws[0], one, rtol=0, atol=0)
+    assert not torch.allclose(draws[0], draws[1])  # different weight draws
+    want = torch.log(draws.exp().mean(0))
+    torch.testing.assert_close(average_draws(draws), want, rtol=1e-5, atol=1e-6)
 
 
 def test_accuracy_and_nll_exact():

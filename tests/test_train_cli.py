@@ -81,7 +81,8 @@ def test_tiny_training_run_writes_metrics(tiny_run, data_dir):
     assert cfg["model"]["generators"] == list(GENERATOR_NAMES)
     assert cfg["model"]["eta_init"] == pytest.approx(math.radians(5.0))
     assert cfg["train"]["num_steps"] == 3
-    assert cfg["eval"] == {"num_transforms": 4, "num_samples": 1, "elbo_passes": 4}
+    assert cfg["eval"] == {"num_transforms": 4, "num_samples": 32, "elbo_passes": 4}  # M = 32 draws by default
+    assert 0.0 <= metrics["test_accuracy_one_draw"] <= 1.0 and metrics["test_nll_one_draw"] > 0
     assert metrics["elbo_stderr"] >= 0
     terms = metrics["elbo_terms"]
     assert terms["expected_loglik"] < 0 and terms["kl"] > 0  # hybrid guide: KL(q(W2, b2) || prior) > 0
