@@ -129,17 +129,16 @@ def run_config(cfg: dict) -> dict:
     """Build model + guide + SVI for ``cfg`` and time ``repeats`` steps after ``warmup`` steps."""
     import pyro
     import torch
-    from pyro.infer import SVI
 
     from guides import make_guide
     from inference.cpu import configure_cpu
+    from inference.optim import SVI
     from inference.svi import TrainConfig, make_elbo, make_optimizer
     from models import InvariantNet, ModelConfig
 
     runtime = configure_cpu(int(cfg["threads"]), keep_memory=bool(cfg.get("keep_memory", True)))
     device = torch.device(cfg["device"])
     cuda = device.type == "cuda"
-    pyro.clear_param_store()
     pyro.set_rng_seed(0)
     B, D, S, K = cfg["B"], cfg["D"], cfg["S"], cfg["K"]
     model = InvariantNet(ModelConfig(hidden=D, num_transforms=S, first_layer_prior=False, **MODES[cfg["mode"]]),

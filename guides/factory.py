@@ -93,10 +93,16 @@ class EpsFromPrior:
 
 def _init_loc_fn(model: InvariantNet, init_loc: InitLoc) -> Callable:
     if init_loc is InitLoc.XAVIER:
-        return init_to_value(values=model.initial_values())
-    if init_loc is InitLoc.MEDIAN:
-        return init_to_mean
-    return init_to_sample
+        fn = init_to_value(values=model.initial_values())
+    elif init_loc is InitLoc.MEDIAN:
+        fn = init_to_mean
+    else:
+        fn = init_to_sample
+
+    def contiguous(site: dict):  # a prior's mean is an expanded view; a module-local parameter needs its own memory
+        return fn(site).clone()
+
+    return contiguous
 
 
 def _initial_values(model: InvariantNet, init_loc: InitLoc) -> dict:

@@ -1,17 +1,15 @@
 """Training checkpoints on disk: atomic writes, integrity checks, the newest valid one, config fingerprints.
 
-A checkpoint directory holds files ``step-00000100.pt``, one per saved step. Each file is::
-
-    b"INVW-CHECKPOINT 1\\n" + sha256 hex digest of the payload + b"\\n" + payload
-
-where the payload is a ``torch.save`` of ``{"step", "fingerprint", "config", "state"}``. ``state`` is
-whatever the trainer hands over (tensors, numbers, strings, lists, dicts, tuples), so it loads with
-``torch.load(weights_only=True)``. The digest turns a truncated or damaged file into a
-:class:`CorruptCheckpointError` before unpickling; :func:`find_latest_valid` then falls back to the
-previous checkpoint.
+A checkpoint directory holds files ``step-00000100.pt``, one per saved step, each a plain ``torch.save`` of
+``{"step", "fingerprint", "config", "state"}``: ``state`` is what the trainer hands over (``state_dict()``s,
+tensors, numbers, strings, lists, dicts), so ``torch.load(path, weights_only=True)`` reads a checkpoint as a
+plain dict. Beside each, ``step-00000100.pt.sha256`` holds the sha256 of its bytes: a truncated or damaged
+file, or one whose checksum was never written, is a :class:`CorruptCheckpointError` before anything is
+unpickled, and :func:`find_latest_valid` falls back to the previous checkpoint.
 
 Files are written to a temporary file in the same directory, flushed, fsynced and moved into place
-with ``os.replace``, so a crash leaves either the old file or the new one, never half of one.
+with ``os.replace``, the checkpoint before its checksum, so a crash leaves either the old checkpoint or a
+complete new one, never half of one.
 
 ``config`` is the JSON form of everything that determines the training trajectory; its hash is the
 fingerprint. :func:`check_compatible` refuses a checkpoint whose fingerprint differs from the
@@ -39,8 +37,8 @@ import torch
 CHECKPOINT_DIRNAME = "checkpoints"
 """Sub-folder of a run's output directory that holds its checkpoints."""
 
-MAGIC = b"INVW-CHECKPOINT 1\n"
-_DIGEST_LEN = 64  # sha256 hex
+DIGEST_SUFFIX = ".sha256"
+"""The checksum file beside each checkpoint: ``step-00000100.pt.sha256``."""
 _NAME = re.compile(r"^step-(\d{8,})\.pt$")
 
 
@@ -187,11 +185,16 @@ def save_checkpoint(
               "state": dict(state)}
     torch.save(record, buffer)
     payload = buffer.getvalue()
-    digest = hashlib.sha256(payload).hexdigest().encode()
     path = checkpoint_path(directory, step)
-    _atomic_write(path, (MAGIC, digest, b"\n", payload))
+    _atomic_write(path, payload)
+    _atomic_write(digest_path(path), hashlib.sha256(payload).hexdigest().encode())
     _prune(directory, step, keep)
     return path
+
+
+def digest_path(path: str | os.PathLike) -> Path:
+    """The checksum file beside checkpoint ``path``."""
+    return Path(f"{os.fspath(path)}{DIGEST_SUFFIX}")
 
 
 def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
@@ -204,13 +207,14 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
     """
     path = Path(path)
     try:
-        raw = path.read_bytes()
+        payload = path.read_bytes()
     except OSError as err:
         raise CorruptCheckpointError(f"cannot read checkpoint {path}: {err}") from None
-    head = len(MAGIC) + _DIGEST_LEN + 1
-    if not raw.startswith(MAGIC) or len(raw) < head or raw[head - 1 : head] != b"\n":
-        raise CorruptCheckpointError(f"{path} is not a checkpoint (bad header, {len(raw)} bytes)")
-    digest, payload = raw[len(MAGIC) : head - 1], raw[head:]
+    try:
+        digest = digest_path(path).read_bytes().strip()
+    except OSError:
+        raise CorruptCheckpointError(f"checkpoint {path} has no checksum beside it (its write did not finish)"
+                                     ) from None
     if hashlib.sha256(payload).hexdigest().encode() != digest:
         raise CorruptCheckpointError(f"checkpoint {path} is truncated or damaged (checksum mismatch)")
     try:
@@ -246,19 +250,24 @@ def remove_checkpoints(directory: str | os.PathLike) -> int:
     """Delete every checkpoint file (and leftover temporary file) in ``directory``; returns how many."""
     removed = 0
     for _, path in list_checkpoints(directory):
-        path.unlink(missing_ok=True)
+        _unlink(path)
         removed += 1
     for path in _temporary_files(Path(directory)):
         path.unlink(missing_ok=True)
     return removed
 
 
-def _atomic_write(path: Path, chunks: tuple[bytes, ...]) -> None:
+def _unlink(path: Path) -> None:
+    """Remove a checkpoint, its checksum first (a checkpoint without one is never used)."""
+    digest_path(path).unlink(missing_ok=True)
+    path.unlink(missing_ok=True)
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
-            for chunk in chunks:
-                f.write(chunk)
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -294,6 +303,6 @@ def _prune(directory: Path, step: int, keep: int) -> None:
     stale = [path for s, path in checkpoints if s > step]
     older = [path for s, path in checkpoints if s <= step]
     for path in stale + older[:-keep]:
-        path.unlink(missing_ok=True)
+        _unlink(path)
     for path in _temporary_files(directory):  # left by a process killed while writing
         path.unlink(missing_ok=True)

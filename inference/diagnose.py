@@ -302,7 +302,6 @@ def reference_data(data_dir: str | None, num_data: int = 60, image_size: int = 7
 
 def fit_reference_guide(model: InvariantNet, data: Split, steps: int = 1500, seed: int = 0) -> Any:
     """A mean-field Gaussian guide (``normal``) fitted by SVI to the whole of ``data``."""
-    pyro.clear_param_store()
     pyro.set_rng_seed(seed)
     guide = make_guide(model, "normal", init_scale=0.1, init_loc="median")
     cfg = TrainConfig(num_steps=steps, batch_size=len(data), lr=0.02, num_particles=8, log_every=steps, seed=seed)

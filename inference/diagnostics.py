@@ -185,7 +185,7 @@ def draw_posterior(
 
     Parameters
     ----------
-    model, guide : the fitted model and guide (parameters in the param store).
+    model, guide : the fitted model and guide.
     num_draws : int
         M.
     num_transforms : int, optional

@@ -2,17 +2,13 @@
 
 A run directory written by ``python -m inference.train`` holds ``metrics.json`` (with the full config),
 ``eta_history.csv`` and ``checkpoints/step-*.pt``. :func:`load_run` rebuilds the model and the guide
-from the config, runs them once so that lazily created autoguide parameters exist (as
-:func:`inference.svi.restore_training_state` does when resuming) and copies the parameters of the
-newest valid checkpoint into the param store.
+from the config, runs the guides once so that lazily created autoguide parameters exist (as
+:func:`inference.svi.restore_training_state` does when resuming) and loads the ``state_dict``s of the
+newest valid checkpoint into them. Parameters live in their modules, so several runs can be loaded and
+used side by side.
 
 Runs written before checkpoints existed cannot be rebuilt: :func:`load_run` then raises a
 :class:`RunError` with a one-line message.
-
-Notes
------
-The param store is global: loading a run clears it. Load one run, compute what you need, then load the
-next one (:func:`inference.diagnostics.to_inference_data` does its work while its run is loaded).
 """
 
 from __future__ import annotations
@@ -26,20 +22,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import pyro
 import torch
 
 from guides.factory import GuideKind, make_evidence_guide, make_guide
 from inference.checkpoint import (
     CHECKPOINT_DIRNAME,
     Checkpoint,
+    IncompatibleCheckpointError,
     find_latest_valid,
     to_jsonable,
 )
 from inference.data import DataConfig, DatasetName, Datasets, load_datasets, pixels_per_unit, resolve_data_dir
 from inference.eta_objectives import EtaObjective
-from inference.svi import TrainConfig, materialise_params
-from models.config import Likelihood, ModelConfig
+from inference.svi import TrainConfig, load_modules
+from models.config import ModelConfig
 from models.network import InvariantNet
 from models.transforms import GENERATOR_NAMES
 
@@ -147,36 +143,6 @@ def configs_from_metrics(metrics: Mapping) -> tuple[ModelConfig, DataConfig, Tra
     return model_cfg, data_cfg, train_cfg, GuideKind(guide["kind"]), guide
 
 
-def dummy_batch(model_cfg: ModelConfig, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
-    """One blank image and label of the right shapes, for running the model and guide once."""
-    x = torch.zeros(1, *model_cfg.image_shape, device=device)
-    if model_cfg.likelihood is Likelihood.CATEGORICAL:
-        return x, torch.zeros(1, dtype=torch.long, device=device)
-    return x, torch.zeros(1, model_cfg.num_classes, device=device)
-
-
-def load_params(model: InvariantNet, guide: Callable | list[Callable], saved: Mapping[str, torch.Tensor]) -> None:
-    """Copy saved unconstrained parameters into the (freshly created) param store entries.
-
-    Raises
-    ------
-    RunError
-        When the names or shapes differ from those of the rebuilt model and guide.
-    """
-    x, y = dummy_batch(model.config, model.prior_loc.device)
-    params = materialise_params(model, guide, x, y)
-    missing, unexpected = sorted(set(params) - set(saved)), sorted(set(saved) - set(params))
-    if missing or unexpected:
-        raise RunError(f"checkpoint parameters do not match the rebuilt model and guide "
-                       f"(missing {missing}, unexpected {unexpected})")
-    with torch.no_grad():
-        for name, value in saved.items():
-            if params[name].shape != value.shape:
-                raise RunError(f"checkpoint parameter {name!r} has shape {tuple(value.shape)}, "
-                               f"the rebuilt one {tuple(params[name].shape)}")
-            params[name].copy_(value.to(params[name].device))
-
-
 def shared_differences(saved: Mapping, current: Mapping, prefix: str = "") -> list[str]:
     """Dotted keys present in both configs whose values differ.
 
@@ -226,7 +192,7 @@ def load_run(run_dir: str | Path, device: str | torch.device = "cpu") -> LoadedR
     Returns
     -------
     LoadedRun
-        The param store holds the run's parameters (it is cleared first).
+        The model and guide hold the run's parameters.
 
     Raises
     ------
@@ -248,15 +214,16 @@ def load_run(run_dir: str | Path, device: str | torch.device = "cpu") -> LoadedR
     if diffs:
         raise RunError(f"metrics.json and the newest checkpoint of {run_dir} come from different runs "
                        f"({'; '.join(diffs[:3])}): is the run being re-created?")
-    pyro.clear_param_store()
-    pyro.set_rng_seed(int(metrics["config"].get("seed", train_cfg.seed)))  # the RFF buffers are drawn from it
-    model = InvariantNet(model_cfg, num_data=num_data).to(device)
+    model = InvariantNet(model_cfg, num_data=num_data).to(device)  # its RFF buffers come from the checkpoint
     guide = make_guide(model, kind, init_scale=guide_settings.get("init_scale", 0.1),
                        init_loc=guide_settings.get("init_loc", "xavier"))
     guides = [guide]
     if train_cfg.eta_objective is EtaObjective.EVIDENCE:  # its parameters are in the checkpoint too
         guides.append(make_evidence_guide(model, kind, guide_settings.get("init_scale", 0.1), predicting_guide=guide))
-    load_params(model, guides, checkpoint.state["params"])
+    try:
+        load_modules(checkpoint.state, model, guides)
+    except IncompatibleCheckpointError as err:
+        raise RunError(f"{checkpoint.path}: {err}") from None
     return LoadedRun(run_dir, metrics, model_cfg, data_cfg, train_cfg, kind, model, guide, checkpoint)
 
 

@@ -30,11 +30,10 @@ from typing import Any
 
 import numpy as np
 import pyro
-import pyro.optim
 import pyro.util
 import torch
 from pyro import poutine
-from pyro.infer import SVI, Trace_ELBO
+from pyro.infer import Trace_ELBO
 from tqdm.auto import tqdm
 
 from guides.factory import eta_guide_of
@@ -55,7 +54,8 @@ from inference.eta_objectives import (
     SequentialEvidenceLoss,
     eta_held,
 )
-from models.config import ModelConfig, check_positive_float, check_positive_int
+from inference.optim import ParamAdam, named_params, svi_step
+from models.config import Likelihood, ModelConfig, check_positive_float, check_positive_int
 from models.network import InvariantNet
 from models.priors import EtaPrior
 
@@ -198,27 +198,21 @@ class FitResult:
     seconds: float = 0.0
 
 
-def make_optimizer(cfg: TrainConfig) -> pyro.optim.PyroOptim:
-    """Adam with per-parameter learning rates, optionally cosine-annealed.
+def make_optimizer(cfg: TrainConfig) -> ParamAdam:
+    """Adam with per-parameter learning rates, optionally cosine-annealed (:class:`inference.optim.ParamAdam`).
 
     ``eta_lr`` for ``eta``, ``evidence_lr`` for the ``evidence`` objective's mean-field guide (its
     parameters are named ``EvidenceGuide.*``), ``lr`` for everything else.
     """
 
-    def optim_args(param_name: str) -> dict:
-        if param_name == "eta" or param_name.endswith(".eta"):  # the param, or q(eta) under full Bayes
-            lr = cfg.eta_lr
-        elif param_name.startswith(EVIDENCE_GUIDE_NAME + ".") and cfg.evidence_lr is not None:
-            lr = cfg.evidence_lr
-        else:
-            lr = cfg.lr
-        return {"lr": lr, "betas": cfg.betas}
+    def lr_of(name: str) -> float:
+        if name == "eta" or name.endswith(".eta"):  # the param, or q(eta) under full Bayes
+            return cfg.eta_lr
+        if name.startswith(EVIDENCE_GUIDE_NAME + ".") and cfg.evidence_lr is not None:
+            return cfg.evidence_lr
+        return cfg.lr
 
-    if not cfg.cosine:
-        return pyro.optim.Adam(optim_args)
-    return pyro.optim.CosineAnnealingLR(
-        {"optimizer": torch.optim.Adam, "optim_args": optim_args, "T_max": cfg.num_steps}
-    )
+    return ParamAdam(lr_of, cfg.betas, cfg.num_steps if cfg.cosine else None)
 
 
 def make_elbo(cfg: TrainConfig) -> Trace_ELBO:
@@ -363,22 +357,24 @@ def set_rng_state(state: Mapping[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def nonfinite_params() -> list[str]:
-    """Names of parameters in the param store that hold a NaN or inf."""
-    return [name for name, p in pyro.get_param_store().named_parameters() if not bool(torch.isfinite(p).all())]
+def nonfinite_params(optim: ParamAdam) -> list[str]:
+    """Names of the trained parameters that hold a NaN or inf."""
+    return [name for name, p in optim.params.items() if not bool(torch.isfinite(p).all())]
 
 
-def capture_training_state(step: int, result: FitResult, optim: pyro.optim.PyroOptim) -> dict[str, Any]:
-    """The state after ``step`` steps: unconstrained parameters, optimiser + scheduler, RNGs, history.
+def capture_training_state(step: int, result: FitResult, optim: ParamAdam, model: InvariantNet,
+                           guides: Sequence[Callable]) -> dict[str, Any]:
+    """The state after ``step`` steps, as plain types: the ``state_dict()`` of the model (eta and every buffer,
+    the random-feature layer's included) and of each guide, the optimiser and schedules, the RNGs, the history."""
 
-    The parameters are those the optimiser updates (the ``eta`` param and the guide's).
-    """
-    optimizer = optim.get_state()
-    store = dict(pyro.get_param_store().named_parameters())
+    def copy(module: Any) -> dict[str, torch.Tensor]:
+        return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
     return {
         "step": int(step),
-        "params": {name: store[name].detach().clone() for name in optimizer},
-        "optimizer": optimizer,
+        "model": copy(model),
+        "guides": [copy(guide) for guide in guides],
+        "optimizer": optim.state_dict(),
         "rng": get_rng_state(),
         "losses": list(result.losses),
         "eta_history": [dict(row) for row in result.eta_history],
@@ -402,38 +398,57 @@ def materialise_params(
     return {name: site["value"].unconstrained() for name, site in capture.trace.nodes.items()}
 
 
-def restore_training_state(
-    state: Mapping[str, Any], model: InvariantNet, guides: Callable | Sequence[Callable], data: Split,
-    optim: pyro.optim.PyroOptim,
-) -> int:
-    """Load ``state`` (from :func:`capture_training_state`) into the param store, ``optim`` and the RNGs.
+def load_modules(state: Mapping[str, Any], model: InvariantNet, guides: Sequence[Callable],
+                 trained: Sequence[Callable] | None = None) -> None:
+    """Load the model's and the guides' ``state_dict``s from ``state`` (:func:`capture_training_state`).
+
+    Autoguides create their parameters on their first call, so the guides in ``trained`` (default: all) are run
+    once first; this draws random numbers. A guide not yet trained (the predicting guide in the first phase of
+    the sequential schedule) is loaded as it is.
+
+    Raises
+    ------
+    IncompatibleCheckpointError
+        When the saved names or shapes do not match the model and guides.
+    """
+    trained = list(guides) if trained is None else list(trained)
+    if len(state["guides"]) != len(guides):
+        raise IncompatibleCheckpointError(f"the checkpoint holds {len(state['guides'])} guide(s), the run has "
+                                          f"{len(guides)}")
+    x, y = dummy_batch(model)
+    materialise_params(model, trained, x, y)
+    try:
+        model.load_state_dict(state["model"])
+        for guide, saved in zip(guides, state["guides"], strict=True):
+            guide.load_state_dict(saved)
+    except RuntimeError as err:
+        raise IncompatibleCheckpointError(f"checkpoint parameters do not match the model and guides: "
+                                          f"{' '.join(str(err).split())}") from None
+
+
+def dummy_batch(model: InvariantNet) -> tuple[torch.Tensor, torch.Tensor]:
+    """One blank image and label of the right shapes on the model's device, to run the model and guides once."""
+    like, cfg = model.prior_loc, model.config
+    x = torch.zeros(1, *cfg.image_shape, device=like.device, dtype=like.dtype)
+    if cfg.likelihood is Likelihood.CATEGORICAL:
+        return x, torch.zeros(1, dtype=torch.long, device=like.device)
+    return x, torch.zeros(1, cfg.num_classes, device=like.device, dtype=like.dtype)
+
+
+def restore_training_state(state: Mapping[str, Any], model: InvariantNet, guides: Sequence[Callable],
+                           optim: ParamAdam, trained: Sequence[Callable] | None = None) -> int:
+    """Load ``state`` (from :func:`capture_training_state`) into the model, the guides, ``optim`` and the RNGs.
 
     Returns
     -------
     int
         The step the state was captured at.
-
-    Raises
-    ------
-    IncompatibleCheckpointError
-        When the saved parameters do not match the model and guide by name and shape.
     """
-    params = materialise_params(model, guides, data.x[:1], data.y[:1])
-    saved = state["params"]
-    missing, unexpected = sorted(set(params) - set(saved)), sorted(set(saved) - set(params))
-    if missing or unexpected:
-        raise IncompatibleCheckpointError(
-            f"checkpoint parameters do not match the model and guide (missing {missing}, unexpected {unexpected})"
-        )
-    for name, value in saved.items():
-        if params[name].shape != value.shape:
-            raise IncompatibleCheckpointError(
-                f"checkpoint parameter {name!r} has shape {tuple(value.shape)}, the model's {tuple(params[name].shape)}"
-            )
-    with torch.no_grad():
-        for name, value in saved.items():
-            params[name].copy_(value)
-    optim.set_state(state["optimizer"])
+    load_modules(state, model, guides, trained)
+    try:
+        optim.load_state_dict(state["optimizer"], named_params(model, *guides))
+    except KeyError as err:
+        raise IncompatibleCheckpointError(str(err)) from None
     set_rng_state(state["rng"])
     return int(state["step"])
 
@@ -479,11 +494,10 @@ class _Checkpointer:
             return False
         return step == self.num_steps or (self.policy.every > 0 and step % self.policy.every == 0)
 
-    def save(self, step: int, state: dict) -> Path | None:
-        """Write ``state`` unless checkpointing is off; refuses a state with NaN/inf parameters."""
+    def save(self, step: int, state: dict, bad: list[str]) -> Path | None:
+        """Write ``state`` unless checkpointing is off; refuses a state with NaN/inf parameters (``bad``)."""
         if self.policy is None:
             return None
-        bad = [name for name, value in state["params"].items() if not bool(torch.isfinite(value).all())]
         if bad:
             raise NonFiniteError(f"non-finite parameter(s) {bad}", step, self.last_path)
         self.last_path = save_checkpoint(self.policy.directory, step, state, self.config, keep=self.policy.keep)
@@ -491,33 +505,32 @@ class _Checkpointer:
         return self.last_path
 
 
-def _svi_step(svi: SVI, optim: pyro.optim.PyroOptim, batch: tuple[torch.Tensor, ...], scale: int, step: int,
-              last_checkpoint: Path | None) -> float:
-    """One SVI step and one scheduler step; a NaN/inf loss or parameter becomes a :class:`NonFiniteError`."""
+def _train_step(objective: Callable, model: InvariantNet, guide: Callable, optim: ParamAdam,
+                batch: tuple[torch.Tensor, ...], scale: int, step: int, last_checkpoint: Path | None) -> float:
+    """:func:`svi_step` and one scheduler step; a NaN/inf loss or parameter becomes a :class:`NonFiniteError`."""
     try:
-        loss = svi.step(*batch) / scale
+        loss = svi_step(objective, model, guide, optim, *batch) / scale
     except ValueError as err:  # distribution validation rejects NaN/inf before any loss exists
-        problem = _nonfinite_problem(err)
+        problem = _nonfinite_problem(err, optim)
         if problem is None:
             raise
         raise NonFiniteError(problem, step, last_checkpoint) from err
     if not math.isfinite(loss):
         raise NonFiniteError(f"non-finite loss {loss}", step, last_checkpoint)
-    if isinstance(optim, pyro.optim.PyroLRScheduler):
-        optim.step()
+    optim.schedule_step()
     return loss
 
 
 _INVALID_VALUES = re.compile(r"Expected parameter (\w+) .* of distribution (\w+).* but found invalid values")
 
 
-def _nonfinite_problem(err: ValueError) -> str | None:
+def _nonfinite_problem(err: ValueError, optim: ParamAdam) -> str | None:
     """What went non-finite when distribution validation raised ``err``; None if it is another error.
 
     NaN/inf parameters are named; finite parameters that overflow inside the model (huge weights
     or eta) show up as invalid distribution parameters, which torch reports with a fixed phrase.
     """
-    bad = nonfinite_params()
+    bad = nonfinite_params(optim)
     if bad:
         return f"non-finite parameter(s) {bad}"
     match = _INVALID_VALUES.search(str(err).split("\n", 1)[0])
@@ -604,7 +617,6 @@ def fit(
     config = fingerprint_config(model.config, cfg, len(data), checkpoints.run_config if checkpoints else None)
     objective = eta_loss(model, cfg, heldout, evidence_guide, guide)
     optim = make_optimizer(cfg)
-    svi = SVI(model, guide, optim, loss=objective)
     guides = [guide] if evidence_guide is None else [guide, evidence_guide]
     result, done = FitResult(), 0
     if start is not None:
@@ -612,7 +624,7 @@ def fit(
         # on the sequential schedule the predicting guide first runs at step N + 1: a phase-1 checkpoint has none
         # of its parameters, and they are created then, from the same random stream as in an unbroken run
         phase1 = cfg.sequential and start.step <= cfg.num_steps
-        done = restore_training_state(start.state, model, [evidence_guide] if phase1 else guides, data, optim)
+        done = restore_training_state(start.state, model, guides, optim, [evidence_guide] if phase1 else guides)
         result = FitResult(list(start.state["losses"]), [dict(r) for r in start.state["eta_history"]],
                            float(start.state["seconds"]))
     saver = _Checkpointer(checkpoints, config, cfg.total_steps, start)
@@ -623,7 +635,7 @@ def fit(
 
     def state_now(step: int) -> dict:
         result.seconds = seconds_before + time.perf_counter() - clock
-        return capture_training_state(step, result, optim)
+        return capture_training_state(step, result, optim, model, guides)
 
     bar = tqdm(range(done + 1, cfg.total_steps + 1), initial=done, total=cfg.total_steps, disable=not progress,
                desc="SVI", dynamic_ncols=True)
@@ -640,7 +652,7 @@ def fit(
                 if cfg.sequential:  # steps 1..N: eta and the evidence guide; N+1..2N: the predicting guide
                     objective.predicting = step > cfg.num_steps
                 with eta_held(model, guide, evidence_guide) if step <= cfg.eta_burnin else contextlib.nullcontext():
-                    loss = _svi_step(svi, optim, batch, len(data), step, saver.last_path)
+                    loss = _train_step(objective, model, guide, optim, batch, len(data), step, saver.last_path)
                 eta = _record(result, model, guide, step, loss, cfg)
                 done, in_step = step, False
                 if eta is not None:
@@ -650,12 +662,13 @@ def fit(
                 if callback is not None:
                     callback(step, loss)
                 if saver.due(step):
-                    saver.save(step, state_now(step))
+                    saver.save(step, state_now(step), nonfinite_params(optim))
                 if interrupt.requested:
                     raise KeyboardInterrupt
     except KeyboardInterrupt:
         if checkpoints is not None and not in_step and done > 0 and saver.last_step != done:
-            saver.save(done, state_now(done))  # the state after `done` steps is complete: keep it
+            # the state after `done` steps is complete: keep it
+            saver.save(done, state_now(done), nonfinite_params(optim))
         saved = checkpoints is not None and saver.last_step == done
         raise TrainingInterrupted(done, cfg.total_steps, saver.last_path, saved) from None
     finally:

@@ -294,7 +294,6 @@ def main(args: argparse.Namespace) -> dict:
     resume_from, skipped = latest_checkpoint(out) if args.resume is not None else (None, [])
     configure_cpu(args.threads)  # threads per core and an allocator that keeps large step buffers mapped
     pyro.set_rng_seed(args.seed)
-    pyro.clear_param_store()
     data = load_datasets(data_cfg)
     train, test = data.train, data.test
     for split, name in ((train, "training"), (test, "test")):  # once per dataset, not per step

@@ -1,4 +1,11 @@
-"""The invariant-weights network: generators, weight transforms and the Pyro model."""
+"""The invariant-weights network: generators, weight transforms and the Pyro model.
+
+Importing this package makes Pyro keep every parameter in its module (``module_local_params``): a model
+and its guides own their parameters, so several models coexist in one process (a notebook can train two
+and compare them), and nothing reads or clears a global parameter store.
+"""
+
+import pyro
 
 from models.config import GENERATOR_PRESETS, Averaging, FirstLayer, ModelConfig, TransformMode, WarpImpl
 from models.network import InvariantNet
@@ -17,6 +24,8 @@ from models.transforms import (
     warp_images,
     warped_linear,
 )
+
+pyro.settings.set(module_local_params=True)  # before any module is built: parameters live in their modules
 
 __all__ = [
     "ALL_GENERATOR_NAMES",

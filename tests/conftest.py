@@ -51,12 +51,10 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
 
 @pytest.fixture(autouse=True)
 def _fresh_pyro_state():
-    """Every test starts from an empty param store, validation on and the same seed."""
-    pyro.clear_param_store()
+    """Every test starts with validation on and the same seed (parameters live in their modules)."""
     pyro.enable_validation(True)
     pyro.set_rng_seed(0)
     yield
-    pyro.clear_param_store()
 
 
 @pytest.fixture

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 import signal
@@ -13,13 +14,13 @@ import torch
 
 from guides import make_guide
 from inference.checkpoint import (
-    MAGIC,
     Checkpoint,
     CorruptCheckpointError,
     IncompatibleCheckpointError,
     check_compatible,
     checkpoint_path,
     config_fingerprint,
+    digest_path,
     find_latest_valid,
     list_checkpoints,
     load_checkpoint,
@@ -27,6 +28,7 @@ from inference.checkpoint import (
     save_checkpoint,
 )
 from inference.data import Split
+from inference.optim import named_params
 from inference.svi import (
     CheckpointPolicy,
     FitResult,
@@ -48,7 +50,6 @@ TOL = 1e-6  # the acceptance tolerance; on the CPU resumption is in fact bit-exa
 # --------------------------------------------------------------------------- helpers
 def build(kind: str = "hybrid", seed: int = 0, **model_overrides) -> tuple[InvariantNet, object, Split]:
     """A fresh tiny model, guide and data set, built the way a fresh run builds them."""
-    pyro.clear_param_store()
     pyro.set_rng_seed(seed)
     kwargs = dict(image_shape=IMAGE, hidden=8, num_transforms=2)
     kwargs.update(model_overrides)
@@ -59,8 +60,8 @@ def build(kind: str = "hybrid", seed: int = 0, **model_overrides) -> tuple[Invar
     return model, guide, data
 
 
-def params_now() -> dict[str, torch.Tensor]:
-    return {name: p.detach().clone() for name, p in pyro.get_param_store().named_parameters()}
+def params_now(*modules) -> dict[str, torch.Tensor]:
+    return {name: p.detach().clone() for name, p in named_params(*modules).items()}
 
 
 def max_abs_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
@@ -107,13 +108,15 @@ def test_save_load_round_trip(tmp_path):
     state = {"step": 3, "w": torch.arange(6.0).reshape(2, 3), "nested": {"t": (1, 2.5, "x", None)}}
     path = save_checkpoint(tmp_path, 3, state, {"model": {"hidden": 8}})
     assert path == checkpoint_path(tmp_path, 3) == tmp_path / "step-00000003.pt"
-    assert path.read_bytes().startswith(MAGIC)
+    plain = torch.load(path, weights_only=True)  # a plain dict, no custom format
+    assert plain["step"] == 3 and torch.equal(plain["state"]["w"], state["w"])
+    assert digest_path(path).read_text() == hashlib.sha256(path.read_bytes()).hexdigest()
     ckpt = load_checkpoint(path)
     assert ckpt.step == 3 and ckpt.path == path
     assert ckpt.config == {"model": {"hidden": 8}}
     assert ckpt.fingerprint == config_fingerprint({"model": {"hidden": 8}})
     assert torch.equal(ckpt.state["w"], state["w"]) and ckpt.state["nested"] == state["nested"]
-    assert [p.name for p in tmp_path.iterdir()] == ["step-00000003.pt"]  # no temporary file left
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step-00000003.pt", "step-00000003.pt.sha256"]  # no temp
 
 
 def test_keep_last_n_and_stale_later_steps_removed(tmp_path):
@@ -126,7 +129,7 @@ def test_keep_last_n_and_stale_later_steps_removed(tmp_path):
         save_checkpoint(tmp_path, 4, {}, {}, keep=0)
 
 
-@pytest.mark.parametrize("damage", ["truncate", "flip", "empty", "foreign", "renamed"])
+@pytest.mark.parametrize("damage", ["truncate", "flip", "empty", "foreign", "renamed", "no-checksum"])
 def test_damaged_checkpoint_is_detected_and_the_previous_one_is_used(tmp_path, damage):
     for step in (2, 4):
         save_checkpoint(tmp_path, step, {"step": step, "w": torch.randn(50)}, {})
@@ -139,9 +142,12 @@ def test_damaged_checkpoint_is_detected_and_the_previous_one_is_used(tmp_path, d
     elif damage == "empty":
         newest.write_bytes(b"")
     elif damage == "foreign":
-        torch.save({"step": 4}, newest)  # a plain torch file, not ours
-    else:  # a valid file under the wrong name
+        torch.save({"step": 4}, newest)  # a plain torch file, not ours (its checksum no longer matches)
+    elif damage == "renamed":  # a valid file (and its checksum) under the wrong name
         newest.write_bytes(checkpoint_path(tmp_path, 2).read_bytes())
+        digest_path(newest).write_bytes(digest_path(checkpoint_path(tmp_path, 2)).read_bytes())
+    else:  # killed between writing the checkpoint and its checksum
+        digest_path(newest).unlink()
     with pytest.raises(CorruptCheckpointError, match=str(newest)):
         load_checkpoint(newest)
     ckpt, skipped = find_latest_valid(tmp_path)
@@ -166,11 +172,12 @@ def test_interrupted_write_leaves_old_file_and_temp_is_cleaned(tmp_path, monkeyp
     with pytest.raises(OSError, match="disk full"):
         save_checkpoint(tmp_path, 2, {"v": 2}, {})
     monkeypatch.undo()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["step-00000001.pt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step-00000001.pt", "step-00000001.pt.sha256"]
     (tmp_path / ".step-00000002.pt.abc.tmp").write_bytes(b"half")  # left by a SIGKILL mid-write
     assert [s for s, _ in list_checkpoints(tmp_path)] == [1]
     save_checkpoint(tmp_path, 2, {"v": 2}, {})
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["step-00000001.pt", "step-00000002.pt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step-00000001.pt", "step-00000001.pt.sha256",
+                                                          "step-00000002.pt", "step-00000002.pt.sha256"]
     assert remove_checkpoints(tmp_path) == 2 and not list(tmp_path.iterdir())
 
 
@@ -218,12 +225,12 @@ def test_minibatch_stream_continues_after_skip(skip):
 def test_same_seed_same_trajectory(kind):
     model, guide, data = build(kind)
     first = fit(model, guide, data, CFG, progress=False)
-    first_params = params_now()
+    first_params = params_now(model, guide)
     model, guide, data = build(kind)
     second = fit(model, guide, data, CFG, progress=False)
     assert first.losses == second.losses  # bit-identical on the CPU
     assert first.eta_history == second.eta_history
-    assert max_abs_diff(first_params, params_now()) == 0.0
+    assert max_abs_diff(first_params, params_now(model, guide)) == 0.0
     model, guide, data = build(kind, seed=1)
     assert fit(model, guide, data, CFG, progress=False).losses != first.losses
 
@@ -233,7 +240,7 @@ def test_same_seed_same_trajectory(kind):
 def test_ctrl_c_and_resume_equals_uninterrupted_run(tmp_path, kind):
     model, guide, data = build(kind)
     reference = fit(model, guide, data, CFG, progress=False)
-    reference_params, reference_eta = params_now(), model.eta_effective.detach().clone()
+    reference_params, reference_eta = params_now(model, guide), model.eta_effective.detach().clone()
 
     model, guide, data = build(kind)
     policy = CheckpointPolicy(tmp_path, every=4, keep=2)
@@ -249,7 +256,7 @@ def test_ctrl_c_and_resume_equals_uninterrupted_run(tmp_path, kind):
     start, _ = find_latest_valid(tmp_path)
     result = fit(model, guide, data, CFG, progress=False, checkpoints=policy, start=start)
     assert_same_run(result, reference)
-    assert max_abs_diff(params_now(), reference_params) <= TOL
+    assert max_abs_diff(params_now(model, guide), reference_params) <= TOL
     torch.testing.assert_close(model.eta_effective.detach(), reference_eta, atol=TOL, rtol=0)
     assert [s for s, _ in list_checkpoints(tmp_path)] == [8, 10]  # keep=2, last step always saved
 
@@ -257,7 +264,7 @@ def test_ctrl_c_and_resume_equals_uninterrupted_run(tmp_path, kind):
 def test_hard_kill_resumes_from_last_interval_checkpoint(tmp_path):
     model, guide, data = build()
     reference = fit(model, guide, data, CFG, progress=False)
-    reference_params = params_now()
+    reference_params = params_now(model, guide)
 
     model, guide, data = build()
     policy = CheckpointPolicy(tmp_path, every=3, keep=5)
@@ -270,7 +277,7 @@ def test_hard_kill_resumes_from_last_interval_checkpoint(tmp_path):
     assert start.step == 6
     result = fit(model, guide, data, CFG, progress=False, checkpoints=policy, start=start)
     assert_same_run(result, reference)
-    assert max_abs_diff(params_now(), reference_params) <= TOL
+    assert max_abs_diff(params_now(model, guide), reference_params) <= TOL
 
 
 def test_truncated_newest_checkpoint_falls_back_and_still_matches(tmp_path):
@@ -313,13 +320,13 @@ def test_resume_uses_loaded_values_in_lazily_built_guide(tmp_path):
     policy = CheckpointPolicy(tmp_path, every=5)
     cfg = TrainConfig(num_steps=5, batch_size=5, log_every=1)
     fit(model, guide, data, cfg, progress=False, checkpoints=policy)
-    trained = params_now()
+    trained = params_now(model, guide)
     model, guide, data = build("normal")
-    assert set(pyro.get_param_store().keys()) <= {"eta"}  # no guide parameter exists yet
+    assert set(named_params(model, guide)) <= {"eta"}  # no guide parameter exists yet
     start, _ = find_latest_valid(tmp_path)
     result = fit(model, guide, data, cfg, progress=False, checkpoints=policy, start=start)  # 0 steps left
     assert len(result.losses) == 5
-    assert max_abs_diff(params_now(), trained) == 0.0
+    assert max_abs_diff(params_now(model, guide), trained) == 0.0
     assert result.eta_history[-1]["rotate"] == pytest.approx(model.eta_effective[2].item(), abs=0)
 
 
@@ -358,11 +365,11 @@ def test_checkpoint_policy_validation(tmp_path):
 
 
 # --------------------------------------------------------------------------- NaN / inf
-def corrupt_eta_at(step_to_break: int):
+def corrupt_eta_at(model: InvariantNet, step_to_break: int):
     def callback(step: int, loss: float) -> None:
         if step == step_to_break:
             with torch.no_grad():
-                pyro.param("eta").unconstrained().fill_(float("nan"))
+                named_params(model)["eta"].fill_(float("nan"))
 
     return callback
 
@@ -374,10 +381,10 @@ def test_nan_loss_names_step_and_last_good_checkpoint(tmp_path, validation):
     policy = CheckpointPolicy(tmp_path, every=2)
     with pyro.validation_enabled(validation), pytest.raises(NonFiniteError) as info:
         if validation:
-            fit(model, guide, data, CFG, callback=corrupt_eta_at(3), progress=False, checkpoints=policy)
+            fit(model, guide, data, CFG, callback=corrupt_eta_at(model, 3), progress=False, checkpoints=policy)
         else:
             with pytest.warns(UserWarning, match="Encountered NaN"):  # pyro's own warning, then our error
-                fit(model, guide, data, CFG, callback=corrupt_eta_at(3), progress=False, checkpoints=policy)
+                fit(model, guide, data, CFG, callback=corrupt_eta_at(model, 3), progress=False, checkpoints=policy)
     message = str(info.value)
     kept = checkpoint_path(tmp_path, 2)
     assert info.value.step == 4 and info.value.last_checkpoint == kept
@@ -387,14 +394,14 @@ def test_nan_loss_names_step_and_last_good_checkpoint(tmp_path, validation):
     assert isinstance(info.value, FloatingPointError)
     assert [s for s, _ in list_checkpoints(tmp_path)] == [2]
     ckpt = load_checkpoint(kept)
-    assert all(bool(torch.isfinite(p).all()) for p in ckpt.state["params"].values())
+    assert all(bool(torch.isfinite(p).all()) for p in ckpt.state["model"].values())
 
 
 def test_nan_parameters_are_never_checkpointed(tmp_path):
     model, guide, data = build()
     policy = CheckpointPolicy(tmp_path, every=2)
     with pytest.raises(NonFiniteError, match=r"non-finite parameter\(s\) \['eta'\] at step 4") as info:
-        fit(model, guide, data, CFG, callback=corrupt_eta_at(4), progress=False, checkpoints=policy)
+        fit(model, guide, data, CFG, callback=corrupt_eta_at(model, 4), progress=False, checkpoints=policy)
     assert info.value.last_checkpoint == checkpoint_path(tmp_path, 2)
     assert [s for s, _ in list_checkpoints(tmp_path)] == [2]
 
@@ -402,16 +409,27 @@ def test_nan_parameters_are_never_checkpointed(tmp_path):
 def test_nan_without_checkpoints_says_so():
     model, guide, data = build()
     with pytest.raises(NonFiniteError, match="at step 2; no checkpoint was written before it"):
-        fit(model, guide, data, CFG, callback=corrupt_eta_at(1), progress=False)
+        fit(model, guide, data, CFG, callback=corrupt_eta_at(model, 1), progress=False)
 
 
-def test_checkpoint_files_load_without_unpickling_code(tmp_path):
-    """Every checkpoint loads with torch.load(weights_only=True): no arbitrary objects inside."""
-    model, guide, data = build()
+def test_checkpoint_files_are_plain_state_dicts_loaded_with_weights_only(tmp_path):
+    """A checkpoint is a plain dict read by torch.load(weights_only=True): the model's and the guide's
+    state_dicts (loadable into fresh modules), the optimiser and schedules, RNGs, history, config."""
+    model, guide, data = build(first_layer="rff")
     fit(model, guide, data, TrainConfig(num_steps=2, batch_size=5), progress=False,
         checkpoints=CheckpointPolicy(tmp_path))
-    ckpt = load_checkpoint(checkpoint_path(tmp_path, 2))
-    assert set(ckpt.state) == {"step", "params", "optimizer", "rng", "losses", "eta_history", "seconds"}
-    assert set(ckpt.state["params"]) == set(ckpt.state["optimizer"]) and "eta" in ckpt.state["params"]
-    assert ckpt.config["num_data"] == N and ckpt.config["model"]["hidden"] == 8
-    assert isinstance(ckpt.path, Path)
+    plain = torch.load(checkpoint_path(tmp_path, 2), weights_only=True)
+    assert set(plain) == {"step", "fingerprint", "config", "state"} and plain["step"] == 2
+    state = plain["state"]
+    assert set(state) == {"step", "model", "guides", "optimizer", "rng", "losses", "eta_history", "seconds"}
+    assert set(state["model"]) == set(model.state_dict()) and "W1" in state["model"]  # the RFF buffers are saved
+    assert torch.equal(state["model"]["W1"], model.W1)
+    (saved_guide,) = state["guides"]
+    assert set(saved_guide) == set(guide.state_dict())
+    assert set(state["optimizer"]) == set(named_params(model, guide)) and "eta" in state["optimizer"]
+    assert plain["config"]["num_data"] == N and plain["config"]["model"]["hidden"] == 8
+    fresh = InvariantNet(model.config, num_data=N)  # another seed: other random features until loaded
+    assert not torch.equal(fresh.W1, model.W1)
+    fresh.load_state_dict(state["model"])
+    assert torch.equal(fresh.W1, model.W1) and torch.equal(fresh.eta_effective, model.eta_effective)
+    assert isinstance(load_checkpoint(checkpoint_path(tmp_path, 2)).path, Path)

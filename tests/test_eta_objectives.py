@@ -15,6 +15,7 @@ from guides.factory import eta_guide_of, make_evidence_guide, make_guide
 from guides.meanfield import EVIDENCE_GUIDE_NAME
 from inference.data import Split
 from inference.eta_objectives import EvidenceEtaLoss, HeldOutEtaLoss, heldout_loglik, split_holdout
+from inference.optim import named_params
 from inference.svi import TrainConfig, eta_dict, fit, make_elbo
 from models import InvariantNet, ModelConfig
 
@@ -30,10 +31,10 @@ def batch(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.rand(n, 1, 8, 8, generator=g), torch.randint(0, 10, (n,), generator=g)
 
 
-def grads() -> dict[str, torch.Tensor]:
-    """Gradients of every param in the store (zeros where none arrived), then cleared."""
+def grads(*modules) -> dict[str, torch.Tensor]:
+    """Gradients of every parameter of ``modules`` (zeros where none arrived), then cleared."""
     out = {}
-    for name, p in pyro.get_param_store().named_parameters():
+    for name, p in named_params(*modules).items():
         out[name] = torch.zeros_like(p) if p.grad is None else p.grad.clone()
         p.grad = None
     return out
@@ -64,14 +65,14 @@ def test_heldout_loss_moves_the_guide_by_the_fitting_elbo_and_eta_by_the_heldout
     pyro.set_rng_seed(3)  # reference: the two terms one after the other, with the same random numbers
     with model.eta_frozen():
         elbo.differentiable_loss(model, guide, x, y).backward()
-    fit_grads = grads()
+    fit_grads = grads(model, guide)
     (-heldout_loglik(model, guide, xh, yh) * (20 / 5)).backward()
-    eta_grad = grads()["eta"]
+    eta_grad = grads(model, guide)["eta"]
 
     pyro.set_rng_seed(3)
     loss = HeldOutEtaLoss(elbo, num_heldout=20)(model, guide, x, y, xh, yh)
     loss.backward()
-    got = grads()
+    got = grads(model, guide)
     assert got["eta"].abs().sum() > 0 and fit_grads["eta"].abs().sum() == 0
     torch.testing.assert_close(got.pop("eta"), eta_grad)
     fit_grads.pop("eta")
@@ -94,9 +95,9 @@ def test_evidence_loss_moves_eta_and_the_evidence_guide_by_the_evidence_elbo_onl
     with model.eta_frozen():
         fit_loss = elbo.differentiable_loss(model, guide, x, y)
     fit_loss.backward()
-    want = grads()
+    want = grads(model, guide, evidence)
     elbo.differentiable_loss(model, evidence, x, y).backward()
-    ev = grads()
+    ev = grads(model, guide, evidence)
     for name, g in ev.items():  # the evidence ELBO reaches eta and the evidence guide, nothing of the other guide
         if name == "eta" or name.startswith(EVIDENCE_GUIDE_NAME):
             want[name] = want[name] + g
@@ -107,7 +108,7 @@ def test_evidence_loss_moves_eta_and_the_evidence_guide_by_the_evidence_elbo_onl
     loss = EvidenceEtaLoss(elbo, evidence)(model, guide, x, y)
     loss.backward()
     assert loss.item() == pytest.approx(fit_loss.item(), rel=1e-6)
-    got = grads()
+    got = grads(model, guide, evidence)
     assert got["eta"].abs().sum() > 0
     assert_grads_equal(got, want)
 
@@ -180,7 +181,6 @@ def test_evidence_fit_trains_both_guides_and_resumes_exactly(tmp_path, schedule,
                       eta_burnin=2)
 
     def run(folder, stop_at=None):
-        pyro.clear_param_store()
         pyro.set_rng_seed(0)
         model = tiny_model(first_layer_prior=True, eta_prior=eta_prior)
         guide = make_guide(model, "hybrid")
@@ -199,7 +199,7 @@ def test_evidence_fit_trains_both_guides_and_resumes_exactly(tmp_path, schedule,
                          evidence_guide=evidence)
         except TrainingInterrupted:
             return None
-        return result, {k: v.detach().clone() for k, v in pyro.get_param_store().named_parameters()}
+        return result, {k: v.detach().clone() for k, v in named_params(model, guide, evidence).items()}
 
     full, params = run(tmp_path / "a")
     assert any(k.startswith(EVIDENCE_GUIDE_NAME) for k in params) and any(k.startswith("AutoGuideList") for k in params)
@@ -220,8 +220,7 @@ def test_evidence_guide_has_its_own_learning_rate_and_follows_lr_by_default():
     evidence(x, y)
     for evidence_lr, want in ((None, 5e-3), (5e-2, 5e-2)):
         optim = make_optimizer(TrainConfig(lr=5e-3, eta_lr=3e-2, evidence_lr=evidence_lr, cosine=False))
-        store = pyro.get_param_store()
-        lrs = {name: optim.pt_optim_args(name)["lr"] for name in store.keys()}  # Adam's arguments per parameter
+        lrs = {name: optim.lr_of(name) for name in named_params(model, guide, evidence)}  # per parameter
         assert lrs["eta"] == 3e-2
         assert {v for k, v in lrs.items() if k.startswith(EVIDENCE_GUIDE_NAME + ".")} == {want}
         assert {v for k, v in lrs.items() if k != "eta" and not k.startswith(EVIDENCE_GUIDE_NAME)} == {5e-3}
@@ -244,7 +243,7 @@ def test_eta_burnin_holds_eta_at_its_start_then_lets_it_move(objective, eta_prio
     def record_scale(step, loss):
         if piece is not None:
             scales.append(piece.scales.eta.detach().clone())
-        snapshots[step] = {k: v.detach().clone() for k, v in pyro.get_param_store().named_parameters()}
+        snapshots[step] = {k: v.detach().clone() for k, v in named_params(model, guide, evidence or guide).items()}
 
     result = fit(model, guide, Split(x, y), cfg, progress=False, evidence_guide=evidence, callback=record_scale)
     rows = [torch.tensor([r[g] for g in model.generator_names]) for r in result.eta_history]
@@ -286,7 +285,7 @@ def test_sequential_schedule_learns_eta_first_then_fits_the_predicting_guide_at_
     snapshots = {}
 
     def snap(step, loss):
-        snapshots[step] = {k: v.detach().clone() for k, v in pyro.get_param_store().named_parameters()}
+        snapshots[step] = {k: v.detach().clone() for k, v in named_params(model, guide, evidence or guide).items()}
 
     result = fit(model, guide, Split(x, y), cfg, callback=snap, progress=False, evidence_guide=evidence)
     assert [r["step"] for r in result.eta_history] == list(range(1, 11))

@@ -10,10 +10,11 @@ import pyro.optim
 import pytest
 import torch
 from pyro import poutine
-from pyro.infer import SVI, Predictive, Trace_ELBO
+from pyro.infer import Predictive, Trace_ELBO
 from pyro.util import check_model_guide_match  # lives in pyro.util in pyro 1.9
 
 from guides import POINT_FIRST_LAYER, EpsFromPrior, GuideKind, InitLoc, MeanFieldGuide, default_priors, make_guide
+from inference.optim import SVI, ParamAdam, named_params
 from models import GENERATOR_NAMES, InvariantNet, ModelConfig
 from models.priors import EtaPrior, PriorKind
 
@@ -50,9 +51,9 @@ def traces(model, guide, *args):
     return model_trace, guide_trace
 
 
-def guide_locs(model: InvariantNet, kind: GuideKind) -> dict[str, torch.Tensor]:
-    """Current means / point estimates of the guide, by weight site, read from the param store."""
-    store = pyro.get_param_store()
+def guide_locs(model: InvariantNet, guide, kind: GuideKind) -> dict[str, torch.Tensor]:
+    """Current means / point estimates of the guide, by weight site (unconstrained = constrained: real-valued)."""
+    store = named_params(guide)
     out = {}
     for name in model.weight_shapes():
         candidates = [k for k in store.keys() if k.endswith(f"locs.{name}") or k.endswith(f".{name}")]
@@ -77,7 +78,7 @@ def test_every_guide_builds_steps_and_matches_model(device, kind, init_loc, firs
     guide = make_guide(model, kind, init_loc=init_loc)
     x, y = tiny_batch(device)
     elbo = Trace_ELBO(num_particles=2, vectorize_particles=True, max_plate_nesting=1)
-    svi = SVI(model, guide, pyro.optim.Adam({"lr": 1e-2}), loss=elbo)
+    svi = SVI(model, guide, ParamAdam(lambda name: 1e-2), loss=elbo)
     eta_before = model.eta.detach().clone()  # the model registers eta on first access
     loss = svi.step(x, y)
     assert math.isfinite(loss)
@@ -101,7 +102,7 @@ def test_every_guide_builds_steps_and_matches_model(device, kind, init_loc, firs
         assert all(torch.count_nonzero(model_trace.nodes[n]["log_prob"]) == 0 for n in model.weight_shapes())
 
     # every variational parameter (and eta) is updated by a further step; none belongs to eps
-    store = pyro.get_param_store()
+    store = named_params(model, guide)
     before = {n: store[n].detach().clone() for n in store.keys()}
     assert len(before) > 1 and not any("eps" in n for n in before)
     assert math.isfinite(svi.step(x, y))
@@ -125,7 +126,7 @@ def test_every_guide_and_prior_combination(device, kind, prior, eta_prior, first
                        output_layer_prior=op)
     guide = make_guide(model, kind)
     x, y = tiny_batch(device)
-    svi = SVI(model, guide, pyro.optim.Adam({"lr": 1e-2}),
+    svi = SVI(model, guide, ParamAdam(lambda name: 1e-2),
               loss=Trace_ELBO(num_particles=2, vectorize_particles=True, max_plate_nesting=1))
     assert math.isfinite(svi.step(x, y))
     with warnings.catch_warnings():
@@ -148,7 +149,7 @@ def _built_locs(device, kind, init_loc):
     pyro.set_rng_seed(5)
     guide = make_guide(model, kind, init_loc=init_loc)
     guide(x, y)
-    return model, guide_locs(model, kind), expected_xavier
+    return model, guide_locs(model, guide, kind), expected_xavier
 
 
 PER_SITE_KINDS = [GuideKind.NORMAL, GuideKind.MEANFIELD, GuideKind.HYBRID, GuideKind.MAP]  # one param per site
@@ -208,11 +209,11 @@ def test_meanfield_and_autonormal_give_the_same_elbo(device, first_layer):
     auto(x, y)  # set up the autoguide's params (its prototype trace consumes random numbers)
     hand(x, y)
 
-    for name, value in values.items():
-        torch.testing.assert_close(pyro.param(f"AutoGuideList.0.locs.{name}").detach(), value)
-        torch.testing.assert_close(pyro.param(f"MeanFieldGuide.locs.{name}").detach(), value)
-        torch.testing.assert_close(pyro.param(f"AutoGuideList.0.scales.{name}").detach(),
-                                   pyro.param(f"MeanFieldGuide.scales.{name}").detach(), atol=1e-7, rtol=1e-5)
+    for name, value in values.items():  # constrained values, read off the modules that own them
+        torch.testing.assert_close(getattr(auto[0].locs, name).detach(), value)
+        torch.testing.assert_close(getattr(hand.locs, name).detach(), value)
+        torch.testing.assert_close(getattr(auto[0].scales, name).detach(), getattr(hand.scales, name).detach(),
+                                   atol=1e-7, rtol=1e-5)
 
     elbo = Trace_ELBO(max_plate_nesting=1)
     for seed in (11, 12, 13):
@@ -237,7 +238,7 @@ def test_make_guide_normal_and_meanfield_share_initialisation(device):
     auto(x, y)
     hand(x, y)
     for name in model.weight_shapes():
-        auto_loc, hand_loc = pyro.param(f"AutoGuideList.0.locs.{name}"), pyro.param(f"MeanFieldGuide.locs.{name}")
+        auto_loc, hand_loc = getattr(auto[0].locs, name), getattr(hand.locs, name)
         torch.testing.assert_close(auto_loc, hand_loc)
     elbo = Trace_ELBO(max_plate_nesting=1)
     pyro.set_rng_seed(3)
@@ -251,9 +252,9 @@ def test_eps_is_drawn_from_its_prior_not_learned(device, kind):
     model = model_for(device, kind)
     guide = make_guide(model, kind)
     x, y = tiny_batch(device)
-    svi = SVI(model, guide, pyro.optim.Adam({"lr": 1e-2}), loss=Trace_ELBO(max_plate_nesting=1))
+    svi = SVI(model, guide, ParamAdam(lambda name: 1e-2), loss=Trace_ELBO(max_plate_nesting=1))
     svi.step(x, y)
-    assert not [n for n in pyro.get_param_store().keys() if "eps" in n]
+    assert not [n for n in named_params(model, guide) if "eps" in n]
     guide_trace = poutine.trace(guide).get_trace(x, y)
     site = guide_trace.nodes["eps"]
     fn = site["fn"]

@@ -20,7 +20,8 @@ from inference.evaluate import (
     predictive_draws,
     predictive_log_probs,
 )
-from inference.svi import TrainConfig, eta_dict, fit, make_optimizer, minibatches
+from inference.optim import named_params
+from inference.svi import TrainConfig, eta_dict, fit, make_elbo, make_optimizer, minibatches, svi_step
 from models import GENERATOR_NAMES, InvariantNet, ModelConfig
 
 IMAGE = (1, 5, 5)
@@ -35,12 +36,7 @@ def tiny(device, n: int = 12, **overrides):
 
 
 def param_lrs(optim) -> dict[str, float]:
-    store = pyro.get_param_store()
-    out = {}
-    for param, obj in optim.optim_objs.items():
-        opt = getattr(obj, "optimizer", obj)  # schedulers wrap the torch optimizer
-        out[store.param_name(param)] = opt.param_groups[0]["lr"]
-    return out
+    return {name: optim.lr(name) for name in optim.optimizers}
 
 
 @pytest.mark.parametrize("cosine", [False, True])
@@ -49,8 +45,7 @@ def test_optimizer_gives_eta_its_own_learning_rate(device, cosine):
     guide = make_guide(model, "hybrid")
     cfg = TrainConfig(num_steps=4, batch_size=4, lr=1e-3, eta_lr=5e-2, cosine=cosine, log_every=2)
     optim = make_optimizer(cfg)
-    svi = pyro.infer.SVI(model, guide, optim, loss=pyro.infer.Trace_ELBO(max_plate_nesting=1))
-    svi.step(data.x[:4], data.y[:4])
+    svi_step(make_elbo(cfg), model, guide, optim, data.x[:4], data.y[:4])
     lrs = param_lrs(optim)
     assert lrs.pop("eta") == pytest.approx(5e-2)
     assert lrs and all(lr == pytest.approx(1e-3) for lr in lrs.values())
@@ -76,10 +71,9 @@ def test_cosine_schedule_reaches_zero_after_num_steps(device):
     guide = make_guide(model, "meanfield")
     cfg = TrainConfig(num_steps=4, batch_size=6, cosine=True)
     optim = make_optimizer(cfg)
-    svi = pyro.infer.SVI(model, guide, optim, loss=pyro.infer.Trace_ELBO(max_plate_nesting=1))
     for _ in range(cfg.num_steps):
-        svi.step(data.x[:6], data.y[:6])
-        optim.step()
+        svi_step(make_elbo(cfg), model, guide, optim, data.x[:6], data.y[:6])
+        optim.schedule_step()
     assert all(lr == pytest.approx(0.0, abs=1e-12) for lr in param_lrs(optim).values())
 
 
@@ -226,3 +220,26 @@ def test_full_bayes_eta_is_read_from_the_guide():
     eta = eta_dict(model, guide)
     assert torch.equal(state, torch.get_rng_state())
     assert 0 < eta["rotate"] < math.pi and all(eta[g] == 0 for g in eta if g != "rotate")
+
+
+def test_two_models_in_one_process_keep_their_own_parameters(device):
+    """Parameters live in their modules: training a second model (same names, same seed) leaves the first
+    model's eta and guide untouched, and each ends where it would have ended alone."""
+    def trained(seed: int, steps: int):
+        pyro.set_rng_seed(seed)
+        model, data = tiny(device)
+        guide = make_guide(model, "hybrid")
+        fit(model, guide, data, TrainConfig(num_steps=steps, batch_size=4, eta_lr=0.1), progress=False)
+        return model, guide
+
+    alone_model, alone_guide = trained(0, 6)
+    alone = {k: v.detach().clone() for k, v in named_params(alone_model, alone_guide).items()}
+    first_model, first_guide = trained(0, 6)
+    second_model, second_guide = trained(1, 3)  # same parameter names, another trajectory
+    first = named_params(first_model, first_guide)
+    second = named_params(second_model, second_guide)
+    assert first.keys() == second.keys() == alone.keys()
+    for name in first:
+        assert first[name] is not second[name]
+        torch.testing.assert_close(first[name].detach(), alone[name], rtol=0, atol=0, msg=name)
+    assert not torch.equal(first_model.eta_effective, second_model.eta_effective)

@@ -9,9 +9,9 @@ import pytest
 import torch
 from pyro import poutine
 from pyro.infer import Trace_ELBO
-from torch.distributions import constraints
 
 from guides import make_guide
+from inference.optim import named_params
 from models import GENERATOR_NAMES, InvariantNet, ModelConfig
 from models.network import rff_weights
 
@@ -182,25 +182,24 @@ def test_eta_is_a_positive_param_with_one_entry_per_generator(device):
     model = make_model(device)
     x, y = batch(device)
     poutine.trace(model).get_trace(x, y)
-    store = pyro.get_param_store()
-    assert "eta" in store.keys()
-    eta = store["eta"]
+    params = named_params(model)
+    assert list(params) == ["eta"]  # the model's only parameter, in the model (module-local)
+    eta = model.eta
     assert eta.shape == (K,) and torch.all(eta > 0)
     torch.testing.assert_close(eta, torch.full((K,), 0.3, device=device))
-    assert store.get_state()["constraints"]["eta"] is constraints.positive
     # the unconstrained value is log(eta): any real number maps to a positive eta
-    unconstrained = store["eta"].unconstrained()
+    unconstrained = params["eta"]
     torch.testing.assert_close(unconstrained.exp(), eta)
     with torch.no_grad():
         unconstrained.fill_(-50.0)
-    assert torch.all(store["eta"] > 0)
+    assert torch.all(model.eta > 0)
 
 
 def test_fixed_eta_is_a_buffer_not_a_param(device):
     model = make_model(device, learn_eta=False)
     x, y = batch(device)
     trace = poutine.trace(model).get_trace(x, y)
-    assert "eta" not in trace.nodes and "eta" not in pyro.get_param_store().keys()
+    assert "eta" not in trace.nodes and "eta" not in named_params(model)
     assert "eta" in dict(model.named_buffers())
 
 

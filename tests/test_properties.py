@@ -58,7 +58,6 @@ def forward_inputs(draw):
 @given(inputs=forward_inputs(), first_layer=st.sampled_from(["relu", "rff"]),
        mode=st.sampled_from(["weights", "inputs"]), averaging=st.sampled_from(["probs", "logits"]))
 def test_forward_works_or_raises_value_error(inputs, first_layer, mode, averaging):
-    pyro.clear_param_store()
     pyro.set_rng_seed(0)
     image_shape, x, y, S = inputs
     model = InvariantNet(ModelConfig(image_shape=image_shape, hidden=4, num_transforms=2, first_layer=first_layer,
@@ -85,7 +84,6 @@ def test_forward_works_or_raises_value_error(inputs, first_layer, mode, averagin
 )
 def test_make_guide_builds_a_working_guide_or_raises_value_error(kind, init_loc, init_scale, first_layer,
                                                                  first_layer_prior, hidden):
-    pyro.clear_param_store()
     pyro.set_rng_seed(0)
     model = InvariantNet(ModelConfig(image_shape=(1, 4, 4), hidden=hidden, num_transforms=2, first_layer=first_layer,
                                      first_layer_prior=first_layer_prior), num_data=6)
