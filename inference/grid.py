@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import json
 import multiprocessing
 import os
@@ -114,7 +115,9 @@ def _init_worker(counter, settings: list[dict]) -> None:
 def _train_logged(args: argparse.Namespace, log_path: str) -> dict:
     """Worker body: one training run with this worker's threads / device, its stdout and stderr in ``log_path``."""
     Path(log_path).parent.mkdir(parents=True, exist_ok=True)
-    args = train.derived_args(args, Path(args.out), **_WORKER)
+    args = copy.copy(args)  # keeps --resume of a run interrupted part-way
+    for key, value in _WORKER.items():
+        setattr(args, key, value)
     with open(log_path, "w") as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
         return train.main(args)
 

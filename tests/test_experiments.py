@@ -169,9 +169,10 @@ def test_table2_plan_is_the_papers_grid_with_the_fixed_augmentation_at_the_true_
         compare.plan(compare.parse_args(["--out", "x", "--configs", "inv-colour"]))
 
 
-def test_grid_resumes_a_run_interrupted_part_way_and_trains_a_shared_folder_once(tmp_path, data_dir):
-    """A folder with checkpoints but no metrics.json continues from its newest checkpoint and ends where an
-    uninterrupted run ends; two jobs naming one folder train it once."""
+@pytest.mark.parametrize("workers", [1, 2])
+def test_grid_resumes_a_run_interrupted_part_way_and_trains_a_shared_folder_once(tmp_path, data_dir, workers):
+    """A folder with checkpoints but no metrics.json continues from its newest checkpoint (in this process or
+    in a worker) and ends where an uninterrupted run ends; two jobs naming one folder train it once."""
     from inference import grid, train
 
     def job(folder: Path, label: str = "run") -> grid.Job:
@@ -187,8 +188,10 @@ def test_grid_resumes_a_run_interrupted_part_way_and_trains_a_shared_folder_once
     for step in (4, 6):
         (cut / "checkpoints" / f"step-{step:08d}.pt").unlink()
     calls = []
-    results = grid.run_jobs([job(cut, "first"), job(cut, "second")], on_result=lambda j, m: calls.append(j.label))
-    assert calls == ["first", "second"] and results[0][1] is not None
+    results = grid.run_jobs([job(cut, "first"), job(cut, "second"), job(tmp_path / "c", "other")],
+                            num_workers=workers, on_result=lambda j, m: calls.append(j.label))
+    assert sorted(calls) == ["first", "other", "second"] and calls.index("first") < calls.index("second")
+    assert [j.label for j, _ in results] == ["first", "second", "other"]
     resumed = json.loads((cut / "metrics.json").read_text())
     assert resumed["resumed_from_step"] == 2
     assert resumed["eta"] == whole["eta"] and resumed["test_accuracy"] == whole["test_accuracy"]
