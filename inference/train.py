@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import copy
 import csv
+import functools
 import json
 import math
 import re
@@ -26,7 +27,6 @@ import shlex
 import sys
 import time
 from collections.abc import Iterable, Mapping
-from dataclasses import asdict
 from pathlib import Path
 
 import pyro
@@ -43,6 +43,7 @@ from inference.checkpoint import (
     list_checkpoints,
     remove_checkpoints,
 )
+from inference.config import CONFIG_FILENAME, EvalConfig, GuideConfig, RunConfig
 from inference.cpu import configure_cpu
 from inference.data import (
     CorruptDataError,
@@ -164,6 +165,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="'evidence' objective only: Adam's learning rate for the mean-field guide over every weight "
                         "(default: --lr)")
     g = p.add_argument_group("run")
+    g.add_argument("--config", default=None, metavar="RUN/config.json",
+                   help="train the run this config file (or run folder) describes; then only the flags of this "
+                   "group may be given")
     g.add_argument("--out", default=None, help="output directory (required unless --resume is given)")
     g.add_argument("--resume", default=None, metavar="DIR",
                    help="continue the run in DIR from its newest valid checkpoint (pass the run's original arguments)")
@@ -178,8 +182,27 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def configs_from_args(args: argparse.Namespace) -> tuple[DataConfig, ModelConfig, TrainConfig]:
-    """Turn parsed arguments into the three typed configs (validation happens in their constructors)."""
+RUN_CONTROL = frozenset({"config", "out", "resume", "checkpoint_every", "keep_checkpoints", "threads", "no_progress"})
+"""Flags that say how to run, not what: the only ones that go with ``--config``."""
+
+
+@functools.cache
+def _parser_defaults() -> dict:
+    return vars(build_parser().parse_args([]))
+
+
+def config_from_args(args: argparse.Namespace) -> RunConfig:
+    """The run's :class:`RunConfig`: read from ``--config``, or built from the flags (validated by the configs)."""
+    given = [f"--{k.replace('_', '-')}" for k, v in vars(args).items()
+             if k not in RUN_CONTROL and k in _parser_defaults() and v != _parser_defaults()[k]]
+    if getattr(args, "config", None) is not None:
+        if given:
+            raise ValueError(f"--config defines the run: drop {', '.join(given)} (edit the file, or copy it, to change "
+                             "a setting)")
+        return RunConfig.load(args.config)
+    saved = Path(args.resume) / CONFIG_FILENAME if getattr(args, "resume", None) is not None else None
+    if saved is not None and not given and saved.is_file():  # `--resume DIR` alone: the run DIR describes
+        return RunConfig.load(saved)
     data = DataConfig(dataset=args.dataset, data_dir=args.data_dir, allow_download=args.download,
                       train_size=args.train_size, test_size=args.test_size, rotation_deg=args.rotation_deg,
                       translation_px=args.translation_px, log_scale=args.log_scale, data_seed=args.data_seed)
@@ -204,11 +227,17 @@ def configs_from_args(args: argparse.Namespace) -> tuple[DataConfig, ModelConfig
         raise ValueError("--eval-transforms, --eval-samples and --elbo-passes must be positive integers")
     if not (math.isfinite(args.init_scale) and args.init_scale > 0):
         raise ValueError(f"--init-scale must be > 0 and finite, got {args.init_scale}")
+    return RunConfig(data=data, model=model, guide=GuideConfig(args.guide, args.init_scale, args.init_loc),
+                     train=train, eval=EvalConfig(args.eval_transforms, args.eval_samples, args.elbo_passes),
+                     device=args.device)
+
+
+def check_run_control(args: argparse.Namespace) -> None:
+    """The flags that say how (not what) to run."""
     if args.checkpoint_every < 0 or args.keep_checkpoints < 1:
         raise ValueError("--checkpoint-every must be >= 0 and --keep-checkpoints >= 1")
     if args.threads is not None and args.threads < 1:
         raise ValueError(f"--threads must be a positive integer, got {args.threads}")
-    return data, model, train
 
 
 def output_dir(args: argparse.Namespace) -> Path:
@@ -221,14 +250,11 @@ def output_dir(args: argparse.Namespace) -> Path:
     return Path(args.resume if args.resume is not None else args.out)
 
 
-def run_settings(args: argparse.Namespace, data_cfg: DataConfig, device: torch.device) -> dict:
-    """Settings beyond the model and train configs that determine training (and a checkpoint's fingerprint)."""
-    return {
-        "data": asdict(data_cfg),
-        "guide": {"kind": GuideKind(args.guide).value, "init_scale": args.init_scale,
-                  "init_loc": InitLoc(args.init_loc).value},
-        "device": device.type,  # not the index: a run may resume on another GPU
-    }
+def run_settings(cfg: RunConfig) -> dict:
+    """Settings beyond the model and train configs that determine training (and a checkpoint's fingerprint):
+    with them, :func:`inference.svi.fingerprint_config` gives :meth:`RunConfig.training_dict`."""
+    training = cfg.training_dict(0)
+    return {"data": training["data"], "guide": training["guide"], "device": training["device"]}
 
 
 def latest_checkpoint(run_dir: Path) -> tuple[Checkpoint, list[Exception]]:
@@ -288,12 +314,14 @@ class EtaHistoryWriter:
 
 def main(args: argparse.Namespace) -> dict:
     """Train, evaluate and write ``metrics.json`` and ``eta_history.csv``; returns the metrics."""
-    data_cfg, model_cfg, train_cfg = configs_from_args(args)
-    device = resolve_device(args.device)
+    cfg = config_from_args(args)
+    check_run_control(args)
+    data_cfg, model_cfg, train_cfg = cfg.data, cfg.model, cfg.train
+    device = resolve_device(cfg.device)
     out = output_dir(args)
     resume_from, skipped = latest_checkpoint(out) if args.resume is not None else (None, [])
     configure_cpu(args.threads)  # threads per core and an allocator that keeps large step buffers mapped
-    pyro.set_rng_seed(args.seed)
+    pyro.set_rng_seed(train_cfg.seed)
     data = load_datasets(data_cfg)
     train, test = data.train, data.test
     for split, name in ((train, "training"), (test, "test")):  # once per dataset, not per step
@@ -302,15 +330,16 @@ def main(args: argparse.Namespace) -> dict:
     if train_cfg.eta_objective is EtaObjective.HELDOUT:  # the guide fits the rest, eta follows the held-out part
         train, heldout = split_holdout(train, train_cfg.eta_holdout, train_cfg.seed)
         heldout.x, heldout.y = heldout.x.to(device), heldout.y.to(device)
-    settings = run_settings(args, data_cfg, device)
+    settings = run_settings(cfg)
     if resume_from is not None:  # before anything in OUT is touched
         check_compatible(resume_from, fingerprint_config(model_cfg, train_cfg, len(train), settings))
     train.x, train.y, test.x, test.y = (t.to(device) for t in (train.x, train.y, test.x, test.y))
     model = InvariantNet(model_cfg, num_data=len(train)).to(device)
-    guide = make_guide(model, args.guide, init_scale=args.init_scale, init_loc=args.init_loc)
-    evidence_guide = (make_evidence_guide(model, args.guide, args.init_scale, predicting_guide=guide)
+    guide = make_guide(model, cfg.guide.kind, init_scale=cfg.guide.init_scale, init_loc=cfg.guide.init_loc)
+    evidence_guide = (make_evidence_guide(model, cfg.guide.kind, cfg.guide.init_scale, predicting_guide=guide)
                       if train_cfg.eta_objective is EtaObjective.EVIDENCE else None)
     out.mkdir(parents=True, exist_ok=True)
+    cfg.save(out / CONFIG_FILENAME)  # what this run is, before anything is trained
     print(f"data: {data.info['dataset']} train={len(train)} test={len(test)} from {data.info['root']}"
           f"{'' if data.info['full_mnist'] else ' (subset, not full MNIST)'}", file=sys.stderr)
     announce_start(out, resume_from, skipped)
@@ -324,11 +353,11 @@ def main(args: argparse.Namespace) -> dict:
     finally:
         history.close()
     start = time.perf_counter()
-    draws = predictive_draws(model, guide, test.x, args.eval_samples, args.eval_transforms)  # (M, N, classes)
+    draws = predictive_draws(model, guide, test.x, cfg.eval.num_samples, cfg.eval.num_transforms)  # (M, N, C)
     acc, nll = accuracy_and_nll(average_draws(draws), test.y)
     acc_one, nll_one = accuracy_and_nll(draws[0], test.y)  # the first draw alone: a one-draw evaluation
     # the bound on the marginal likelihood: the evidence guide's ELBO under the evidence objective
-    elbo = elbo_estimate(model, evidence_guide or guide, train, num_passes=args.elbo_passes)
+    elbo = elbo_estimate(model, evidence_guide or guide, train, num_passes=cfg.eval.elbo_passes)
     metrics = {
         "eta": eta_dict(model, guide),
         "eta_interval_90": eta_interval(model, guide),  # full Bayes: q(eta)'s central 90% interval, else None
@@ -345,16 +374,7 @@ def main(args: argparse.Namespace) -> dict:
         "final_train_loss": result.losses[-1],
         "resumed_from_step": resume_from.step if resume_from is not None else None,
         "data": data.info,
-        "config": {
-            "data": asdict(data_cfg),
-            "model": asdict(model_cfg),
-            "train": asdict(train_cfg),
-            "guide": settings["guide"],
-            "eval": {"num_transforms": args.eval_transforms, "num_samples": args.eval_samples,
-                     "elbo_passes": args.elbo_passes},
-            "device": device.type,
-            "seed": args.seed,
-        },
+        "config": cfg.to_dict(),
     }
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2, default=_json_default))
     print(json.dumps({k: metrics[k] for k in ("eta", "test_accuracy", "test_nll", "elbo_per_example",
@@ -382,10 +402,10 @@ def run_derived(args: argparse.Namespace, out: Path, **overrides) -> dict:
 def config_differences(args: argparse.Namespace, metrics: Mapping) -> list[str]:
     """The model and training settings (``"train.eta_lr"``, ...) in which a finished run's ``metrics.json`` differs
     from the run ``args`` describe; empty when it is that run."""
-    _, model_cfg, train_cfg = configs_from_args(args)
+    cfg = config_from_args(args)
     have = metrics.get("config", {})
     saved = {"model": have.get("model", {}), "train": have.get("train", {})}
-    return [name for name, _, _ in differing_settings(saved, {"model": model_cfg, "train": train_cfg})]
+    return [name for name, _, _ in differing_settings(saved, {"model": cfg.model, "train": cfg.train})]
 
 
 def announce_start(out: Path, start: Checkpoint | None, skipped: list[Exception]) -> None:

@@ -1,0 +1,154 @@
+"""One typed configuration per run: what is trained on what data, with which guide, and how it is evaluated.
+
+A :class:`RunConfig` gathers the dataclasses that the rest of the library takes (``DataConfig``,
+``ModelConfig``, :class:`GuideConfig`, ``TrainConfig``, :class:`EvalConfig`) and the device. It is written
+once, as ``config.json`` in the run folder, before training starts; ``python -m inference.train --config
+RUN/config.json --out NEW`` trains the same run again, and experiment grids derive their runs from one config
+with :func:`dataclasses.replace`. Its :meth:`RunConfig.fingerprint` (the hash of everything that decides the
+training trajectory: not the evaluation, not the GPU index) is what a resumed run must match.
+
+Example::
+
+    >>> cfg = RunConfig()
+    >>> cfg2 = RunConfig.from_dict(cfg.to_dict())
+    >>> cfg2 == cfg
+    True
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from guides.factory import GuideKind, InitLoc
+from inference.checkpoint import config_fingerprint, to_jsonable
+from inference.data import DataConfig
+from inference.svi import TrainConfig
+from models.config import ModelConfig, check_positive_float, check_positive_int
+
+CONFIG_FILENAME = "config.json"
+"""The run folder's copy of its :class:`RunConfig`."""
+
+
+@dataclass(frozen=True)
+class GuideConfig:
+    """The variational family (:func:`guides.make_guide`) and how it starts."""
+
+    kind: GuideKind = GuideKind.HYBRID
+    init_scale: float = 0.1
+    init_loc: InitLoc = InitLoc.XAVIER
+
+    def __post_init__(self) -> None:
+        try:
+            object.__setattr__(self, "kind", GuideKind(self.kind))
+            object.__setattr__(self, "init_loc", InitLoc(self.init_loc))
+        except ValueError as err:
+            raise ValueError(f"{err}; guides: {[k.value for k in GuideKind]}, init locs: "
+                             f"{[i.value for i in InitLoc]}") from None
+        check_positive_float("init_scale", self.init_scale)
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """Test-time settings: S transformations and M weight draws in the predictive, passes for the ELBO."""
+
+    num_transforms: int = 32  # S at evaluation
+    num_samples: int = 32  # M weight draws from q averaged in the posterior predictive
+    elbo_passes: int = 4  # passes over the training set for the reported ELBO / N
+
+    def __post_init__(self) -> None:
+        for name in ("num_transforms", "num_samples", "elbo_passes"):
+            check_positive_int(name, getattr(self, name))
+
+
+def _check_device(device: str) -> str:
+    kind, _, index = str(device).partition(":")
+    if kind not in ("cpu", "cuda") or (index and (kind != "cuda" or not index.isdigit())):
+        raise ValueError(f"device must be cpu, cuda or cuda:N, got {device!r}")
+    return str(device)
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything that defines a run (see the module docstring)."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    guide: GuideConfig = field(default_factory=GuideConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "device", _check_device(self.device))
+
+    # ------------------------------------------------------------------ JSON
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON types (enums as values, tuples as lists); ``seed`` repeated at the top for readers."""
+        return {**to_jsonable(self), "seed": self.train.seed}
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> RunConfig:
+        """Inverse of :meth:`to_dict`; unknown keys are an error (the file was written by other code)."""
+        parts = {"data": DataConfig, "model": ModelConfig, "guide": GuideConfig, "train": TrainConfig,
+                 "eval": EvalConfig}
+        unknown = sorted(set(values) - set(parts) - {"device", "seed"})
+        if unknown:
+            raise ValueError(f"unknown run config section(s) {unknown}")
+        kwargs: dict[str, Any] = {"device": values.get("device", "cpu")}
+        for name, cls_ in parts.items():
+            section = dict(values.get(name, {}))
+            known = {f.name for f in dataclasses.fields(cls_)}
+            extra = sorted(set(section) - known)
+            if extra:
+                raise ValueError(f"unknown {name} setting(s) {extra} in the run config")
+            kwargs[name] = cls_(**{k: _tuples(v) for k, v in section.items()})
+        return cls(**kwargs)
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write ``config.json`` atomically; returns its path."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        with os.fdopen(fd, "w") as f:
+            json.dump(self.to_dict(), f, indent=2)
+            f.write("\n")
+        os.replace(tmp, path)
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> RunConfig:
+        """Read a ``config.json`` (a run folder is accepted too)."""
+        path = Path(path)
+        if path.is_dir():
+            path = path / CONFIG_FILENAME
+        try:
+            values = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as err:
+            raise ValueError(f"cannot read a run config from {path}: {err}") from None
+        return cls.from_dict(values)
+
+    # ------------------------------------------------------------------ identity
+    def training_dict(self, num_data: int) -> dict[str, Any]:
+        """What decides the training trajectory, as JSON: the checkpoints' config (evaluation and the GPU index
+        left out, so a run may resume on another GPU or be evaluated otherwise)."""
+        values = to_jsonable({"data": self.data, "model": self.model, "guide": self.guide, "train": self.train})
+        return {**values, "num_data": int(num_data), "device": torch.device(self.device).type}
+
+    def fingerprint(self, num_data: int) -> str:
+        """Hash of :meth:`training_dict`: a resumed run must match it."""
+        return config_fingerprint(self.training_dict(num_data))
+
+
+def _tuples(value: Any) -> Any:
+    """JSON lists back to the tuples the config dataclasses hold."""
+    if isinstance(value, list):
+        return tuple(_tuples(v) for v in value)
+    return value

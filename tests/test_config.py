@@ -1,0 +1,76 @@
+"""One run config: JSON round trip, config.json in the run folder, --config re-runs a run exactly, --resume DIR."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+
+from inference.checkpoint import load_checkpoint
+from inference.config import CONFIG_FILENAME, EvalConfig, GuideConfig, RunConfig
+from inference.data import DataConfig
+from inference.svi import TrainConfig
+from inference.train import cli
+from models import ModelConfig
+
+SAME = ("eta", "test_accuracy", "test_nll", "test_accuracy_one_draw", "elbo_per_example", "final_train_loss")
+
+
+def tiny(data_dir: Path, out: Path, *extra: str) -> list[str]:
+    return ["--dataset", "partially-rotated-mnist", "--data-dir", str(data_dir), "--train-size", "40",
+            "--test-size", "20", "--hidden", "8", "--num-steps", "6", "--num-transforms", "2", "--eval-transforms",
+            "2", "--eval-samples", "2", "--elbo-passes", "1", "--batch-size", "8", "--checkpoint-every", "2",
+            "--no-progress", "--out", str(out), *extra]
+
+
+def test_round_trip_through_json_keeps_every_setting():
+    cfg = RunConfig(data=DataConfig(dataset="scaled-mnist", train_size=100, log_scale=0.4),
+                    model=ModelConfig(hidden=8, generators=("rotate", "scale"), eta_prior="uniform"),
+                    guide=GuideConfig("normal", 0.3, "sample"), train=TrainConfig(num_steps=7, betas=(0.8, 0.99)),
+                    eval=EvalConfig(4, 5, 6), device="cuda:1")
+    back = RunConfig.from_dict(json.loads(json.dumps(cfg.to_dict())))
+    assert back == cfg
+    assert back.fingerprint(100) == cfg.fingerprint(100)
+    other_eval = dataclasses.replace(cfg, eval=EvalConfig(1, 1, 1), device="cuda:0")
+    assert other_eval.fingerprint(100) == cfg.fingerprint(100)  # evaluation and the GPU index do not train
+    assert dataclasses.replace(cfg, train=TrainConfig(num_steps=8)).fingerprint(100) != cfg.fingerprint(100)
+    with pytest.raises(ValueError, match="unknown model setting"):
+        RunConfig.from_dict({**cfg.to_dict(), "model": {**cfg.to_dict()["model"], "width": 3}})
+    with pytest.raises(ValueError, match="device must be"):
+        RunConfig(device="tpu")
+
+
+def test_config_json_reruns_a_run_exactly_and_is_the_only_definition(tmp_path, data_dir, capsys):
+    first = tmp_path / "first"
+    assert cli(tiny(data_dir, first, "--eta-objective", "evidence", "--evidence-schedule", "sequential")) == 0
+    cfg = RunConfig.load(first / CONFIG_FILENAME)
+    written = json.loads((first / "metrics.json").read_text())
+    assert written["config"] == cfg.to_dict() and cfg.train.eta_objective.value == "evidence"
+    again = tmp_path / "again"
+    assert cli(["--config", str(first / CONFIG_FILENAME), "--out", str(again), "--no-progress"]) == 0
+    rerun = json.loads((again / "metrics.json").read_text())
+    for key in SAME:
+        assert rerun[key] == written[key], key
+    capsys.readouterr()
+    assert cli(["--config", str(first), "--out", str(tmp_path / "x"), "--hidden", "16"]) == 2
+    assert "--config defines the run: drop --hidden" in capsys.readouterr().err
+
+
+def test_resume_dir_alone_continues_the_run_its_config_describes(tmp_path, data_dir):
+    whole = tmp_path / "whole"
+    assert cli(tiny(data_dir, whole)) == 0
+    cut = tmp_path / "cut"
+    assert cli(tiny(data_dir, cut, "--keep-checkpoints", "5")) == 0
+    (cut / "metrics.json").unlink()
+    for step in (4, 6):  # as if stopped after step 2
+        for suffix in ("", ".sha256"):
+            Path(f"{cut / 'checkpoints' / f'step-{step:08d}.pt'}{suffix}").unlink()
+    assert cli(["--resume", str(cut), "--no-progress"]) == 0  # no training flags: they come from config.json
+    got, want = (json.loads((d / "metrics.json").read_text()) for d in (cut, whole))
+    assert got["resumed_from_step"] == 2
+    for key in SAME:
+        assert got[key] == want[key], key
+    ckpt = load_checkpoint(cut / "checkpoints" / "step-00000006.pt")
+    assert ckpt.fingerprint == RunConfig.load(cut).fingerprint(40)  # the resume fingerprint is the config's hash
