@@ -27,6 +27,7 @@ import shlex
 import sys
 import time
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import pyro
@@ -232,14 +233,6 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
                      device=args.device)
 
 
-def check_run_control(args: argparse.Namespace) -> None:
-    """The flags that say how (not what) to run."""
-    if args.checkpoint_every < 0 or args.keep_checkpoints < 1:
-        raise ValueError("--checkpoint-every must be >= 0 and --keep-checkpoints >= 1")
-    if args.threads is not None and args.threads < 1:
-        raise ValueError(f"--threads must be a positive integer, got {args.threads}")
-
-
 def output_dir(args: argparse.Namespace) -> Path:
     """``--resume DIR`` or ``--out DIR``; both must name the same directory when both are given."""
     if args.resume is None and args.out is None:
@@ -312,15 +305,43 @@ class EtaHistoryWriter:
         self.file.close()
 
 
+@dataclass(frozen=True)
+class RunControl:
+    """How (not what) to run: where, whether to resume, checkpointing, CPU threads, the progress bar."""
+
+    out: Path
+    resume: bool = False
+    checkpoint_every: int = 100
+    keep_checkpoints: int = 3
+    threads: int | None = None
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.checkpoint_every < 0 or self.keep_checkpoints < 1:
+            raise ValueError("--checkpoint-every must be >= 0 and --keep-checkpoints >= 1")
+        if self.threads is not None and self.threads < 1:
+            raise ValueError(f"--threads must be a positive integer, got {self.threads}")
+
+
+def control_from_args(args: argparse.Namespace) -> RunControl:
+    """The run-control flags as a :class:`RunControl`."""
+    return RunControl(output_dir(args), args.resume is not None, args.checkpoint_every, args.keep_checkpoints,
+                      args.threads, not args.no_progress)
+
+
 def main(args: argparse.Namespace) -> dict:
     """Train, evaluate and write ``metrics.json`` and ``eta_history.csv``; returns the metrics."""
-    cfg = config_from_args(args)
-    check_run_control(args)
+    return run(config_from_args(args), control_from_args(args))
+
+
+def run(cfg: RunConfig, control: RunControl) -> dict:
+    """Train the run ``cfg`` describes into ``control.out`` (resuming from its newest checkpoint when
+    ``control.resume``), evaluate it and write ``config.json``, ``metrics.json`` and ``eta_history.csv``."""
     data_cfg, model_cfg, train_cfg = cfg.data, cfg.model, cfg.train
     device = resolve_device(cfg.device)
-    out = output_dir(args)
-    resume_from, skipped = latest_checkpoint(out) if args.resume is not None else (None, [])
-    configure_cpu(args.threads)  # threads per core and an allocator that keeps large step buffers mapped
+    out = control.out
+    resume_from, skipped = latest_checkpoint(out) if control.resume else (None, [])
+    configure_cpu(control.threads)  # threads per core and an allocator that keeps large step buffers mapped
     pyro.set_rng_seed(train_cfg.seed)
     data = load_datasets(data_cfg)
     train, test = data.train, data.test
@@ -343,12 +364,12 @@ def main(args: argparse.Namespace) -> dict:
     print(f"data: {data.info['dataset']} train={len(train)} test={len(test)} from {data.info['root']}"
           f"{'' if data.info['full_mnist'] else ' (subset, not full MNIST)'}", file=sys.stderr)
     announce_start(out, resume_from, skipped)
-    policy = CheckpointPolicy(out / CHECKPOINT_DIRNAME, every=args.checkpoint_every, keep=args.keep_checkpoints,
+    policy = CheckpointPolicy(out / CHECKPOINT_DIRNAME, every=control.checkpoint_every, keep=control.keep_checkpoints,
                               run_config=settings)
     rows = resume_from.state["eta_history"] if resume_from is not None else ()
     history = EtaHistoryWriter(out / "eta_history.csv", rows, model_cfg.generator_names)
     try:
-        result = fit(model, guide, train, train_cfg, on_record=history, progress=not args.no_progress,
+        result = fit(model, guide, train, train_cfg, on_record=history, progress=control.progress,
                      checkpoints=policy, start=resume_from, heldout=heldout, evidence_guide=evidence_guide)
     finally:
         history.close()
