@@ -50,30 +50,32 @@ import math
 import sys
 from pathlib import Path
 
+from guides.factory import GuideKind
 from inference import extents, grid, report, train
-from inference.data import DataConfig
+from inference.config import RunConfig, derive, with_default_priors
+from inference.eta_objectives import EtaObjective
 from inference.run_io import true_extent
 from models.config import GENERATOR_PRESETS
 from models.transforms import ISOTROPIC_NAMES
 
-NAMED = {
-    "elbo": {},
-    "paper": {"guide": "paper"},
-    "meanfield": {"guide": "normal"},
-    "map": {"guide": "map"},
-    "ml": {"guide": "ml"},
+NAMED = {  # configuration -> the guide it swaps in (the weight priors follow, see config.with_default_priors)
+    "elbo": None,
+    "paper": GuideKind.PAPER,
+    "meanfield": GuideKind.NORMAL,
+    "map": GuideKind.MAP,
+    "ml": GuideKind.ML,
 }
 FAMILIES = ("none", "rotation", "translation", "scale", "affine")
 """``inv-<family>`` configurations: Table 2's rows."""
 
-DATASETS: dict[str, dict] = {  # the paper's datasets (../shared/REFERENCE.md), as training flags
+DATASETS: dict[str, dict] = {  # the paper's datasets (../shared/REFERENCE.md), as DataConfig settings
     "rotated": {"dataset": train.DatasetName.ROTATED, "rotation_deg": None},  # U[-180, 180] deg
     "partially-rotated": {"dataset": train.DatasetName.PARTIALLY_ROTATED, "rotation_deg": 90.0},
     "translated": {"dataset": train.DatasetName.TRANSLATED, "translation_px": 8.0},
     "scaled": {"dataset": train.DatasetName.SCALED, "log_scale": math.log(2.0)},
     "regular": {"dataset": train.DatasetName.MNIST},
 }
-"""``--datasets`` labels and the data flags each sets."""
+"""``--datasets`` labels and the data settings each makes."""
 
 _TABLE1_RFF = {  # see the note above PRESETS
     "first_layer": "rff", "rff_scale": 8.0, "rff_blur": 1.0, "prior_scale": 4.0, "init_scale": 1.0, "lr": 0.03,
@@ -134,59 +136,60 @@ def family_generators(family: str, basis: tuple[str, ...]) -> tuple[str, ...]:
     return GENERATOR_PRESETS[family]
 
 
-def fixed_augmentation(args: argparse.Namespace, dataset_flags: dict) -> dict:
-    """Overrides of the ``fixed-aug`` run: eta fixed at the data's true extent on the generators the data use."""
-    flags = {k: getattr(args, k) for k in ("dataset", "rotation_deg", "translation_px", "log_scale")}
-    flags.update(dataset_flags)
-    data_cfg = DataConfig(dataset=flags["dataset"], rotation_deg=flags["rotation_deg"],
-                          translation_px=flags["translation_px"], log_scale=flags["log_scale"])
-    basis = family_generators("affine", args.generators or GENERATOR_PRESETS["affine"])
-    extent = {name: value for name, value in true_extent(data_cfg, names=basis).items() if value > 0}
+def fixed_augmentation(cfg: RunConfig) -> dict:
+    """Model settings of the ``fixed-aug`` run: eta fixed at the data's true extent on the generators the data use."""
+    basis = family_generators("affine", cfg.model.generators or GENERATOR_PRESETS["affine"])
+    extent = {name: value for name, value in true_extent(cfg.data, names=basis).items() if value > 0}
     if len(set(extent.values())) > 1:
         raise ValueError(f"the fixed augmentation needs one extent for all of the data's generators, got {extent}")
     if not extent:  # untransformed data: nothing to average over
-        return {"generators": (), "fixed_eta": True}
-    return {"generators": tuple(extent), "fixed_eta": True, "eta_init_deg": math.degrees(next(iter(extent.values())))}
+        return {"generators": (), "learn_eta": False}
+    return {"generators": tuple(extent), "learn_eta": False, "eta_init": next(iter(extent.values()))}
 
 
-def configurations(args: argparse.Namespace, dataset_flags: dict) -> list[tuple[str, dict]]:
-    """``(name, overrides)`` of every configuration on one dataset, in order."""
-    runs = []
+def configurations(base: RunConfig, args: argparse.Namespace) -> list[tuple[str, RunConfig]]:
+    """``(name, run config)`` of every configuration on the data of ``base``, in order."""
+    runs: list[tuple[str, RunConfig]] = []
     for name in (c.strip() for c in args.configs.split(",") if c.strip()):
         if name in NAMED:
-            runs.append((name, dict(NAMED[name])))
+            kind = NAMED[name]
+            runs.append((name, base if kind is None else with_default_priors(derive(base, guide={"kind": kind}))))
         elif name.startswith("inv-") and name[4:] in FAMILIES:
-            runs.append((name, {"generators": family_generators(name[4:], args.generators)}))
+            runs.append((name, derive(base, model={"generators": family_generators(name[4:], base.model.generators)})))
         elif name == "fixed-aug":
-            runs.append((name, fixed_augmentation(args, dataset_flags)))
+            runs.append((name, derive(base, model=fixed_augmentation(base))))
         else:
             raise ValueError(f"unknown configuration {name!r}; choose from {sorted(NAMED)}, "
                              f"{[f'inv-{f}' for f in FAMILIES]} or 'fixed-aug'")
     angles = [float(a) for a in args.sweep_deg.split(",") if a.strip()]
     for deg in angles:
-        runs.append((f"fixed-{deg:g}", {"generators": args.sweep_generators, "fixed_eta": True, "eta_init_deg": deg}))
+        runs.append((f"fixed-{deg:g}", derive(base, model={"generators": args.sweep_generators, "learn_eta": False,
+                                                          "eta_init": math.radians(deg)})))
     if angles:
-        runs.append(("learned", {"generators": args.sweep_generators}))
+        runs.append(("learned", derive(base, model={"generators": args.sweep_generators})))
     if not runs:
         raise ValueError("nothing to compare: give --configs and/or --sweep-deg")
-    for _, overrides in runs:
-        if overrides.get("fixed_eta") or not overrides.get("generators", args.generators):
-            overrides.update(eta_objective="elbo", eta_burnin=0)  # nothing for an eta objective to learn
-    return runs
+    out = []
+    for name, cfg in runs:
+        if not cfg.model.learn_eta or not cfg.model.generators:  # nothing for an eta objective to learn
+            cfg = with_default_priors(derive(cfg, train={"eta_objective": EtaObjective.ELBO, "eta_burnin": 0}))
+        out.append((name, cfg))
+    return out
 
 
-def plan(args: argparse.Namespace) -> list[tuple[str, str, int, dict]]:
-    """``(dataset label, configuration, seed, overrides)`` of every run, in order."""
+def plan(args: argparse.Namespace) -> list[tuple[str, str, int, RunConfig]]:
+    """``(dataset label, configuration, seed, run config)`` of every run, in order."""
     labels = [d.strip() for d in args.datasets.split(",") if d.strip()]
     unknown = [d for d in labels if d not in DATASETS]
     if unknown:
         raise ValueError(f"unknown dataset(s) {unknown}; choose from {sorted(DATASETS)}")
-    seeds = args.seeds if args.seeds is not None else (args.seed,)
+    base = train.config_from_args(args)
+    seeds = args.seeds if args.seeds is not None else (base.train.seed,)
     out = []
     for label in labels or [""]:
-        flags = DATASETS.get(label, {})
-        for name, overrides in configurations(args, flags):
-            out += [(label, name, seed, {**flags, **overrides, "seed": seed}) for seed in seeds]
+        on_data = derive(base, data=DATASETS.get(label, {}))
+        for name, cfg in configurations(on_data, args):
+            out += [(label, name, seed, derive(cfg, train={"seed": seed})) for seed in seeds]
     return out
 
 
@@ -197,19 +200,19 @@ def main(args: argparse.Namespace) -> list[dict]:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     jobs, keys = [], {}
-    for label, name, seed, overrides in plan(args):
+    for label, name, seed, cfg in plan(args):
         run_dir = out / label / name / f"seed-{seed}" if label else out / name / f"seed-{seed}"
-        job = grid.Job(f"{label + ' ' if label else ''}{name} seed={seed}", run_dir,
-                       train.derived_args(args, run_dir, **overrides))
-        jobs.append(job)
-        keys[run_dir] = (label or str(train.DatasetName(args.dataset).value), name, seed)
+        jobs.append(grid.Job(f"{label + ' ' if label else ''}{name} seed={seed}", run_dir, cfg))
+        keys[run_dir] = (label or cfg.data.dataset.value, name, seed)
     rows: list[dict] = []
 
     def add(job: grid.Job, metrics: dict) -> None:
         rows.append(report.run_row(*keys[job.run_dir], metrics))
         report.write_tables(rows, out)  # keep the tables current while later runs go on
 
-    results = grid.run_jobs(jobs, args.jobs, collect_only=args.collect, on_result=add)
+    control = train.RunControl(out, checkpoint_every=args.checkpoint_every, keep_checkpoints=args.keep_checkpoints,
+                               threads=args.threads, progress=not args.no_progress)
+    results = grid.run_jobs(jobs, control, args.jobs, collect_only=args.collect, on_result=add)
     if not results:
         raise ValueError(f"no finished run in {out} to collect")
     rows = [report.run_row(*keys[job.run_dir], metrics) for job, metrics in results]  # in the planned order

@@ -27,11 +27,13 @@ from typing import Any
 
 import torch
 
-from guides.factory import GuideKind, InitLoc
-from inference.checkpoint import config_fingerprint, to_jsonable
+from guides.factory import GuideKind, InitLoc, default_priors
+from inference.checkpoint import config_fingerprint, differing_settings, to_jsonable
 from inference.data import DataConfig
+from inference.eta_objectives import EtaObjective
 from inference.svi import TrainConfig
 from models.config import ModelConfig, check_positive_float, check_positive_int
+from models.priors import PriorKind
 
 CONFIG_FILENAME = "config.json"
 """The run folder's copy of its :class:`RunConfig`."""
@@ -152,3 +154,39 @@ def _tuples(value: Any) -> Any:
     if isinstance(value, list):
         return tuple(_tuples(v) for v in value)
     return value
+
+
+def derive(cfg: RunConfig, **sections: Any) -> RunConfig:
+    """``cfg`` with some settings changed, section by section (:func:`dataclasses.replace` on each).
+
+    Example: ``derive(cfg, model={"hidden": 8}, train={"seed": 2}, device="cuda")``.
+    """
+    changes: dict[str, Any] = {}
+    for name, values in sections.items():
+        if name == "device":
+            changes[name] = values
+        elif values:
+            changes[name] = dataclasses.replace(getattr(cfg, name), **values)
+    return dataclasses.replace(cfg, **changes)
+
+
+def same_run(saved: dict[str, Any], cfg: RunConfig) -> list[str]:
+    """The settings (``"train.eta_lr"``, ...) in which a finished run's config (``metrics.json["config"]``) differs
+    from ``cfg`` in what decides its training; empty when it is that run. Where the data files live does not
+    count (a folder may be moved)."""
+    def part(values: dict[str, Any]) -> dict[str, Any]:
+        data = {k: v for k, v in values.get("data", {}).items() if k not in ("data_dir", "allow_download")}
+        return {"data": data, **{k: values.get(k, {}) for k in ("model", "guide", "train")}}
+
+    return [name for name, _, _ in differing_settings(part(saved), part(cfg.to_dict()))]
+
+
+def with_default_priors(cfg: RunConfig) -> RunConfig:
+    """``cfg`` with the weight priors the command line gives its guide and objective (``--first-layer-prior
+    auto``): none for ``ml``; W1 a hyperparameter (no prior) for the point-estimate ``hybrid`` and ``paper``
+    guides, unless the prior is hierarchical or the ``evidence`` objective needs priors on every weight.
+    For runs derived with another guide or objective."""
+    first, output = default_priors(cfg.guide.kind, cfg.model.prior is PriorKind.HIERARCHICAL)
+    if cfg.train.eta_objective is EtaObjective.EVIDENCE:
+        first = True
+    return derive(cfg, model={"first_layer_prior": first, "output_layer_prior": output})

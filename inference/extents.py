@@ -50,6 +50,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from inference import grid, report, train  # noqa: E402
+from inference.config import RunConfig, derive  # noqa: E402
 from inference.data import pixels_per_unit  # noqa: E402
 from inference.eta_objectives import EtaObjective, EvidenceSchedule  # noqa: E402
 from models.config import GENERATOR_PRESETS  # noqa: E402
@@ -153,12 +154,11 @@ def cell_dir(out: Path, fam: Family, extent: float, seed: int) -> Path:
     return out / ("untransformed" if extent == 0 else f"{fam.name}-{extent:.4g}") / f"seed-{seed}"
 
 
-def cell_args(args: argparse.Namespace, fam: Family, extent: float, seed: int, run_dir: Path) -> argparse.Namespace:
-    """The training flags of one cell (a = 0: plain MNIST, one run shared by the families)."""
+def cell_config(base: RunConfig, fam: Family, extent: float, seed: int) -> RunConfig:
+    """The run of one cell (a = 0: plain MNIST, one run shared by the families)."""
     if extent == 0:
-        return train.derived_args(args, run_dir, dataset=train.DatasetName.MNIST, seed=seed)
-    return train.derived_args(args, run_dir, dataset=train.DatasetName(fam.dataset), seed=seed,
-                              **{fam.data_flag: extent})
+        return derive(base, data={"dataset": train.DatasetName.MNIST}, train={"seed": seed})
+    return derive(base, data={"dataset": train.DatasetName(fam.dataset), fam.data_flag: extent}, train={"seed": seed})
 
 
 def row(fam: Family, extent: float, seed: int, metrics: dict) -> dict:
@@ -255,11 +255,12 @@ def main(args: argparse.Namespace) -> list[dict]:
         raise ValueError("--out is required")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    base = train.config_from_args(args)
     jobs, cell_of = [], {}
     for fam, extent, seed in cells(args):
         run_dir = cell_dir(out, fam, extent, seed)
         jobs.append(grid.Job(f"{fam.name} a={extent:.4g} {fam.unit} seed={seed}", run_dir,
-                             cell_args(args, fam, extent, seed, run_dir)))
+                             cell_config(base, fam, extent, seed)))
         cell_of[id(jobs[-1])] = (fam, extent, seed)
     rows: list[dict] = []
 
@@ -267,7 +268,9 @@ def main(args: argparse.Namespace) -> list[dict]:
         rows.append(row(*cell_of[id(job)], metrics))
         write_tables(rows, out)  # the table stays current while later cells run
 
-    results = grid.run_jobs(jobs, args.jobs, collect_only=args.collect, on_result=add)
+    control = train.RunControl(out, checkpoint_every=args.checkpoint_every, keep_checkpoints=args.keep_checkpoints,
+                               threads=args.threads, progress=not args.no_progress)
+    results = grid.run_jobs(jobs, control, args.jobs, collect_only=args.collect, on_result=add)
     if not results:
         raise ValueError(f"no finished cell in {out} to collect")
     rows = [row(*cell_of[id(job)], metrics) for job, metrics in results]  # in the planned order

@@ -1,7 +1,8 @@
 """Run a grid of training runs: reuse the finished ones, train the rest in one process or in ``--jobs`` processes.
 
-The experiment CLIs (:mod:`inference.compare`, :mod:`inference.extents`) describe each run as a fresh
-``python -m inference.train`` command line (an ``argparse.Namespace`` and its folder) and hand the list here:
+The experiment CLIs (:mod:`inference.compare`, :mod:`inference.extents`) describe each run by its
+:class:`~inference.config.RunConfig` and folder and hand the list here, with one
+:class:`~inference.train.RunControl` for how to run them (threads, checkpoints, progress):
 
 * a run whose folder holds a ``metrics.json`` made with the same settings is reused, so an interrupted grid
   continues where it stopped; one made with other settings is refused (never mixed into a table); a run
@@ -16,7 +17,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import copy
+import dataclasses
 import json
 import multiprocessing
 import os
@@ -31,15 +32,17 @@ import torch
 
 from inference import train
 from inference.checkpoint import CHECKPOINT_DIRNAME, find_latest_valid
+from inference.config import RunConfig, derive, same_run
+from inference.train import RunControl
 
 
 @dataclass(frozen=True)
 class Job:
-    """One run of the grid: a label for progress lines, its folder and its complete training flags."""
+    """One run of the grid: a label for progress lines, its folder and what it trains."""
 
     label: str
     run_dir: Path
-    args: argparse.Namespace
+    config: RunConfig
 
 
 def parse_seeds(text: str) -> tuple[int, ...]:
@@ -65,26 +68,20 @@ def finished_metrics(job: Job) -> dict | None:
     if not path.exists():
         return None
     metrics = json.loads(path.read_text())
-    differ = train.config_differences(job.args, metrics)
+    differ = same_run(metrics.get("config", {}), job.config)
     if differ:
         raise ValueError(f"{job.run_dir} holds a run made with other settings ({', '.join(differ[:4])}"
                          f"{', ...' if len(differ) > 4 else ''}): choose another --out or remove that folder")
     return metrics
 
 
-def continued(job: Job) -> Job:
-    """``job`` set to resume from the newest valid checkpoint in its folder (a run interrupted part-way), if any.
-
-    The resumed run ends where an uninterrupted one ends (``python -m inference.train --resume``); a checkpoint
-    made with other settings is refused there.
-    """
+def has_checkpoint(job: Job) -> bool:
+    """Whether ``job``'s folder holds a valid checkpoint (a run interrupted part-way, to be resumed: it then ends
+    where an uninterrupted one ends; a checkpoint made with other settings is refused by the run)."""
     start, _ = find_latest_valid(job.run_dir / CHECKPOINT_DIRNAME)
-    if start is None:
-        return job
-    args = train.derived_args(job.args, job.run_dir)
-    args.resume = str(job.run_dir)
-    print(f"   {job.label}: resuming from its checkpoint at step {start.step}", file=sys.stderr)
-    return Job(job.label, job.run_dir, args)
+    if start is not None:
+        print(f"   {job.label}: resuming from its checkpoint at step {start.step}", file=sys.stderr)
+    return start is not None
 
 
 def worker_settings(jobs: int, device: str, cores: int | None = None, gpus: int | None = None) -> list[dict]:
@@ -112,24 +109,26 @@ def _init_worker(counter, settings: list[dict]) -> None:
     _WORKER.update(settings[index % len(settings)])
 
 
-def _train_logged(args: argparse.Namespace, log_path: str) -> dict:
+def _train_logged(config: RunConfig, control: RunControl, log_path: str) -> dict:
     """Worker body: one training run with this worker's threads / device, its stdout and stderr in ``log_path``."""
     Path(log_path).parent.mkdir(parents=True, exist_ok=True)
-    args = copy.copy(args)  # keeps --resume of a run interrupted part-way
-    for key, value in _WORKER.items():
-        setattr(args, key, value)
+    if "device" in _WORKER:
+        config = derive(config, device=_WORKER["device"])
+    control = dataclasses.replace(control, threads=_WORKER.get("threads", control.threads))
     with open(log_path, "w") as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
-        return train.main(args)
+        return train.run(config, control)
 
 
-def run_jobs(jobs: Sequence[Job], num_workers: int = 1, collect_only: bool = False,
+def run_jobs(jobs: Sequence[Job], control: RunControl | None = None, num_workers: int = 1, collect_only: bool = False,
              on_result: Callable[[Job, dict], None] | None = None) -> list[tuple[Job, dict]]:
     """Reuse or train every job; returns ``(job, metrics)`` in the order of ``jobs`` (unfinished ones left out
     when ``collect_only``).
 
+    ``control`` says how to run each (its ``out`` and ``resume`` are set per job; default: no progress bar).
     ``on_result`` is called as each run becomes available (reused ones first), e.g. to keep a table current.
     """
-    runnable = list(jobs)  # what is trained: a job interrupted part-way resumes (callbacks get the job as given)
+    template = control if control is not None else RunControl(Path("."), progress=False)
+    controls: dict[int, RunControl] = {}
     results: dict[int, dict] = {}
     todo: list[int] = []
     later: dict[Path, list[int]] = {}  # jobs sharing the folder of one being trained (e.g. the shared a = 0 runs)
@@ -153,7 +152,7 @@ def run_jobs(jobs: Sequence[Job], num_workers: int = 1, collect_only: bool = Fal
         else:
             todo.append(i)
             later[job.run_dir] = []
-            runnable[i] = continued(job)
+            controls[i] = dataclasses.replace(template, out=job.run_dir, resume=has_checkpoint(job))
 
     def done(i: int, metrics: dict) -> None:
         results[i] = metrics
@@ -167,9 +166,9 @@ def run_jobs(jobs: Sequence[Job], num_workers: int = 1, collect_only: bool = Fal
     if num_workers <= 1 or len(todo) <= 1:
         for i in todo:
             print(f"== {jobs[i].label} -> {jobs[i].run_dir}", file=sys.stderr)
-            done(i, train.main(runnable[i].args))
+            done(i, train.run(jobs[i].config, controls[i]))
     else:
-        settings = worker_settings(num_workers, str(jobs[todo[0]].args.device))
+        settings = worker_settings(num_workers, jobs[todo[0]].config.device)
         context = multiprocessing.get_context("spawn")  # a fresh interpreter per worker: no inherited torch state
         counter = context.Value("i", 0)
         with ProcessPoolExecutor(max_workers=num_workers, mp_context=context, initializer=_init_worker,
@@ -177,7 +176,7 @@ def run_jobs(jobs: Sequence[Job], num_workers: int = 1, collect_only: bool = Fal
             futures = {}
             for i in todo:
                 print(f"== {jobs[i].label} -> {jobs[i].run_dir} (log: train.log)", file=sys.stderr)
-                futures[pool.submit(_train_logged, runnable[i].args, str(jobs[i].run_dir / "train.log"))] = i
+                futures[pool.submit(_train_logged, jobs[i].config, controls[i], str(jobs[i].run_dir / "train.log"))] = i
             for future in as_completed(futures):
                 done(futures[future], future.result())
     return [(jobs[i], results[i]) for i in sorted(results)]

@@ -17,10 +17,9 @@ import csv
 import dataclasses
 import json
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 
@@ -29,9 +28,10 @@ from inference.checkpoint import (
     CHECKPOINT_DIRNAME,
     Checkpoint,
     IncompatibleCheckpointError,
+    config_differences,
     find_latest_valid,
-    to_jsonable,
 )
+from inference.config import RunConfig
 from inference.data import DataConfig, DatasetName, Datasets, load_datasets, pixels_per_unit, resolve_data_dir
 from inference.eta_objectives import EtaObjective
 from inference.svi import TrainConfig, load_modules
@@ -53,11 +53,9 @@ class LoadedRun:
     run_dir : Path
         The run's output directory.
     metrics : dict
-        Contents of ``metrics.json``; ``metrics["config"]`` is the full config of the run.
-    model_config : ModelConfig
-    data_config : DataConfig
-    train_config : TrainConfig
-    guide_kind : GuideKind
+        Contents of ``metrics.json``.
+    config : RunConfig
+        The run's config (``model_config``, ``data_config``, ``train_config``, ``guide_kind`` are its parts).
     model : InvariantNet
         On the CPU (or the requested device), with ``eta`` restored when it is a ``pyro.param``.
     guide : callable
@@ -68,13 +66,26 @@ class LoadedRun:
 
     run_dir: Path
     metrics: dict
-    model_config: ModelConfig
-    data_config: DataConfig
-    train_config: TrainConfig
-    guide_kind: GuideKind
+    config: RunConfig
     model: InvariantNet
     guide: Callable
     checkpoint: Checkpoint
+
+    @property
+    def model_config(self) -> ModelConfig:
+        return self.config.model
+
+    @property
+    def data_config(self) -> DataConfig:
+        return self.config.data
+
+    @property
+    def train_config(self) -> TrainConfig:
+        return self.config.train
+
+    @property
+    def guide_kind(self) -> GuideKind:
+        return self.config.guide.kind
 
     @property
     def name(self) -> str:
@@ -85,12 +96,6 @@ class LoadedRun:
     def losses(self) -> list[float]:
         """-ELBO / N per training step (minibatch estimates), from the checkpoint."""
         return [float(v) for v in self.checkpoint.state.get("losses", [])]
-
-
-def _known_fields(cls: type, values: Mapping[str, Any]) -> dict[str, Any]:
-    """``values`` restricted to the fields of dataclass ``cls`` (older/newer configs may carry others)."""
-    names = {f.name for f in dataclasses.fields(cls)}
-    return {k: v for k, v in values.items() if k in names}
 
 
 def read_metrics(run_dir: str | Path) -> dict:
@@ -114,50 +119,6 @@ def read_metrics(run_dir: str | Path) -> dict:
     if not isinstance(metrics, dict) or "config" not in metrics:
         raise RunError(f"{path} holds no 'config': written by an older inference.train, cannot rebuild the run")
     return metrics
-
-
-IMPLEMENTATION_ONLY = ("warp_impl",)
-"""Model settings that choose how, not what, the network computes; a value this code no longer knows
-(a run from an earlier version) falls back to the current default."""
-
-
-def model_config_from(values: Mapping[str, Any]) -> ModelConfig:
-    """``ModelConfig`` from its JSON form, ignoring unknown keys and unknown implementation-only values."""
-    fields = _known_fields(ModelConfig, values)
-    try:
-        return ModelConfig(**fields)
-    except ValueError:
-        reduced = {k: v for k, v in fields.items() if k not in IMPLEMENTATION_ONLY}
-        if reduced == fields:
-            raise
-        return ModelConfig(**reduced)
-
-
-def configs_from_metrics(metrics: Mapping) -> tuple[ModelConfig, DataConfig, TrainConfig, GuideKind, dict]:
-    """The typed configs of a run from ``metrics["config"]``, and the guide settings (kind, init_scale, init_loc)."""
-    config = metrics["config"]
-    model_cfg = model_config_from(config["model"])
-    data_cfg = DataConfig(**_known_fields(DataConfig, config["data"]))
-    train_cfg = TrainConfig(**_known_fields(TrainConfig, config["train"]))
-    guide = dict(config["guide"])
-    return model_cfg, data_cfg, train_cfg, GuideKind(guide["kind"]), guide
-
-
-def shared_differences(saved: Mapping, current: Mapping, prefix: str = "") -> list[str]:
-    """Dotted keys present in both configs whose values differ.
-
-    Keys present on one side only are ignored: checkpoints written by older code lack settings
-    added since (which then had their defaults).
-    """
-    saved, current = to_jsonable(saved), to_jsonable(current)
-    out = []
-    for key in sorted(set(saved) & set(current)):
-        a, b = saved[key], current[key]
-        if isinstance(a, dict) and isinstance(b, dict):
-            out.extend(shared_differences(a, b, prefix=f"{prefix}{key}."))
-        elif a != b:
-            out.append(f"{prefix}{key}: {a!r} in the checkpoint, {b!r} in metrics.json")
-    return out
 
 
 def newest_checkpoint(run_dir: Path) -> Checkpoint:
@@ -202,29 +163,25 @@ def load_run(run_dir: str | Path, device: str | torch.device = "cpu") -> LoadedR
     run_dir = Path(run_dir)
     metrics = read_metrics(run_dir)
     try:
-        model_cfg, data_cfg, train_cfg, kind, guide_settings = configs_from_metrics(metrics)
+        config = RunConfig.from_dict(metrics["config"])
     except (KeyError, TypeError, ValueError) as err:
         raise RunError(f"{run_dir / 'metrics.json'} holds an unusable config ({type(err).__name__}: {err})") from None
     checkpoint = newest_checkpoint(run_dir)
-    num_data = int(checkpoint.config.get("num_data", metrics.get("data", {}).get("train_size", 0)))
-    config = metrics["config"]  # compared as written: both come from the same code version
-    recorded = {"model": config["model"], "train": config["train"], "num_data": num_data, "data": config["data"],
-                "guide": guide_settings, "device": config.get("device", "cpu")}
-    diffs = shared_differences(checkpoint.config, recorded)
-    if diffs:
+    num_data = int(checkpoint.config.get("num_data", 0))
+    if checkpoint.fingerprint != config.fingerprint(num_data):
+        diffs = config_differences(checkpoint.config, config.training_dict(num_data))
         raise RunError(f"metrics.json and the newest checkpoint of {run_dir} come from different runs "
                        f"({'; '.join(diffs[:3])}): is the run being re-created?")
-    model = InvariantNet(model_cfg, num_data=num_data).to(device)  # its RFF buffers come from the checkpoint
-    guide = make_guide(model, kind, init_scale=guide_settings.get("init_scale", 0.1),
-                       init_loc=guide_settings.get("init_loc", "xavier"))
+    model = InvariantNet(config.model, num_data=num_data).to(device)  # its RFF buffers come from the checkpoint
+    guide = make_guide(model, config.guide.kind, init_scale=config.guide.init_scale, init_loc=config.guide.init_loc)
     guides = [guide]
-    if train_cfg.eta_objective is EtaObjective.EVIDENCE:  # its parameters are in the checkpoint too
-        guides.append(make_evidence_guide(model, kind, guide_settings.get("init_scale", 0.1), predicting_guide=guide))
+    if config.train.eta_objective is EtaObjective.EVIDENCE:  # its parameters are in the checkpoint too
+        guides.append(make_evidence_guide(model, config.guide.kind, config.guide.init_scale, predicting_guide=guide))
     try:
         load_modules(checkpoint.state, model, guides)
     except IncompatibleCheckpointError as err:
         raise RunError(f"{checkpoint.path}: {err}") from None
-    return LoadedRun(run_dir, metrics, model_cfg, data_cfg, train_cfg, kind, model, guide, checkpoint)
+    return LoadedRun(run_dir, metrics, config, model, guide, checkpoint)
 
 
 def load_run_data(run: LoadedRun, data_dir: str | Path | None = None) -> Datasets:

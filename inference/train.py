@@ -17,7 +17,6 @@ with the same seed ends; a checkpoint from different settings is refused.
 from __future__ import annotations
 
 import argparse
-import copy
 import csv
 import functools
 import json
@@ -39,7 +38,6 @@ from inference.checkpoint import (
     Checkpoint,
     NoCheckpointError,
     check_compatible,
-    differing_settings,
     find_latest_valid,
     list_checkpoints,
     remove_checkpoints,
@@ -401,32 +399,6 @@ def run(cfg: RunConfig, control: RunControl) -> dict:
     print(json.dumps({k: metrics[k] for k in ("eta", "test_accuracy", "test_nll", "elbo_per_example",
                                                "elbo_stderr", "train_seconds")}, indent=2))
     return metrics
-
-
-def derived_args(args: argparse.Namespace, out: Path, **overrides) -> argparse.Namespace:
-    """A copy of ``args`` with ``overrides``, for a fresh run in ``out``."""
-    run_args = copy.copy(args)
-    for key, value in overrides.items():
-        setattr(run_args, key, value)
-    run_args.out, run_args.resume = str(out), None
-    return run_args
-
-
-def run_derived(args: argparse.Namespace, out: Path, **overrides) -> dict:
-    """:func:`main` on a copy of ``args`` with ``overrides``, as a fresh run in ``out``; returns the metrics.
-
-    The experiment CLIs (``compare``, ``extents``) derive each of their runs this way from the shared flags.
-    """
-    return main(derived_args(args, out, **overrides))
-
-
-def config_differences(args: argparse.Namespace, metrics: Mapping) -> list[str]:
-    """The model and training settings (``"train.eta_lr"``, ...) in which a finished run's ``metrics.json`` differs
-    from the run ``args`` describe; empty when it is that run."""
-    cfg = config_from_args(args)
-    have = metrics.get("config", {})
-    saved = {"model": have.get("model", {}), "train": have.get("train", {})}
-    return [name for name, _, _ in differing_settings(saved, {"model": cfg.model, "train": cfg.train})]
 
 
 def announce_start(out: Path, start: Checkpoint | None, skipped: list[Exception]) -> None:

@@ -150,19 +150,24 @@ def test_table2_plan_is_the_papers_grid_with_the_fixed_augmentation_at_the_true_
     args = compare.parse_args(["--preset", "table2", "--out", "x", "--seeds", "0,1,2"])
     planned = compare.plan(args)
     assert len(planned) == 4 * 6 * 3
-    runs = {(d, c): o for d, c, s, o in planned if s == 2}
-    assert runs["rotated", "inv-affine"]["generators"] == ("translate_x", "translate_y", "rotate", "scale", "stretch",
-                                                           "shear")  # the recommended (isotropic) basis
-    assert runs["scaled", "inv-scale"]["generators"] == ("scale",)
-    aug = runs["translated", "fixed-aug"]
-    assert aug["generators"] == ("translate_x", "translate_y") and aug["fixed_eta"]
-    assert math.radians(aug["eta_init_deg"]) == pytest.approx(8 / 13.5)  # 8 px in normalised units
-    assert math.radians(runs["scaled", "fixed-aug"]["eta_init_deg"]) == pytest.approx(math.log(2))
-    assert math.radians(runs["rotated", "fixed-aug"]["eta_init_deg"]) == pytest.approx(math.pi)
-    assert runs["regular", "fixed-aug"]["generators"] == ()
+    runs = {(d, c): cfg for d, c, s, cfg in planned if s == 2}
+    assert all(cfg.train.seed == 2 for cfg in runs.values())
+    assert runs["rotated", "inv-affine"].model.generators == ("translate_x", "translate_y", "rotate", "scale",
+                                                              "stretch", "shear")  # the recommended (isotropic) basis
+    assert runs["scaled", "inv-scale"].model.generators == ("scale",)
+    assert runs["scaled", "inv-scale"].data.log_scale == pytest.approx(math.log(2))
+    aug = runs["translated", "fixed-aug"].model
+    assert aug.generators == ("translate_x", "translate_y") and not aug.learn_eta
+    assert aug.eta_init == pytest.approx(8 / 13.5)  # 8 px in normalised units
+    assert runs["scaled", "fixed-aug"].model.eta_init == pytest.approx(math.log(2))
+    assert runs["rotated", "fixed-aug"].model.eta_init == pytest.approx(math.pi)
+    assert runs["regular", "fixed-aug"].model.generators == ()
     for key in (("rotated", "fixed-aug"), ("regular", "inv-none")):  # nothing to learn: the plain ELBO
-        assert runs[key]["eta_objective"] == "elbo" and runs[key]["eta_burnin"] == 0
-    assert "eta_objective" not in runs["rotated", "inv-rotation"] and args.eta_objective == "evidence"
+        cfg = runs[key]
+        assert cfg.train.eta_objective == "elbo" and cfg.train.eta_burnin == 0
+        assert not cfg.model.first_layer_prior  # the hybrid guide's W1 is then a hyperparameter, as in the paper
+    learned = runs["rotated", "inv-rotation"]
+    assert learned.train.eta_objective == "evidence" and learned.model.first_layer_prior
     with pytest.raises(ValueError, match="unknown dataset"):
         compare.plan(compare.parse_args(["--out", "x", "--datasets", "cifar"]))
     with pytest.raises(ValueError, match="unknown configuration"):
@@ -175,20 +180,25 @@ def test_grid_resumes_a_run_interrupted_part_way_and_trains_a_shared_folder_once
     in a worker) and ends where an uninterrupted run ends; two jobs naming one folder train it once."""
     from inference import grid, train
 
-    def job(folder: Path, label: str = "run") -> grid.Job:
-        args = train.build_parser().parse_args(
-            ["--dataset", "rotated-mnist", "--data-dir", str(data_dir), "--out", str(folder), *TINY, "--num-steps", "6",
-             "--checkpoint-every", "2", "--keep-checkpoints", "5", "--eval-samples", "1", "--elbo-passes", "1"])
-        return grid.Job(label, folder, args)
+    args = train.build_parser().parse_args(
+        ["--dataset", "rotated-mnist", "--data-dir", str(data_dir), "--out", "unused", *TINY, "--num-steps", "6",
+         "--eval-samples", "1", "--elbo-passes", "1"])
+    config = train.config_from_args(args)
+    control = train.RunControl(Path("."), checkpoint_every=2, keep_checkpoints=5, progress=False)
 
-    whole = grid.run_jobs([job(tmp_path / "a")])[0][1]
+    def job(folder: Path, label: str = "run") -> grid.Job:
+        return grid.Job(label, folder, config)
+
+    whole = grid.run_jobs([job(tmp_path / "a")], control)[0][1]
     cut = tmp_path / "b"
-    grid.run_jobs([job(cut)])
+    grid.run_jobs([job(cut)], control)
     (cut / "metrics.json").unlink()  # as if stopped after step 2: only its checkpoint is left
     for step in (4, 6):
-        (cut / "checkpoints" / f"step-{step:08d}.pt").unlink()
+        path = cut / "checkpoints" / f"step-{step:08d}.pt"
+        path.unlink()
+        Path(f"{path}.sha256").unlink()
     calls = []
-    results = grid.run_jobs([job(cut, "first"), job(cut, "second"), job(tmp_path / "c", "other")],
+    results = grid.run_jobs([job(cut, "first"), job(cut, "second"), job(tmp_path / "c", "other")], control,
                             num_workers=workers, on_result=lambda j, m: calls.append(j.label))
     assert sorted(calls) == ["first", "other", "second"] and calls.index("first") < calls.index("second")
     assert [j.label for j, _ in results] == ["first", "second", "other"]
