@@ -73,7 +73,7 @@ class Checkpoint:
     config : dict
         JSON form of the configuration that wrote it.
     state : dict
-        The trainer's state (see :func:`inference.svi.capture_training_state`).
+        The trainer's state (see :func:`inference.state.capture_training_state`).
     """
 
     path: Path

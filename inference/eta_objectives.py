@@ -213,3 +213,47 @@ class EvidenceEtaLoss:
             loss_fit = self.elbo.differentiable_loss(model, guide, x, y)
         loss_ev = self.elbo.differentiable_loss(model, self.evidence_guide, x, y)
         return loss_fit + (loss_ev - loss_ev.detach())
+
+
+def eta_dict(model: InvariantNet, guide: Callable | None = None, num_samples: int = 64) -> dict[str, float]:
+    """Current effective eta per generator (0 for inactive generators).
+
+    Under full Bayes (``eta_prior != "none"``) eta is a latent variable: this is then the median of
+    ``num_samples`` draws from q(eta), taken without disturbing the global random stream.
+    """
+    if model.config.eta_prior is EtaPrior.NONE:
+        return dict(zip(model.generator_names, model.eta_effective.detach().cpu().tolist(), strict=True))
+    piece = eta_guide_of(guide)
+    if piece is not None:  # a separate q(eta): its exact median
+        eta = piece.median() * model.generator_mask
+        return dict(zip(model.generator_names, eta.cpu().tolist(), strict=True))
+    if guide is None:
+        raise ValueError("under full Bayes eta is latent: pass the guide to read q(eta)")
+    x = torch.zeros(1, *model.config.image_shape, device=model.prior_loc.device, dtype=model.prior_loc.dtype)
+    with torch.no_grad(), torch.random.fork_rng(devices=[]):
+        draws = torch.stack([poutine.trace(guide).get_trace(x, None, 1).nodes["eta"]["value"].reshape(-1)
+                             for _ in range(num_samples)])
+    eta = draws.median(0).values * model.generator_mask
+    return dict(zip(model.generator_names, eta.cpu().tolist(), strict=True))
+
+
+def eta_interval(model: InvariantNet, guide: Callable, level: float = 0.9) -> dict[str, list[float]] | None:
+    """Full Bayes: the central ``level`` interval of q(eta) per generator, ``{name: [low, high]}``; None otherwise.
+
+    Exact for a separate q(eta) piece; from 256 draws (without disturbing the global random stream) for
+    guides that cover eta inside their own family.
+    """
+    if model.config.eta_prior is EtaPrior.NONE:
+        return None
+    lo_q, hi_q = (1 - level) / 2, (1 + level) / 2
+    piece = eta_guide_of(guide)
+    if piece is not None:
+        low, high = piece.quantile(lo_q), piece.quantile(hi_q)
+    else:
+        x = torch.zeros(1, *model.config.image_shape, device=model.prior_loc.device, dtype=model.prior_loc.dtype)
+        with torch.no_grad(), torch.random.fork_rng(devices=[]):
+            draws = torch.stack([poutine.trace(guide).get_trace(x, None, 1).nodes["eta"]["value"].reshape(-1)
+                                 for _ in range(256)])
+        low, high = torch.quantile(draws, lo_q, dim=0), torch.quantile(draws, hi_q, dim=0)
+    low, high = (t * model.generator_mask for t in (low, high))
+    return {name: [float(a), float(b)] for name, a, b in zip(model.generator_names, low, high, strict=True)}

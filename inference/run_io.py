@@ -3,7 +3,7 @@
 A run directory written by ``python -m inference.train`` holds ``metrics.json`` (with the full config),
 ``eta_history.csv`` and ``checkpoints/step-*.pt``. :func:`load_run` rebuilds the model and the guide
 from the config, runs the guides once so that lazily created autoguide parameters exist (as
-:func:`inference.svi.restore_training_state` does when resuming) and loads the ``state_dict``s of the
+:func:`inference.state.restore_training_state` does when resuming) and loads the ``state_dict``s of the
 newest valid checkpoint into them. Parameters live in their modules, so several runs can be loaded and
 used side by side.
 
@@ -34,7 +34,8 @@ from inference.checkpoint import (
 from inference.config import RunConfig
 from inference.data import DataConfig, DatasetName, Datasets, load_datasets, pixels_per_unit, resolve_data_dir
 from inference.eta_objectives import EtaObjective
-from inference.svi import TrainConfig, load_modules
+from inference.state import load_modules
+from inference.svi import TrainConfig
 from models.config import ModelConfig
 from models.network import InvariantNet
 from models.transforms import GENERATOR_NAMES

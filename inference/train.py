@@ -52,17 +52,10 @@ from inference.data import (
     load_datasets,
     validate_split,
 )
-from inference.eta_objectives import EtaObjective, EvidenceSchedule, split_holdout
+from inference.eta_objectives import EtaObjective, EvidenceSchedule, eta_dict, eta_interval, split_holdout
 from inference.evaluate import accuracy_and_nll, average_draws, elbo_estimate, predictive_draws
-from inference.svi import (
-    CheckpointPolicy,
-    TrainConfig,
-    TrainingInterrupted,
-    eta_dict,
-    eta_interval,
-    fingerprint_config,
-    fit,
-)
+from inference.state import CheckpointPolicy, TrainingInterrupted, fingerprint_config
+from inference.svi import TrainConfig, fit
 from models.config import GENERATOR_PRESETS, Averaging, FirstLayer, ModelConfig, TransformMode
 from models.network import InvariantNet
 from models.priors import EtaPrior, PriorKind
@@ -243,7 +236,7 @@ def output_dir(args: argparse.Namespace) -> Path:
 
 def run_settings(cfg: RunConfig) -> dict:
     """Settings beyond the model and train configs that determine training (and a checkpoint's fingerprint):
-    with them, :func:`inference.svi.fingerprint_config` gives :meth:`RunConfig.training_dict`."""
+    with them, :func:`inference.state.fingerprint_config` gives :meth:`RunConfig.training_dict`."""
     training = cfg.training_dict(0)
     return {"data": training["data"], "guide": training["guide"], "device": training["device"]}
 

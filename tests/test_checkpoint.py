@@ -29,17 +29,15 @@ from inference.checkpoint import (
 )
 from inference.data import Split
 from inference.optim import named_params
-from inference.svi import (
+from inference.state import (
     CheckpointPolicy,
     FitResult,
     NonFiniteError,
-    TrainConfig,
     TrainingInterrupted,
-    fit,
     get_rng_state,
-    minibatches,
     set_rng_state,
 )
+from inference.svi import TrainConfig, fit, minibatches
 from models import InvariantNet, ModelConfig
 
 IMAGE = (1, 5, 5)

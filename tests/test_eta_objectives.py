@@ -14,9 +14,9 @@ from pyro import poutine
 from guides.factory import eta_guide_of, make_evidence_guide, make_guide
 from guides.meanfield import EVIDENCE_GUIDE_NAME
 from inference.data import Split
-from inference.eta_objectives import EvidenceEtaLoss, HeldOutEtaLoss, heldout_loglik, split_holdout
+from inference.eta_objectives import EvidenceEtaLoss, HeldOutEtaLoss, eta_dict, heldout_loglik, split_holdout
 from inference.optim import named_params
-from inference.svi import TrainConfig, eta_dict, fit, make_elbo
+from inference.svi import TrainConfig, fit, make_elbo
 from models import InvariantNet, ModelConfig
 
 
@@ -173,7 +173,7 @@ def test_unknown_objective_and_bad_fraction_are_one_line_errors():
 def test_evidence_fit_trains_both_guides_and_resumes_exactly(tmp_path, schedule, stop_at, eta_prior):
     """Interrupted and resumed (on the sequential schedule in either phase, with eta a parameter or under full
     Bayes), an evidence run ends where the uninterrupted one ends."""
-    from inference.svi import CheckpointPolicy, TrainingInterrupted
+    from inference.state import CheckpointPolicy, TrainingInterrupted
 
     x, y = batch(40, 0)
     data = Split(x, y)

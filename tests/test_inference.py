@@ -11,6 +11,7 @@ import torch
 
 from guides import make_guide
 from inference.data import Split
+from inference.eta_objectives import eta_dict
 from inference.evaluate import (
     accuracy_and_nll,
     average_draws,
@@ -21,7 +22,7 @@ from inference.evaluate import (
     predictive_log_probs,
 )
 from inference.optim import named_params
-from inference.svi import TrainConfig, eta_dict, fit, make_elbo, make_optimizer, minibatches, svi_step
+from inference.svi import TrainConfig, fit, make_elbo, make_optimizer, minibatches, svi_step
 from models import GENERATOR_NAMES, InvariantNet, ModelConfig
 
 IMAGE = (1, 5, 5)
