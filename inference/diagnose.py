@@ -48,7 +48,7 @@ from inference.run_io import (
     true_extent,
 )
 from inference.svi import TrainConfig, fit
-from models.config import FirstLayer, Likelihood, ModelConfig
+from models.config import FirstLayer, ModelConfig
 from models.network import InvariantNet
 from models.priors import EtaPrior
 
@@ -188,7 +188,7 @@ def write_figures(run: LoadedRun, idata: Any, test: Split, fig_dir: Path, opts: 
     if "elbo" in history:
         plots.plot_elbo(history["iteration"], history["elbo"], out("elbo"),
                         final_elbo=run.metrics.get("elbo_per_example"), title=f"{name}: ELBO / N")
-    if cfg.likelihood is Likelihood.CATEGORICAL:
+    if run.model.likelihood.has_classes:
         plots.plot_reliability(diagnostics.class_probabilities(idata), diagnostics.observed(idata),
                                out("reliability"), title=f"{name}: reliability, {opts.draws} guide draws")
     plots.plot_transformed_digits(test.x[: opts.num_digits], eta, out("transformed_digits"), seed=opts.seed,
@@ -219,7 +219,7 @@ def diagnose_run(run_dir: str | Path, out: Path, opts: DiagnoseOptions, compare:
         "eta_true": true_extent(run.data_config, names=run.model_config.generator_names),
         "num_test": len(test), "draws": opts.draws,
         "num_transforms": int(idata.posterior.attrs["num_transforms"]),
-        "predictive": predictive_metrics(idata) if run.model_config.likelihood is Likelihood.CATEGORICAL else None,
+        "predictive": predictive_metrics(idata) if run.model.likelihood.has_classes else None,
         "loo": diagnostics.loo_summary(idata), "waic": diagnostics.waic_summary(idata),
     }
     shared = _shared_eps(run, opts.khat_eps)

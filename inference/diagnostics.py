@@ -52,7 +52,7 @@ import xarray as xr
 from pyro import poutine
 from pyro.infer import MCMC, NUTS, Predictive
 
-from models.config import FirstLayer, Likelihood
+from models.config import FirstLayer
 from models.network import InvariantNet
 from models.priors import EtaPrior
 from models.transforms import NUM_GENERATORS
@@ -322,12 +322,8 @@ def predictive_outputs(
         xb, yb = x[start : start + batch_size], y[start : start + batch_size]
         cols = slice(start, start + xb.shape[0])
         for rows, logits in draw_logits(model, draws, xb):
-            if model.config.likelihood is Likelihood.CATEGORICAL:
-                lp = model.average(logits)  # (m, B, classes)
-                log_lik[rows, cols] = lp.gather(-1, yb.expand(lp.shape[0], -1).unsqueeze(-1)).squeeze(-1).cpu()
-            else:
-                lp, obs_dist = model.gaussian_likelihood(logits)
-                log_lik[rows, cols] = obs_dist.log_prob(yb).cpu()
+            lp, obs_dist = model.likelihood.combine(logits)  # (m, B, outputs), batch (m, B)
+            log_lik[rows, cols] = obs_dist.log_prob(yb).cpu()
             out[rows, cols] = lp.cpu()
     return log_lik, out
 
@@ -403,7 +399,7 @@ def to_inference_data(
     start = time.perf_counter()
     draws = draw_posterior(model, guide, num_draws, num_transforms)
     log_lik, log_probs = predictive_outputs(model, draws, x, y, batch_size)
-    categorical = model.config.likelihood is Likelihood.CATEGORICAL
+    categorical = model.likelihood.has_classes
     if categorical:
         y_rep = dist.Categorical(logits=log_probs).sample()  # (M, N)
     else:
@@ -775,10 +771,7 @@ def output_layer_potential(
     def potential(params: Mapping[str, torch.Tensor]) -> torch.Tensor:
         W2, b2 = params["W2"], params["b2"]
         f = (h @ W2.T + b2).unsqueeze(0)  # (S' = 1, N, outputs)
-        if cfg.likelihood is Likelihood.CATEGORICAL:
-            log_lik = dist.Categorical(logits=model.average(f)).log_prob(y).sum()
-        else:
-            log_lik = model.gaussian_likelihood(f)[1].log_prob(y).sum()
+        log_lik = model.likelihood.combine(f)[1].log_prob(y).sum()
         return -(scale * log_lik + priors["W2"].log_prob(W2) + priors["b2"].log_prob(b2))
 
     return potential

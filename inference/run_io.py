@@ -236,3 +236,49 @@ def true_extent(data_cfg: DataConfig, image_size: int = 28,
         for name in {"scale_x", "scale_y", "scale"} & set(names):
             extent[name] = float(data_cfg.log_scale)
     return extent
+
+
+MODEL_FILENAME = "model.pt"
+"""A finished run's trained model and guide, loadable without the training code's state."""
+
+
+def export_model(path: str | Path, config: RunConfig, model: InvariantNet, guide: Callable) -> Path:
+    """Write the trained model and its (predicting) guide: ``{"config", "model", "guide"}`` of plain types, read by
+    ``torch.load(path, weights_only=True)`` and by :func:`load_model`."""
+    path = Path(path)
+    record = {"config": config.to_dict(), "num_data": model.num_data,
+              "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+              "guide": {k: v.detach().cpu() for k, v in guide.state_dict().items()}}
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save(record, tmp)
+    tmp.replace(path)
+    return path
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[InvariantNet, Callable, RunConfig]:
+    """The model, guide and config of an exported run (``RUN/model.pt``, or the run folder).
+
+    The global random stream is left as it was (the guide is run once to create its parameters).
+
+    Example::
+
+        model, guide, config = load_model("runs/rotated-mnist")
+        probs = predictive_log_probs(model, guide, images, num_samples=32).exp()  # (N, classes)
+    """
+    path = Path(path)
+    if path.is_dir():
+        path = path / MODEL_FILENAME
+    try:
+        record = torch.load(path, map_location="cpu", weights_only=True)
+        config = RunConfig.from_dict(record["config"])
+    except (OSError, KeyError, ValueError, RuntimeError) as err:
+        raise RunError(f"cannot load a model from {path}: {type(err).__name__}: {err}") from None
+    with torch.random.fork_rng(devices=[]):  # building draws initial values that the saved ones replace
+        model = InvariantNet(config.model, num_data=int(record["num_data"])).to(device)
+        guide = make_guide(model, config.guide.kind, init_scale=config.guide.init_scale,
+                           init_loc=config.guide.init_loc)
+        try:
+            load_modules({"model": record["model"], "guides": [record["guide"]]}, model, [guide])
+        except IncompatibleCheckpointError as err:
+            raise RunError(f"{path}: {err}") from None
+    return model, guide, config

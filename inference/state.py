@@ -30,7 +30,7 @@ from inference.checkpoint import (
     to_jsonable,
 )
 from inference.optim import ParamAdam, named_params
-from models.config import Likelihood, ModelConfig, check_positive_int
+from models.config import ModelConfig, check_positive_int
 from models.network import InvariantNet
 
 if TYPE_CHECKING:
@@ -230,11 +230,8 @@ def load_modules(state: Mapping[str, Any], model: InvariantNet, guides: Sequence
 
 def dummy_batch(model: InvariantNet) -> tuple[torch.Tensor, torch.Tensor]:
     """One blank image and label of the right shapes on the model's device, to run the model and guides once."""
-    like, cfg = model.prior_loc, model.config
-    x = torch.zeros(1, *cfg.image_shape, device=like.device, dtype=like.dtype)
-    if cfg.likelihood is Likelihood.CATEGORICAL:
-        return x, torch.zeros(1, dtype=torch.long, device=like.device)
-    return x, torch.zeros(1, cfg.num_classes, device=like.device, dtype=like.dtype)
+    x = torch.zeros(1, *model.config.image_shape, device=model.prior_loc.device, dtype=model.prior_loc.dtype)
+    return x, model.likelihood.blank_labels(1, x)
 
 
 def restore_training_state(state: Mapping[str, Any], model: InvariantNet, guides: Sequence[Callable],

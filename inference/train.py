@@ -54,6 +54,7 @@ from inference.data import (
 )
 from inference.eta_objectives import EtaObjective, EvidenceSchedule, eta_dict, eta_interval, split_holdout
 from inference.evaluate import accuracy_and_nll, average_draws, elbo_estimate, predictive_draws
+from inference.run_io import MODEL_FILENAME, export_model
 from inference.state import CheckpointPolicy, TrainingInterrupted, fingerprint_config
 from inference.svi import TrainConfig, fit
 from models.config import GENERATOR_PRESETS, Averaging, FirstLayer, ModelConfig, TransformMode
@@ -388,6 +389,7 @@ def run(cfg: RunConfig, control: RunControl) -> dict:
         "data": data.info,
         "config": cfg.to_dict(),
     }
+    export_model(out / MODEL_FILENAME, cfg, model, guide)  # usable without this code's training state
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2, default=_json_default))
     print(json.dumps({k: metrics[k] for k in ("eta", "test_accuracy", "test_nll", "elbo_per_example",
                                                "elbo_stderr", "train_seconds")}, indent=2))

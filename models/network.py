@@ -29,7 +29,8 @@ from pyro import poutine
 from pyro.nn import PyroModule, PyroParam, PyroSample
 from torch.distributions import constraints
 
-from models.config import Averaging, FirstLayer, Likelihood, ModelConfig, TransformMode, WarpImpl
+from models.config import FirstLayer, ModelConfig, TransformMode, WarpImpl
+from models.likelihoods import likelihood_of
 from models.priors import ETA_MAX, EtaPrior, PriorKind, eta_prior, layer_of, tau_prior, weight_prior
 from models.transforms import (
     GENERATOR_NAMES,
@@ -108,6 +109,7 @@ class InvariantNet(PyroModule):
         if int(num_data) < 1:
             raise ValueError(f"num_data must be a positive integer, got {num_data}")
         self.config = config
+        self.likelihood = likelihood_of(config)  # p(y | f_1..f_S): combines the S transformed copies
         self.num_data = int(num_data)
         self._eta_frozen = False
         self._w1_prior_masked = False
@@ -251,8 +253,7 @@ class InvariantNet(PyroModule):
             raise ValueError(f"expected at least one image, got an empty batch of shape {tuple(x.shape)}")
         if x.dtype != self.prior_loc.dtype:
             raise ValueError(f"expected images of dtype {self.prior_loc.dtype} (the model's), got {x.dtype}")
-        categorical = self.config.likelihood is Likelihood.CATEGORICAL
-        expected = x.shape[:1] if categorical else (x.shape[0], self.config.num_classes)
+        expected = self.likelihood.label_shape(x.shape[0])
         if y is not None and y.shape != expected:
             raise ValueError(f"expected labels of shape {tuple(expected)}, got {tuple(y.shape)}")
 
@@ -307,29 +308,10 @@ class InvariantNet(PyroModule):
             h = math.sqrt(2.0 / self.config.hidden) * torch.cos(pre)
         return torch.matmul(h, W2.transpose(-1, -2).unsqueeze(1)) + b2[:, None, None, :]  # (P, S, B, classes)
 
-    def average(self, logits: torch.Tensor) -> torch.Tensor:
-        """Combine the S copies into normalised log-probabilities (Eq. 7 / supplement).
-
-        ``(*lead, S, B, classes) -> (*lead, B, classes)``.
-        """
-        if self.config.averaging is Averaging.PROBS:
-            S = logits.shape[-3]
-            return torch.logsumexp(torch.log_softmax(logits, -1), dim=-3) - math.log(S)
-        return torch.log_softmax(logits.mean(-3), -1)
-
-    def gaussian_likelihood(self, f: torch.Tensor) -> tuple[torch.Tensor, dist.Distribution]:
-        """Regression counterpart of :meth:`average`: ``(*lead, S, B, outputs)`` -> mean and p(y | x).
-
-        ``probs``: p(y | x) = (1/S) sum_s N(y; f_s(x), sigma^2 I), a mixture; ``logits``:
-        N(y; (1/S) sum_s f_s(x), sigma^2 I). Returns the predictive mean ``(*lead, B, outputs)``.
-        """
-        sigma = self.config.noise_scale
-        mean = f.mean(-3)
-        if self.config.averaging is Averaging.LOGITS or f.shape[-3] == 1:
-            return mean, dist.Normal(mean, sigma).to_event(1)
-        components = dist.Normal(f.movedim(-3, -2), sigma).to_event(1)  # batch (*lead, B, S)
-        mixing = dist.Categorical(logits=torch.zeros(components.batch_shape, device=f.device, dtype=f.dtype))
-        return mean, dist.MixtureSameFamily(mixing, components)
+    def predict(self, logits: torch.Tensor) -> torch.Tensor:
+        """The S copies combined into a prediction by the likelihood (:mod:`models.likelihoods`):
+        ``(*lead, S, B, outputs) -> (*lead, B, outputs)``, class log-probabilities for classification."""
+        return self.likelihood.combine(logits)[0]
 
     # ------------------------------------------------------------------ model
     def forward(
@@ -377,11 +359,7 @@ class InvariantNet(PyroModule):
         # drop the data plate's size-1 slot when the leading dims carry one: (P, 1) -> (P,)
         out_lead = lead[:-1] if lead and lead[-1] == 1 else lead
         logits = logits.reshape(*out_lead, *logits.shape[1:])  # (*lead, S', B, classes)
-        if self.config.likelihood is Likelihood.CATEGORICAL:
-            out = self.average(logits)  # (*lead, B, classes) log-probabilities
-            obs_dist: dist.Distribution = dist.Categorical(logits=out)
-        else:
-            out, obs_dist = self.gaussian_likelihood(logits)
+        out, obs_dist = self.likelihood.combine(logits)  # (*lead, B, outputs) and p(y | x)
         B = x.shape[0]
         with pyro.plate("data", self.num_data, subsample=torch.arange(B, device=x.device)):
             pyro.sample("obs", obs_dist, obs=y)

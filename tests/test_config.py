@@ -74,3 +74,29 @@ def test_resume_dir_alone_continues_the_run_its_config_describes(tmp_path, data_
         assert got[key] == want[key], key
     ckpt = load_checkpoint(cut / "checkpoints" / "step-00000006.pt")
     assert ckpt.fingerprint == RunConfig.load(cut).fingerprint(40)  # the resume fingerprint is the config's hash
+
+
+def test_an_exported_model_predicts_like_the_trained_run_without_its_training_state(tmp_path, data_dir):
+    """RUN/model.pt (plain, weights_only) rebuilds the model and guide: the same predictions, under the same
+    seed, as the run rebuilt from its newest checkpoint; the caller's random stream is left alone."""
+    import pyro
+    import torch
+
+    from inference.evaluate import predictive_log_probs
+    from inference.run_io import MODEL_FILENAME, load_model, load_run
+
+    run = tmp_path / "run"
+    assert cli(tiny(data_dir, run, "--first-layer", "rff")) == 0  # the RFF buffers must travel with the model
+    assert set(torch.load(run / MODEL_FILENAME, weights_only=True)) == {"config", "num_data", "model", "guide"}
+    pyro.set_rng_seed(5)
+    before = torch.rand(3)
+    pyro.set_rng_seed(5)
+    model, guide, cfg = load_model(run)
+    assert torch.equal(torch.rand(3), before) and cfg == RunConfig.load(run)
+    reference = load_run(run)
+    x = torch.rand(6, 1, 28, 28)
+    pyro.set_rng_seed(9)
+    got = predictive_log_probs(model, guide, x, num_samples=3)
+    pyro.set_rng_seed(9)
+    want = predictive_log_probs(reference.model, reference.guide, x, num_samples=3)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)

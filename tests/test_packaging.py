@@ -37,3 +37,18 @@ def test_ci_runs_the_readme_test_command():
     assert len(commands) == 2, "the README holds exactly two set-up commands"
     test_command = [c for c in commands if "pytest" in c]
     assert len(test_command) == 1 and test_command[0] in ci.splitlines()
+
+
+def test_every_command_line_tool_has_a_console_script():
+    """Each CLI module (``if __name__ == "__main__"`` in inference/) is installed as an ``invw-*`` command whose
+    entry point is its ``cli`` function."""
+    import importlib
+
+    root = Path(__file__).resolve().parents[1]
+    scripts = tomllib.loads((root / "pyproject.toml").read_text())["project"]["scripts"]
+    clis = {p.stem for p in (root / "inference").glob("*.py") if 'if __name__ == "__main__"' in p.read_text()}
+    assert {target.split(":")[0].removeprefix("inference.") for target in scripts.values()} == clis
+    for name, target in scripts.items():
+        module, func = target.split(":")
+        assert name == f"invw-{module.removeprefix('inference.')}" and func == "cli"
+        assert callable(getattr(importlib.import_module(module), func))
