@@ -18,6 +18,7 @@ the code share one list.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from enum import StrEnum
 
 import pyro
@@ -196,33 +197,83 @@ def make_guide(
     check_positive_float("init_scale", init_scale)
     check_positive_int("rank", rank)
     _check(model, kind, init_loc)
-    if kind is GuideKind.MEANFIELD:
-        return MeanFieldGuide(model, _initial_values(model, init_loc), init_scale=init_scale)
-    loc_fn = _init_loc_fn(model, init_loc)
-    latent = list(model.latent_sites())
-    guide = AutoGuideList(model)
-    if kind in (GuideKind.MAP, GuideKind.ML):
-        guide.append(AutoDelta(poutine.block(model, expose=latent), init_loc_fn=loc_fn))
-    elif kind is GuideKind.LOWRANK:
-        guide.append(AutoLowRankMultivariateNormal(poutine.block(model, expose=latent), init_loc_fn=loc_fn,
-                                                   init_scale=init_scale, rank=rank))
-    else:
-        full_bayes = "eta" in latent
-        if full_bayes:
-            latent.remove("eta")
-        if kind in POINT_FIRST_LAYER:
-            point = [n for n in latent if n in ("W1", "b1")]
-            if point:
-                guide.append(AutoDelta(poutine.block(model, expose=point), init_loc_fn=loc_fn))
-            latent = [n for n in latent if n not in point]
-        if kind is GuideKind.PAPER:
-            guide.append(ClasswiseFullCovGuide(_initial_values(model, init_loc)["W2"], init_scale=init_scale))
-            latent.remove("W2")
-        guide.append(AutoNormal(poutine.block(model, expose=latent), init_loc_fn=loc_fn, init_scale=init_scale))
-        if full_bayes:
-            guide.append(EtaGuide(model, _initial_eta(model, init_loc), init_scale=init_scale))
-    guide.append(EpsFromPrior(model))
+    return GUIDES[kind](Recipe(model, kind, init_scale, init_loc, rank))
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """What a guide builder gets: the model and the options of :func:`make_guide` (checked)."""
+
+    model: InvariantNet
+    kind: GuideKind
+    init_scale: float
+    init_loc: InitLoc
+    rank: int
+
+    def latent(self) -> list[str]:
+        return list(self.model.latent_sites())
+
+    def loc_fn(self) -> Callable:
+        return _init_loc_fn(self.model, self.init_loc)
+
+
+def _finish(recipe: Recipe, guide: AutoGuideList) -> AutoGuideList:
+    guide.append(EpsFromPrior(recipe.model))  # q(eps) = p(eps) in every family
     return guide
+
+
+def _meanfield(r: Recipe) -> Callable:
+    return MeanFieldGuide(r.model, _initial_values(r.model, r.init_loc), init_scale=r.init_scale)
+
+
+def _point(r: Recipe) -> Callable:
+    """``map`` and ``ml``: a point estimate of every latent site (the model decides which priors count)."""
+    loc_fn, latent = r.loc_fn(), r.latent()  # in this order: both draw random numbers
+    guide = AutoGuideList(r.model)
+    guide.append(AutoDelta(poutine.block(r.model, expose=latent), init_loc_fn=loc_fn))
+    return _finish(r, guide)
+
+
+def _lowrank(r: Recipe) -> Callable:
+    loc_fn, latent = r.loc_fn(), r.latent()  # in this order: both draw random numbers
+    guide = AutoGuideList(r.model)
+    guide.append(AutoLowRankMultivariateNormal(poutine.block(r.model, expose=latent), init_loc_fn=loc_fn,
+                                               init_scale=r.init_scale, rank=r.rank))
+    return _finish(r, guide)
+
+
+def _gaussian(r: Recipe) -> Callable:
+    """``normal``, ``hybrid``, ``paper``: W1, b1 point-estimated for the last two, the paper's full-covariance
+    q(W2) per class for ``paper``, mean-field Gaussians for the rest; a full-Bayes eta gets its own piece."""
+    loc_fn, latent = r.loc_fn(), r.latent()  # in this order: both draw random numbers
+    guide = AutoGuideList(r.model)
+    full_bayes = "eta" in latent
+    if full_bayes:
+        latent.remove("eta")
+    if r.kind in POINT_FIRST_LAYER:
+        point = [n for n in latent if n in ("W1", "b1")]
+        if point:
+            guide.append(AutoDelta(poutine.block(r.model, expose=point), init_loc_fn=loc_fn))
+        latent = [n for n in latent if n not in point]
+    if r.kind is GuideKind.PAPER:
+        guide.append(ClasswiseFullCovGuide(_initial_values(r.model, r.init_loc)["W2"], init_scale=r.init_scale))
+        latent.remove("W2")
+    guide.append(AutoNormal(poutine.block(r.model, expose=latent), init_loc_fn=loc_fn, init_scale=r.init_scale))
+    if full_bayes:
+        guide.append(EtaGuide(r.model, _initial_eta(r.model, r.init_loc), init_scale=r.init_scale))
+    return _finish(r, guide)
+
+
+GUIDES: dict[GuideKind, Callable[[Recipe], Callable]] = {
+    GuideKind.NORMAL: _gaussian,
+    GuideKind.MEANFIELD: _meanfield,
+    GuideKind.HYBRID: _gaussian,
+    GuideKind.PAPER: _gaussian,
+    GuideKind.LOWRANK: _lowrank,
+    GuideKind.MAP: _point,
+    GuideKind.ML: _point,
+}
+"""The registry :func:`make_guide` builds from: one builder per family (add a family by adding an entry)."""
 
 
 def make_evidence_guide(model: InvariantNet, kind: GuideKind | str, init_scale: float = 0.1,
