@@ -39,6 +39,8 @@ import torch
 from guides.factory import make_guide
 from inference import diagnostics, plots
 from inference.data import CorruptDataError, DataConfig, DataNotFoundError, Split, load_datasets
+from inference.draws import site_kinds
+from inference.nuts import single_thread
 from inference.run_io import (
     LoadedRun,
     RunError,
@@ -119,7 +121,7 @@ def _eval_transforms(run: LoadedRun) -> int:
 def _shared_eps(run: LoadedRun, choice: str) -> bool:
     if choice != "auto":
         return choice == "shared"
-    kinds = diagnostics.site_kinds(run.model, run.guide)
+    kinds = site_kinds(run.model, run.guide)
     first_layer_fixed = run.model_config.first_layer is FirstLayer.RFF or kinds.get("W1") == "point"
     return first_layer_fixed and run.model_config.eta_prior is EtaPrior.NONE
 
@@ -305,7 +307,7 @@ def fit_reference_guide(model: InvariantNet, data: Split, steps: int = 1500, see
     pyro.set_rng_seed(seed)
     guide = make_guide(model, "normal", init_scale=0.1, init_loc="median")
     cfg = TrainConfig(num_steps=steps, batch_size=len(data), lr=0.02, num_particles=8, log_every=steps, seed=seed)
-    with diagnostics.single_thread():
+    with single_thread():
         fit(model, guide, data, cfg, progress=False)
     return guide
 

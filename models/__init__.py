@@ -8,6 +8,7 @@ and compare them), and nothing reads or clears a global parameter store.
 import pyro
 
 from models.config import GENERATOR_PRESETS, Averaging, FirstLayer, ModelConfig, TransformMode, WarpImpl
+from models.kernels import batched_linear, bilinear_taps, warp_filters_gather, warped_linear
 from models.network import InvariantNet
 from models.transforms import (
     ALL_GENERATOR_NAMES,
@@ -16,13 +17,9 @@ from models.transforms import (
     NUM_GENERATORS,
     affine_generators,
     affine_matrices,
-    batched_linear,
-    bilinear_taps,
     generator_basis,
     warp_filters,
-    warp_filters_gather,
     warp_images,
-    warped_linear,
 )
 
 pyro.settings.set(module_local_params=True)  # before any module is built: parameters live in their modules

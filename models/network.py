@@ -30,16 +30,15 @@ from pyro.nn import PyroModule, PyroParam, PyroSample
 from torch.distributions import constraints
 
 from models.config import FirstLayer, ModelConfig, TransformMode, WarpImpl
+from models.kernels import batched_linear, warped_linear
 from models.likelihoods import likelihood_of
 from models.priors import ETA_MAX, EtaPrior, PriorKind, eta_prior, layer_of, tau_prior, weight_prior
 from models.transforms import (
     GENERATOR_NAMES,
     affine_generators,
     affine_matrices,
-    batched_linear,
     warp_filters,
     warp_images,
-    warped_linear,
 )
 
 

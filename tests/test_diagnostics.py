@@ -23,6 +23,8 @@ from pyro import poutine
 
 from guides import make_guide
 from inference import diagnostics as dg
+from inference import draws as dr
+from inference import nuts
 from inference.diagnose import cli as diagnose_cli
 from inference.diagnose import fit_reference_guide, reference_data, reference_model
 from inference.run_io import RunError, load_run, load_run_data, read_eta_history, true_extent
@@ -44,7 +46,7 @@ def tiny(kind: str = "hybrid", **overrides) -> tuple[InvariantNet, object, torch
     return model, guide, x, y
 
 
-def trace_log_lik(model, draws: dg.GuideDraws, m: int, x, y) -> torch.Tensor:
+def trace_log_lik(model, draws: dr.GuideDraws, m: int, x, y) -> torch.Tensor:
     """log p(y_n | x_n, theta_m, eps_m) read off the Pyro trace of the model (the reference)."""
     values = draws.draw(m)
     with torch.no_grad():
@@ -55,14 +57,14 @@ def trace_log_lik(model, draws: dg.GuideDraws, m: int, x, y) -> torch.Tensor:
 
 # --------------------------------------------------------------------------- draws and likelihood
 def test_site_kinds_tell_point_estimates_from_distributions():
-    assert dg.site_kinds(*tiny("hybrid")[:2]) == {"W1": "point", "b1": "point", "W2": "random", "b2": "random"}
-    assert set(dg.site_kinds(*tiny("normal")[:2]).values()) == {"random"}
-    assert set(dg.site_kinds(*tiny("map")[:2]).values()) == {"point"}
+    assert dr.site_kinds(*tiny("hybrid")[:2]) == {"W1": "point", "b1": "point", "W2": "random", "b2": "random"}
+    assert set(dr.site_kinds(*tiny("normal")[:2]).values()) == {"random"}
+    assert set(dr.site_kinds(*tiny("map")[:2]).values()) == {"point"}
 
 
 def test_draws_have_one_leading_draw_dimension():
     model, guide, *_ = tiny("hybrid")
-    draws = dg.draw_posterior(model, guide, M, num_transforms=5)
+    draws = dr.draw_posterior(model, guide, M, num_transforms=5)
     assert draws.random["W2"].shape == (M, 10, D) and draws.random["b2"].shape == (M, 10)
     assert draws.point["W1"].shape == (D, 784) and draws.point["b1"].shape == (D,)
     assert draws.eps.shape == (M, 5, len(GENERATOR_NAMES))
@@ -78,8 +80,8 @@ def test_draws_have_one_leading_draw_dimension():
 ])
 def test_log_likelihood_per_draw_equals_the_model_trace(kind, overrides):
     model, guide, x, y = tiny(kind, **overrides)
-    draws = dg.draw_posterior(model, guide, 3)
-    log_lik, _ = dg.predictive_outputs(model, draws, x, y, batch_size=7)  # batches that do not divide N
+    draws = dr.draw_posterior(model, guide, 3)
+    log_lik, _ = dr.predictive_outputs(model, draws, x, y, batch_size=7)  # batches that do not divide N
     assert log_lik.shape == (3, N)
     for m in range(3):
         torch.testing.assert_close(log_lik[m], trace_log_lik(model, draws, m, x, y), atol=1e-5, rtol=1e-5)
@@ -88,9 +90,9 @@ def test_log_likelihood_per_draw_equals_the_model_trace(kind, overrides):
 def test_shared_features_path_equals_the_model_trace():
     """One eps and a point-estimated W1: features computed once, the output layer per draw."""
     model, guide, x, y = tiny("hybrid")
-    draws = dg.draw_with_log_q(model, guide, 4, shared_eps=True)
-    assert draws.eps.shape[0] == 1 and dg._shares_features(model, draws)
-    log_lik, _ = dg.predictive_outputs(model, draws, x, y, batch_size=10)
+    draws = dr.draw_with_log_q(model, guide, 4, shared_eps=True)
+    assert draws.eps.shape[0] == 1 and dr._shares_features(model, draws)
+    log_lik, _ = dr.predictive_outputs(model, draws, x, y, batch_size=10)
     for m in range(4):
         torch.testing.assert_close(log_lik[m], trace_log_lik(model, draws, m, x, y), atol=1e-5, rtol=1e-5)
 
@@ -263,7 +265,7 @@ def test_guide_khat_of_a_far_too_narrow_guide_is_large_and_map_is_not_applicable
 def test_reference_potential_is_the_model_log_joint():
     data = reference_data(None, num_data=30, synthetic=True)
     model = reference_model(len(data))
-    potential = dg.output_layer_potential(model, data.x, data.y)
+    potential = nuts.output_layer_potential(model, data.x, data.y)
     for _ in range(3):
         values = {"W2": torch.randn(3, 6), "b2": torch.randn(3), "eps": torch.zeros(1, len(GENERATOR_NAMES))}
         trace = poutine.trace(poutine.condition(model, data=values)).get_trace(data.x, data.y, 1)

@@ -14,21 +14,11 @@ import pytest
 import torch
 from pyro import poutine
 
-import models.transforms as mt
+import models.kernels as mt
 from inference.cpu import available_cores, configure_cpu
 from models import GENERATOR_NAMES, InvariantNet, ModelConfig
-from models.transforms import (
-    NUM_GENERATORS,
-    TapGather,
-    affine_generators,
-    affine_matrices,
-    bilinear_taps,
-    matmul2d,
-    warp_filters,
-    warp_filters_gather,
-    warp_images,
-    warped_linear,
-)
+from models.kernels import TapGather, bilinear_taps, matmul2d, warp_filters_gather, warped_linear
+from models.transforms import NUM_GENERATORS, affine_generators, affine_matrices, warp_filters, warp_images
 
 K = NUM_GENERATORS
 
