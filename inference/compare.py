@@ -55,6 +55,7 @@ from inference import extents, grid, report, train
 from inference.config import RunConfig, derive, with_default_priors
 from inference.eta_objectives import EtaObjective
 from inference.run_io import true_extent
+from inference.runner import RunControl
 from models.config import GENERATOR_PRESETS
 from models.transforms import ISOTROPIC_NAMES
 
@@ -210,7 +211,7 @@ def main(args: argparse.Namespace) -> list[dict]:
         rows.append(report.run_row(*keys[job.run_dir], metrics))
         report.write_tables(rows, out)  # keep the tables current while later runs go on
 
-    control = train.RunControl(out, checkpoint_every=args.checkpoint_every, keep_checkpoints=args.keep_checkpoints,
+    control = RunControl(out, checkpoint_every=args.checkpoint_every, keep_checkpoints=args.keep_checkpoints,
                                threads=args.threads, progress=not args.no_progress)
     results = grid.run_jobs(jobs, control, args.jobs, collect_only=args.collect, on_result=add)
     if not results:

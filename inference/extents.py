@@ -53,6 +53,7 @@ from inference import grid, report, train  # noqa: E402
 from inference.config import RunConfig, derive  # noqa: E402
 from inference.data import pixels_per_unit  # noqa: E402
 from inference.eta_objectives import EtaObjective, EvidenceSchedule  # noqa: E402
+from inference.runner import RunControl
 from models.config import GENERATOR_PRESETS  # noqa: E402
 from models.transforms import ALL_GENERATOR_NAMES  # noqa: E402
 
@@ -268,7 +269,7 @@ def main(args: argparse.Namespace) -> list[dict]:
         rows.append(row(*cell_of[id(job)], metrics))
         write_tables(rows, out)  # the table stays current while later cells run
 
-    control = train.RunControl(out, checkpoint_every=args.checkpoint_every, keep_checkpoints=args.keep_checkpoints,
+    control = RunControl(out, checkpoint_every=args.checkpoint_every, keep_checkpoints=args.keep_checkpoints,
                                threads=args.threads, progress=not args.no_progress)
     results = grid.run_jobs(jobs, control, args.jobs, collect_only=args.collect, on_result=add)
     if not results:

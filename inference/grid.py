@@ -2,7 +2,7 @@
 
 The experiment CLIs (:mod:`inference.compare`, :mod:`inference.extents`) describe each run by its
 :class:`~inference.config.RunConfig` and folder and hand the list here, with one
-:class:`~inference.train.RunControl` for how to run them (threads, checkpoints, progress):
+:class:`~inference.runner.RunControl` for how to run them (threads, checkpoints, progress):
 
 * a run whose folder holds a ``metrics.json`` made with the same settings is reused, so an interrupted grid
   continues where it stopped; one made with other settings is refused (never mixed into a table); a run
@@ -30,10 +30,10 @@ from pathlib import Path
 
 import torch
 
-from inference import train
+from inference import runner
 from inference.checkpoint import CHECKPOINT_DIRNAME, find_latest_valid
 from inference.config import RunConfig, derive, same_run
-from inference.train import RunControl
+from inference.runner import RunControl
 
 
 @dataclass(frozen=True)
@@ -116,7 +116,7 @@ def _train_logged(config: RunConfig, control: RunControl, log_path: str) -> dict
         config = derive(config, device=_WORKER["device"])
     control = dataclasses.replace(control, threads=_WORKER.get("threads", control.threads))
     with open(log_path, "w") as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
-        return train.run(config, control)
+        return runner.run(config, control)
 
 
 def run_jobs(jobs: Sequence[Job], control: RunControl | None = None, num_workers: int = 1, collect_only: bool = False,
@@ -166,7 +166,7 @@ def run_jobs(jobs: Sequence[Job], control: RunControl | None = None, num_workers
     if num_workers <= 1 or len(todo) <= 1:
         for i in todo:
             print(f"== {jobs[i].label} -> {jobs[i].run_dir}", file=sys.stderr)
-            done(i, train.run(jobs[i].config, controls[i]))
+            done(i, runner.run(jobs[i].config, controls[i]))
     else:
         settings = worker_settings(num_workers, jobs[todo[0]].config.device)
         context = multiprocessing.get_context("spawn")  # a fresh interpreter per worker: no inherited torch state

@@ -178,13 +178,13 @@ def test_table2_plan_is_the_papers_grid_with_the_fixed_augmentation_at_the_true_
 def test_grid_resumes_a_run_interrupted_part_way_and_trains_a_shared_folder_once(tmp_path, data_dir, workers):
     """A folder with checkpoints but no metrics.json continues from its newest checkpoint (in this process or
     in a worker) and ends where an uninterrupted run ends; two jobs naming one folder train it once."""
-    from inference import grid, train
+    from inference import grid, runner, train
 
     args = train.build_parser().parse_args(
         ["--dataset", "rotated-mnist", "--data-dir", str(data_dir), "--out", "unused", *TINY, "--num-steps", "6",
          "--eval-samples", "1", "--elbo-passes", "1"])
     config = train.config_from_args(args)
-    control = train.RunControl(Path("."), checkpoint_every=2, keep_checkpoints=5, progress=False)
+    control = runner.RunControl(Path("."), checkpoint_every=2, keep_checkpoints=5, progress=False)
 
     def job(folder: Path, label: str = "run") -> grid.Job:
         return grid.Job(label, folder, config)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-import inference.train as train_module
+import inference.runner as runner_module
 from inference.checkpoint import checkpoint_path, list_checkpoints, load_checkpoint
 from inference.train import cli
 
@@ -72,7 +72,7 @@ def test_same_seed_same_metrics_and_history(reference, data_dir, tmp_path):
 def test_ctrl_c_then_printed_command_resumes_to_the_same_end(reference, data_dir, tmp_path, capsys, monkeypatch):
     out = tmp_path / "run"
     argv = args_for(data_dir, "--out", str(out))
-    original_fit = train_module.fit
+    original_fit = runner_module.fit
 
     def press_ctrl_c_at_step_5(step, loss):
         if step == 5:
@@ -82,7 +82,7 @@ def test_ctrl_c_then_printed_command_resumes_to_the_same_end(reference, data_dir
     def fit_interrupted_at_step_5(*args, **kwargs):
         return original_fit(*args, callback=press_ctrl_c_at_step_5, **kwargs)
 
-    monkeypatch.setattr(train_module, "fit", fit_interrupted_at_step_5)
+    monkeypatch.setattr(runner_module, "fit", fit_interrupted_at_step_5)
     capsys.readouterr()
     assert cli(argv) == 130
     monkeypatch.undo()
