@@ -37,7 +37,7 @@ import pyro
 import torch
 
 from guides.factory import make_guide
-from inference import diagnostics, plots
+from inference import diagnostics, plots, posterior_plots
 from inference.data import CorruptDataError, DataConfig, DataNotFoundError, Split, load_datasets
 from inference.draws import site_kinds
 from inference.nuts import single_thread
@@ -174,7 +174,7 @@ def write_figures(run: LoadedRun, idata: Any, test: Split, fig_dir: Path, opts: 
             "W1" in idata[diagnostics.POINT_GROUP] else "posterior mean"
         ranked = "W2" in idata.posterior
         if ranked:  # the filters the output layer uses most, not the first (often near their random init)
-            W1 = W1[plots.top_hidden_units(idata, opts.num_filters)]
+            W1 = W1[posterior_plots.top_hidden_units(idata, opts.num_filters)]
         order = "largest ||E[W2[:, d]]|| first" if ranked else "first filters"
         plots.plot_filter_bank(W1, out("filters"), cfg.image_shape, opts.num_filters,
                                title=f"{name}: learned filters ({kind} of W1; {order})")
@@ -196,14 +196,14 @@ def write_figures(run: LoadedRun, idata: Any, test: Split, fig_dir: Path, opts: 
     plots.plot_transformed_digits(test.x[: opts.num_digits], eta, out("transformed_digits"), seed=opts.seed,
                                   title=name, names=cfg.generator_names)
     if "W2" in idata.posterior:
-        plots.plot_weight_forest(idata, out("forest_W2"))
+        posterior_plots.plot_weight_forest(idata, out("forest_W2"))
     if "eta" in idata.posterior:
-        plots.plot_eta_posterior(idata, out("eta_posterior"), extent)
+        posterior_plots.plot_eta_posterior(idata, out("eta_posterior"), extent)
     else:
         written["eta_posterior"] = "skipped: eta is a point estimate (empirical Bayes)"
     k = diagnostics.pointwise_pareto_k(idata)
     good_k = min(1 - 1 / math.log10(idata.posterior.sizes["draw"]), 0.7)
-    plots.plot_pareto_k(k, out("pareto_k"), good_k=good_k)
+    posterior_plots.plot_pareto_k(k, out("pareto_k"), good_k=good_k)
     return written
 
 
@@ -263,7 +263,7 @@ def compare_runs(name: str, idata: Any, others: list[str], out: Path, opts: Diag
         elpd_test[other_name] = diagnostics.elpd_test(other_idata)[0]
     table, warnings_ = diagnostics.compare_models(idatas)
     table.to_csv(out / "loo_comparison.csv")
-    plots.plot_loo_comparison(table, out / FIGURES_DIR / "loo_comparison.png", elpd_test=elpd_test,
+    posterior_plots.plot_loo_comparison(table, out / FIGURES_DIR / "loo_comparison.png", elpd_test=elpd_test,
                               title="PSIS-LOO on variational draws (test set)\nsquares: direct held-out elpd")
     return {"table": json.loads(table.to_json(orient="index")), "warnings": warnings_,
             "loo": {n: diagnostics.loo_summary(i) for n, i in idatas.items() if n != name},
@@ -328,10 +328,10 @@ def nuts_reference_run(out: Path, data: Split, chains: int = 2, warmup: int = 30
     diagnostics.save_inference_data(reference, out / "nuts_reference.nc")
     diagnostics.reference_summary(reference).to_csv(out / "nuts_summary.csv")
     table.to_csv(out / "guide_vs_nuts.csv")
-    plots.plot_trace(reference, out / FIGURES_DIR / "nuts_trace.png",
+    posterior_plots.plot_trace(reference, out / FIGURES_DIR / "nuts_trace.png",
                      title=f"NUTS reference, {chains} chains: max R-hat {stats['max_rhat']:.3f}, "
                            f"min ESS bulk {stats['min_ess_bulk']:.0f}")
-    plots.plot_reference_comparison(table, out / FIGURES_DIR / "guide_vs_nuts.png",
+    posterior_plots.plot_reference_comparison(table, out / FIGURES_DIR / "guide_vs_nuts.png",
                                     title="mean-field guide against NUTS (small RFF classifier)")
     summary = {
         "model": "RFF first layer (fixed), hidden 6, classes 3, no transformations; latent W2 (3, 6), b2 (3)",
