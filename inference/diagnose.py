@@ -6,8 +6,7 @@ Usage::
     python -m inference.diagnose RUN_DIR --compare OTHER_RUN_DIR           # + PSIS-LOO comparison of the two
     python -m inference.diagnose --nuts-reference OUT --data-dir ../shared/data   # small NUTS reference
 
-For a run directory of ``python -m inference.train`` (with checkpoints) it writes to ``--out`` (default
-``RUN_DIR/diagnostics``):
+For a run directory of ``python -m inference.train`` it writes to ``--out`` (default ``RUN_DIR/diagnostics``):
 
 * ``inference_data.nc``: the ArviZ InferenceData (:func:`inference.diagnostics.to_inference_data`);
 * ``summary.json``: test accuracy / NLL of the draws, PSIS-LOO and WAIC with Pareto-k counts, the guide's
@@ -16,9 +15,8 @@ For a run directory of ``python -m inference.train`` (with checkpoints) it write
   ``reliability.png``, ``transformed_digits.png``, ``forest_W2.png``, ``pareto_k.png``, and
   ``eta_posterior.png`` (full Bayes) and ``loo_comparison.png`` (with ``--compare``) where they apply.
 
-``--nuts-reference OUT`` instead fits a small Bayesian classifier (fixed random-Fourier-feature first
-layer, no transformations, a few hidden units, digits 0-2 at 7x7 pixels) with NUTS and with a mean-field
-guide, and writes R-hat, ESS, the trace plot and the guide's moments beside NUTS's.
+``--nuts-reference OUT`` instead fits the small classifier of :mod:`inference.nuts` with NUTS and with a
+mean-field guide, and writes R-hat, ESS, the trace plot and the guide's moments beside NUTS's.
 """
 
 from __future__ import annotations
@@ -36,11 +34,10 @@ import numpy as np
 import pyro
 import torch
 
-from guides.factory import make_guide
 from inference import diagnostics, plots, posterior_plots
-from inference.data import CorruptDataError, DataConfig, DataNotFoundError, Split, load_datasets
+from inference.data import CorruptDataError, DataNotFoundError, Split
 from inference.draws import site_kinds
-from inference.nuts import single_thread
+from inference.nuts import fit_reference_guide, reference_data, reference_model
 from inference.run_io import (
     LoadedRun,
     RunError,
@@ -49,9 +46,8 @@ from inference.run_io import (
     read_eta_history,
     true_extent,
 )
-from inference.svi import TrainConfig, fit
-from models.config import FirstLayer, ModelConfig
-from models.network import InvariantNet
+from inference.svi import TrainConfig
+from models.config import FirstLayer
 from models.priors import EtaPrior
 
 IDATA_FILE, SUMMARY_FILE, FIGURES_DIR = "inference_data.nc", "summary.json", "figures"
@@ -272,46 +268,6 @@ def compare_runs(name: str, idata: Any, others: list[str], out: Path, opts: Diag
 
 
 # --------------------------------------------------------------------------- NUTS reference
-REFERENCE_CLASSES = (0, 1, 2)
-
-
-def reference_model(num_data: int, hidden: int = 6, num_classes: int = 3, image_size: int = 7,
-                    seed: int = 0) -> InvariantNet:
-    """A small Bayesian classifier: fixed RFF first layer, no transformations, latent W2 ``(classes, hidden)``, b2."""
-    pyro.set_rng_seed(seed)  # draws the fixed RFF features
-    cfg = ModelConfig(image_shape=(1, image_size, image_size), hidden=hidden, first_layer="rff", generators=(),
-                      learn_eta=False, num_classes=num_classes, num_transforms=1, rff_scale=3.0)
-    return InvariantNet(cfg, num_data=num_data)
-
-
-def reference_data(data_dir: str | None, num_data: int = 60, image_size: int = 7, synthetic: bool = False,
-                   seed: int = 0) -> Split:
-    """``num_data`` digits of classes 0-2 average-pooled to ``image_size`` pixels (or synthetic images)."""
-    if synthetic:
-        gen = torch.Generator().manual_seed(seed)
-        y = torch.arange(num_data) % len(REFERENCE_CLASSES)
-        centres = torch.rand(len(REFERENCE_CLASSES), 1, image_size, image_size, generator=gen)
-        x = (centres[y] + 0.3 * torch.rand(num_data, 1, image_size, image_size, generator=gen)).clamp(0, 1)
-        return Split(x, y)
-    data = load_datasets(DataConfig(dataset="mnist", data_dir=data_dir, train_size=None, test_size=10, data_seed=seed))
-    keep = torch.isin(data.train.y, torch.tensor(REFERENCE_CLASSES))
-    x, y = data.train.x[keep], data.train.y[keep]
-    per_class = num_data // len(REFERENCE_CLASSES)
-    idx = torch.cat([torch.nonzero(y == c).squeeze(1)[:per_class] for c in REFERENCE_CLASSES])
-    pooled = torch.nn.functional.adaptive_avg_pool2d(x[idx], image_size)
-    return Split(pooled / pooled.amax(dim=(1, 2, 3), keepdim=True).clamp_min(1e-6), y[idx])
-
-
-def fit_reference_guide(model: InvariantNet, data: Split, steps: int = 1500, seed: int = 0) -> Any:
-    """A mean-field Gaussian guide (``normal``) fitted by SVI to the whole of ``data``."""
-    pyro.set_rng_seed(seed)
-    guide = make_guide(model, "normal", init_scale=0.1, init_loc="median")
-    cfg = TrainConfig(num_steps=steps, batch_size=len(data), lr=0.02, num_particles=8, log_every=steps, seed=seed)
-    with single_thread():
-        fit(model, guide, data, cfg, progress=False)
-    return guide
-
-
 def nuts_reference_run(out: Path, data: Split, chains: int = 2, warmup: int = 300, samples: int = 300,
                        svi_steps: int = 1500, seed: int = 0) -> dict:
     """NUTS and a mean-field guide on the small model; writes the trace plot, tables and ``summary.json``."""

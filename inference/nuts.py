@@ -17,7 +17,10 @@ import pyro
 import torch
 from pyro.infer import MCMC, NUTS
 
-from models.config import FirstLayer
+from guides.factory import make_guide
+from inference.data import DataConfig, Split, load_datasets
+from inference.svi import TrainConfig, fit
+from models.config import FirstLayer, ModelConfig
 from models.network import InvariantNet
 from models.priors import EtaPrior
 from models.transforms import NUM_GENERATORS
@@ -108,3 +111,44 @@ def run_nuts(
                 chains[name].append(samples[name].detach().cpu().numpy())
             diverging[c, mcmc.diagnostics()["divergences"]["chain 0"]] = True
     return {name: np.stack(v) for name, v in chains.items()}, diverging, time.perf_counter() - start
+
+
+# --------------------------------------------------------------------------- the reference problem
+REFERENCE_CLASSES = (0, 1, 2)
+
+
+def reference_model(num_data: int, hidden: int = 6, num_classes: int = 3, image_size: int = 7,
+                    seed: int = 0) -> InvariantNet:
+    """A small Bayesian classifier: fixed RFF first layer, no transformations, latent W2 ``(classes, hidden)``, b2."""
+    pyro.set_rng_seed(seed)  # draws the fixed RFF features
+    cfg = ModelConfig(image_shape=(1, image_size, image_size), hidden=hidden, first_layer="rff", generators=(),
+                      learn_eta=False, num_classes=num_classes, num_transforms=1, rff_scale=3.0)
+    return InvariantNet(cfg, num_data=num_data)
+
+
+def reference_data(data_dir: str | None, num_data: int = 60, image_size: int = 7, synthetic: bool = False,
+                   seed: int = 0) -> Split:
+    """``num_data`` digits of classes 0-2 average-pooled to ``image_size`` pixels (or synthetic images)."""
+    if synthetic:
+        gen = torch.Generator().manual_seed(seed)
+        y = torch.arange(num_data) % len(REFERENCE_CLASSES)
+        centres = torch.rand(len(REFERENCE_CLASSES), 1, image_size, image_size, generator=gen)
+        x = (centres[y] + 0.3 * torch.rand(num_data, 1, image_size, image_size, generator=gen)).clamp(0, 1)
+        return Split(x, y)
+    data = load_datasets(DataConfig(dataset="mnist", data_dir=data_dir, train_size=None, test_size=10, data_seed=seed))
+    keep = torch.isin(data.train.y, torch.tensor(REFERENCE_CLASSES))
+    x, y = data.train.x[keep], data.train.y[keep]
+    per_class = num_data // len(REFERENCE_CLASSES)
+    idx = torch.cat([torch.nonzero(y == c).squeeze(1)[:per_class] for c in REFERENCE_CLASSES])
+    pooled = torch.nn.functional.adaptive_avg_pool2d(x[idx], image_size)
+    return Split(pooled / pooled.amax(dim=(1, 2, 3), keepdim=True).clamp_min(1e-6), y[idx])
+
+
+def fit_reference_guide(model: InvariantNet, data: Split, steps: int = 1500, seed: int = 0) -> Callable:
+    """A mean-field Gaussian guide (``normal``) fitted by SVI to the whole of ``data``."""
+    pyro.set_rng_seed(seed)
+    guide = make_guide(model, "normal", init_scale=0.1, init_loc="median")
+    cfg = TrainConfig(num_steps=steps, batch_size=len(data), lr=0.02, num_particles=8, log_every=steps, seed=seed)
+    with single_thread():
+        fit(model, guide, data, cfg, progress=False)
+    return guide

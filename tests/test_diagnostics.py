@@ -26,7 +26,7 @@ from inference import diagnostics as dg
 from inference import draws as dr
 from inference import nuts
 from inference.diagnose import cli as diagnose_cli
-from inference.diagnose import fit_reference_guide, reference_data, reference_model
+from inference.nuts import fit_reference_guide, reference_data, reference_model
 from inference.run_io import RunError, load_run, load_run_data, read_eta_history, true_extent
 from inference.train import cli as train_cli
 from models import GENERATOR_NAMES, InvariantNet, ModelConfig
