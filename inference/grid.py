@@ -19,7 +19,6 @@ import contextlib
 import copy
 import json
 import multiprocessing
-import os
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -31,6 +30,7 @@ import torch
 
 from inference import train
 from inference.checkpoint import CHECKPOINT_DIRNAME, find_latest_valid
+from inference.cpu import available_cores
 
 
 @dataclass(frozen=True)
@@ -93,7 +93,7 @@ def worker_settings(jobs: int, device: str, cores: int | None = None, gpus: int 
     if jobs < 1:
         raise ValueError(f"--jobs must be a positive integer, got {jobs}")
     if cores is None:
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        cores = available_cores()
     if device.startswith("cuda"):
         gpus = torch.cuda.device_count() if gpus is None else gpus
         if gpus > 1:

@@ -372,14 +372,6 @@ def derived_args(args: argparse.Namespace, out: Path, **overrides) -> argparse.N
     return run_args
 
 
-def run_derived(args: argparse.Namespace, out: Path, **overrides) -> dict:
-    """:func:`main` on a copy of ``args`` with ``overrides``, as a fresh run in ``out``; returns the metrics.
-
-    The experiment CLIs (``compare``, ``extents``) derive each of their runs this way from the shared flags.
-    """
-    return main(derived_args(args, out, **overrides))
-
-
 def config_differences(args: argparse.Namespace, metrics: Mapping) -> list[str]:
     """The model and training settings (``"train.eta_lr"``, ...) in which a finished run's ``metrics.json`` differs
     from the run ``args`` describe; empty when it is that run."""
