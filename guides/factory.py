@@ -56,10 +56,6 @@ class GuideKind(StrEnum):
 POINT_FIRST_LAYER = (GuideKind.HYBRID, GuideKind.PAPER)
 """Guides with a point-estimated W1 (a hyperparameter when the first-layer prior is off)."""
 
-OWN_ETA_FACTOR = (GuideKind.NORMAL, GuideKind.HYBRID, GuideKind.PAPER)
-"""Guides whose full-Bayes q(eta) is a separate :class:`~guides.meanfield.EtaGuide` piece (which can be held fixed
-and shared); ``meanfield``, ``lowrank``, ``map`` and ``ml`` cover eta inside their own family."""
-
 
 class InitLoc(StrEnum):
     """How the means (or point estimates) of the guide start."""

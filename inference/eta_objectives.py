@@ -229,12 +229,17 @@ def eta_dict(model: InvariantNet, guide: Callable | None = None, num_samples: in
         return dict(zip(model.generator_names, eta.cpu().tolist(), strict=True))
     if guide is None:
         raise ValueError("under full Bayes eta is latent: pass the guide to read q(eta)")
+    eta = _eta_draws(model, guide, num_samples).median(0).values * model.generator_mask
+    return dict(zip(model.generator_names, eta.cpu().tolist(), strict=True))
+
+
+def _eta_draws(model: InvariantNet, guide: Callable, num_samples: int) -> torch.Tensor:
+    """``(num_samples, K)`` draws of eta from a guide that covers it inside its own family, taken without
+    disturbing the global random stream."""
     x = torch.zeros(1, *model.config.image_shape, device=model.prior_loc.device, dtype=model.prior_loc.dtype)
     with torch.no_grad(), torch.random.fork_rng(devices=[]):
-        draws = torch.stack([poutine.trace(guide).get_trace(x, None, 1).nodes["eta"]["value"].reshape(-1)
-                             for _ in range(num_samples)])
-    eta = draws.median(0).values * model.generator_mask
-    return dict(zip(model.generator_names, eta.cpu().tolist(), strict=True))
+        return torch.stack([poutine.trace(guide).get_trace(x, None, 1).nodes["eta"]["value"].reshape(-1)
+                            for _ in range(num_samples)])
 
 
 def eta_interval(model: InvariantNet, guide: Callable, level: float = 0.9) -> dict[str, list[float]] | None:
@@ -250,10 +255,7 @@ def eta_interval(model: InvariantNet, guide: Callable, level: float = 0.9) -> di
     if piece is not None:
         low, high = piece.quantile(lo_q), piece.quantile(hi_q)
     else:
-        x = torch.zeros(1, *model.config.image_shape, device=model.prior_loc.device, dtype=model.prior_loc.dtype)
-        with torch.no_grad(), torch.random.fork_rng(devices=[]):
-            draws = torch.stack([poutine.trace(guide).get_trace(x, None, 1).nodes["eta"]["value"].reshape(-1)
-                                 for _ in range(256)])
+        draws = _eta_draws(model, guide, 256)
         low, high = torch.quantile(draws, lo_q, dim=0), torch.quantile(draws, hi_q, dim=0)
     low, high = (t * model.generator_mask for t in (low, high))
     return {name: [float(a), float(b)] for name, a, b in zip(model.generator_names, low, high, strict=True)}

@@ -20,7 +20,6 @@ import contextlib
 import dataclasses
 import json
 import multiprocessing
-import os
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -34,6 +33,7 @@ from inference import runner
 from inference.checkpoint import CHECKPOINT_DIRNAME, find_latest_valid
 from inference.config import RunConfig, derive, same_run
 from inference.runner import RunControl
+from inference.cpu import available_cores
 
 
 @dataclass(frozen=True)
@@ -90,7 +90,7 @@ def worker_settings(jobs: int, device: str, cores: int | None = None, gpus: int 
     if jobs < 1:
         raise ValueError(f"--jobs must be a positive integer, got {jobs}")
     if cores is None:
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        cores = available_cores()
     if device.startswith("cuda"):
         gpus = torch.cuda.device_count() if gpus is None else gpus
         if gpus > 1:
