@@ -32,8 +32,8 @@ import torch
 from inference import runner
 from inference.checkpoint import CHECKPOINT_DIRNAME, find_latest_valid
 from inference.config import RunConfig, derive, same_run
-from inference.runner import RunControl
 from inference.cpu import available_cores
+from inference.runner import RunControl
 
 
 @dataclass(frozen=True)
