@@ -32,3 +32,13 @@ def test_bench_step_rejects_unknown_modes():
     proc = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--modes", "weights,nope"], capture_output=True,
                           text=True, cwd=REPO_ROOT, timeout=60, check=False)
     assert proc.returncode != 0 and "nope" in proc.stderr
+
+
+def test_bench_api_quick_times_both_paths(data_dir):
+    proc = subprocess.run([sys.executable, str(REPO_ROOT / "benchmarks" / "bench_api.py"), "--quick", "--data-dir",
+                           str(data_dir)], capture_output=True, text=True, cwd=REPO_ROOT, timeout=180, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = {line.split("|")[1].strip(): float(line.split("|")[2]) for line in proc.stdout.splitlines()
+            if line.startswith("| api") or line.startswith("| cli")}
+    assert set(rows) == {"api", "cli"} and all(v > 0 for v in rows.values())
+    assert "api / cli = " in proc.stdout
