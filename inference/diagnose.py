@@ -27,6 +27,7 @@ import math
 import sys
 import time
 from dataclasses import dataclass
+from enum import Enum
 from pathlib import Path
 from typing import Any
 
@@ -39,13 +40,7 @@ from inference.data import Split
 from inference.diagnostics import figures
 from inference.diagnostics.nuts import fit_reference_guide, reference_data, reference_model
 from inference.draws import site_kinds
-from inference.run_io import (
-    LoadedRun,
-    load_run,
-    load_run_data,
-    read_eta_history,
-    true_extent,
-)
+from inference.run_io import LoadedRun, load_run, load_run_data, read_eta_history, true_extent
 from inference.svi import TrainConfig
 from inference.train import USER_ERRORS, one_line
 from models.config import FirstLayer
@@ -304,39 +299,28 @@ def nuts_reference_run(out: Path, data: Split, chains: int = 2, warmup: int = 30
 
 # --------------------------------------------------------------------------- CLI
 def to_json(obj: Any, indent: int | None = 2) -> str:
-    """Strict JSON: numpy scalars as Python numbers, NaN / inf as null (k-hat of a point-estimate guide...)."""
-    return json.dumps(_finite(obj), indent=indent, default=_json_default, allow_nan=False)
+    """Strict JSON: numpy scalars as Python numbers, Enums as values, NaN / inf as null (k-hat of a MAP guide...)."""
+    return json.dumps(_plain(obj), indent=indent, allow_nan=False)
 
 
-def _finite(obj: Any) -> Any:
+def _plain(obj: Any) -> Any:
     if isinstance(obj, dict):
-        return {k: _finite(v) for k, v in obj.items()}
+        return {k: _plain(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [_finite(v) for v in obj]
-    if isinstance(obj, (float, np.floating)):
-        return float(obj) if math.isfinite(obj) else None
-    return obj
-
-
-def _json_default(obj: Any) -> Any:
-    if isinstance(obj, (np.floating, np.integer)):
-        return obj.item()
-    if isinstance(obj, np.bool_):
-        return bool(obj)
-    if hasattr(obj, "value"):
-        return obj.value
-    raise TypeError(f"not JSON serialisable: {type(obj)}")
+        return [_plain(v) for v in obj]
+    if isinstance(obj, np.generic):  # numpy scalars: bool_, integer, floating
+        obj = obj.item()
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    return obj.value if isinstance(obj, Enum) else obj
 
 
 def _check_args(args: argparse.Namespace) -> None:
     if (args.run_dir is None) == (args.nuts_reference is None):
         raise ValueError("give either RUN_DIR or --nuts-reference OUT")
-    for name in ("draws", "nuts_chains", "nuts_warmup", "nuts_samples", "num_filters"):
-        if getattr(args, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be a positive integer")
-    for name in ("num_transforms", "test_size", "threads"):
-        value = getattr(args, name)
-        if value is not None and value < 1:
+    for name in ("draws", "nuts_chains", "nuts_warmup", "nuts_samples", "num_filters", "num_transforms", "test_size",
+                 "threads"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:  # None: the default
             raise ValueError(f"--{name.replace('_', '-')} must be a positive integer")
     if args.khat_draws is not None and args.khat_draws < 0:
         raise ValueError("--khat-draws must be >= 0")

@@ -25,7 +25,7 @@ from guides import make_guide
 from inference import diagnostics as dg
 from inference import draws as dr
 from inference.diagnose import cli as diagnose_cli
-from inference.diagnostics import khat, nuts
+from inference.diagnostics import criteria, nuts
 from inference.diagnostics.nuts import fit_reference_guide, reference_data, reference_model
 from inference.run_io import RunError, load_run, load_run_data, read_eta_history, true_extent
 from inference.train import cli as train_cli
@@ -90,7 +90,7 @@ def test_log_likelihood_per_draw_equals_the_model_trace(kind, overrides):
 def test_shared_features_path_equals_the_model_trace():
     """One eps and a point-estimated W1: features computed once, the output layer per draw."""
     model, guide, x, y = tiny("hybrid")
-    draws = khat.draw_with_log_q(model, guide, 4, shared_eps=True)
+    draws = criteria.draw_with_log_q(model, guide, 4, shared_eps=True)
     assert draws.eps.shape[0] == 1 and dr._shares_features(model, draws)
     log_lik, _ = dr.predictive_outputs(model, draws, x, y, batch_size=10)
     for m in range(4):

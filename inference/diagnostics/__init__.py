@@ -3,8 +3,8 @@
 * :mod:`~inference.diagnostics.arviz_io`: a fitted model + guide as an ``arviz.InferenceData`` (guide draws from
   ``pyro.infer.Predictive``, per-example log-likelihood, predictions, point estimates, training history), netCDF
   save / load, and the accessors that read it back;
-* :mod:`~inference.diagnostics.criteria`: PSIS-LOO, WAIC, the direct held-out elpd, ``az.compare``, PSIS k-hat;
-* :mod:`~inference.diagnostics.khat`: the guide's PSIS k-hat against the model's joint;
+* :mod:`~inference.diagnostics.criteria`: PSIS-LOO, WAIC, the direct held-out elpd, ``az.compare``; the guide's
+  PSIS k-hat against the model's joint;
 * :mod:`~inference.diagnostics.nuts`: a NUTS reference posterior of a small model and the guide beside it;
 * :mod:`~inference.diagnostics.figures`: the posterior figures (imported on its own: it needs matplotlib).
 
@@ -31,15 +31,16 @@ from inference.diagnostics.arviz_io import (
     w1_mean,
 )
 from inference.diagnostics.criteria import (
+    KhatResult,
     compare_models,
     elpd_test,
+    guide_khat,
     loo_summary,
     pareto_k_counts,
     pointwise_pareto_k,
     psis_khat,
     waic_summary,
 )
-from inference.diagnostics.khat import KhatResult, guide_khat
 from inference.diagnostics.nuts import (
     compare_with_reference,
     guide_draws_to_inference_data,

@@ -140,23 +140,8 @@ def to_inference_data(
     start = time.perf_counter()
     draws = draw_posterior(model, guide, num_draws, num_transforms)
     log_lik, log_probs = predictive_outputs(model, draws, x, y, batch_size)
-    categorical = model.likelihood.has_classes
-    if categorical:
-        y_rep = dist.Categorical(logits=log_probs).sample()  # (M, N)
-    else:
-        y_rep = log_probs + model.config.noise_scale * torch.randn_like(log_probs)  # (M, N, outputs)
-    coords = coords_of(model, len(y))
-    dims = {name: list(d) for name, d in SITE_DIMS.items()}
-    dims.update(y=["obs"] if categorical else ["obs", "class"], log_probs=["obs", "class"], eta_true=["generator"])
     posterior, moments, point = _site_groups(model, draws, max_site_elements)
-    idata = az.from_dict(
-        posterior=posterior, posterior_predictive={"y": to_numpy(y_rep)[None]},
-        log_likelihood={"y": to_numpy(log_lik)[None]},
-        predictions={"log_probs": to_numpy(log_probs)[None]} if categorical else None,
-        observed_data={"y": to_numpy(y)},
-        constant_data={"eta_true": [float(eta_true[g]) for g in model.generator_names]} if eta_true else None,
-        coords=coords, dims=dims, pred_dims={"log_probs": ["obs", "class"]}, pred_coords=coords,
-    )
+    idata = _from_dict(model, posterior, log_lik, log_probs, y, eta_true)
     idata.posterior.attrs.update(inference=VI_NOTE, point_estimate_sites=",".join(draws.point) or "none",
                                  eps="transformation noise of each draw, drawn from its prior (q(eps) = p(eps))")
     idata.log_likelihood.attrs.update(note=LOO_NOTE, definition="log (1/S) sum_s p(y_n | f_s(x_n; theta_m))")
@@ -164,6 +149,7 @@ def to_inference_data(
               "likelihood": model.config.likelihood.value,
               "eta_treatment": "empirical Bayes (pyro.param)" if model.config.eta_prior is EtaPrior.NONE
               else "full Bayes (sample site)", **{k: _attr_value(v) for k, v in (attrs or {}).items()}}
+    coords = coords_of(model, len(y))
 
     def dataset(variables: Mapping[str, tuple], note: str) -> xr.Dataset:
         used = {d for dims_, _ in variables.values() for d in dims_}
@@ -180,6 +166,30 @@ def to_inference_data(
     for group in idata.groups():
         idata[group].attrs.update(common, seconds_to_build=round(time.perf_counter() - start, 2))
     return idata
+
+
+def _from_dict(
+    model: InvariantNet, posterior: dict, log_lik: torch.Tensor, log_probs: torch.Tensor, y: torch.Tensor,
+    eta_true: Mapping[str, float] | None,
+) -> az.InferenceData:
+    """ArviZ's groups: ``posterior``, ``posterior_predictive`` (a replicate y per draw), ``log_likelihood``
+    ``(M, N)``, ``predictions`` (class log-probabilities ``(M, N, classes)``), ``observed_data``, ``constant_data``."""
+    categorical = model.likelihood.has_classes
+    if categorical:
+        y_rep = dist.Categorical(logits=log_probs).sample()  # (M, N)
+    else:
+        y_rep = log_probs + model.config.noise_scale * torch.randn_like(log_probs)  # (M, N, outputs)
+    coords = coords_of(model, len(y))
+    dims = {name: list(d) for name, d in SITE_DIMS.items()}
+    dims.update(y=["obs"] if categorical else ["obs", "class"], log_probs=["obs", "class"], eta_true=["generator"])
+    return az.from_dict(
+        posterior=posterior, posterior_predictive={"y": to_numpy(y_rep)[None]},
+        log_likelihood={"y": to_numpy(log_lik)[None]},
+        predictions={"log_probs": to_numpy(log_probs)[None]} if categorical else None,
+        observed_data={"y": to_numpy(y)},
+        constant_data={"eta_true": [float(eta_true[g]) for g in model.generator_names]} if eta_true else None,
+        coords=coords, dims=dims, pred_dims={"log_probs": ["obs", "class"]}, pred_coords=coords,
+    )
 
 
 def _site_groups(model: InvariantNet, draws: GuideDraws, max_site_elements: int) -> tuple[dict, dict, dict]:
