@@ -21,11 +21,7 @@ DRAW_CHUNK = 32
 
 @torch.no_grad()
 def predictive_draws(
-    model: InvariantNet,
-    guide: Callable,
-    x: torch.Tensor,
-    num_samples: int = 1,
-    num_transforms: int | None = None,
+    model: InvariantNet, guide: Callable, x: torch.Tensor, num_samples: int = 1, num_transforms: int | None = None,
     batch_size: int = 500,
 ) -> torch.Tensor:
     """log p(y | x, theta_m) = log (1/S) sum_s softmax f_s(x; theta_m) for M draws theta_m ~ q.
@@ -66,11 +62,7 @@ def average_draws(draws: torch.Tensor) -> torch.Tensor:
 
 
 def predictive_log_probs(
-    model: InvariantNet,
-    guide: Callable,
-    x: torch.Tensor,
-    num_samples: int = 1,
-    num_transforms: int | None = None,
+    model: InvariantNet, guide: Callable, x: torch.Tensor, num_samples: int = 1, num_transforms: int | None = None,
     batch_size: int = 500,
 ) -> torch.Tensor:
     """log p(y | x, D) ~= log (1/M) sum_m (1/S) sum_s softmax f_s(x; theta_m), theta_m ~ q.

@@ -89,19 +89,10 @@ def _attr_value(value: Any) -> Any:
 
 # --------------------------------------------------------------------------- building
 def to_inference_data(
-    model: InvariantNet,
-    guide: Callable,
-    x: torch.Tensor,
-    y: torch.Tensor,
-    *,
-    num_draws: int = 20,
-    num_transforms: int | None = None,
-    batch_size: int = 250,
-    max_site_elements: int = 4_000_000,
-    eta_history: tuple[Sequence[int], torch.Tensor] | None = None,
-    losses: Sequence[float] | None = None,
-    eta_true: Mapping[str, float] | None = None,
-    attrs: Mapping[str, Any] | None = None,
+    model: InvariantNet, guide: Callable, x: torch.Tensor, y: torch.Tensor, *, num_draws: int = 20,
+    num_transforms: int | None = None, batch_size: int = 250, max_site_elements: int = 4_000_000,
+    eta_history: tuple[Sequence[int], torch.Tensor] | None = None, losses: Sequence[float] | None = None,
+    eta_true: Mapping[str, float] | None = None, attrs: Mapping[str, Any] | None = None,
 ) -> az.InferenceData:
     """The fitted model and guide as an ``arviz.InferenceData``.
 
