@@ -15,7 +15,7 @@ For a run directory of ``python -m inference.train`` it writes to ``--out`` (def
   ``reliability.png``, ``transformed_digits.png``, ``forest_W2.png``, ``pareto_k.png``, and
   ``eta_posterior.png`` (full Bayes) and ``loo_comparison.png`` (with ``--compare``) where they apply.
 
-``--nuts-reference OUT`` instead fits the small classifier of :mod:`inference.nuts` with NUTS and with a
+``--nuts-reference OUT`` instead fits the small classifier of :mod:`inference.diagnostics.nuts` with NUTS and with a
 mean-field guide, and writes R-hat, ESS, the trace plot and the guide's moments beside NUTS's.
 """
 
@@ -27,6 +27,7 @@ import math
 import sys
 import time
 from dataclasses import dataclass
+from enum import Enum
 from pathlib import Path
 from typing import Any
 
@@ -34,19 +35,14 @@ import numpy as np
 import pyro
 import torch
 
-from inference import diagnostics, plots, posterior_plots
-from inference.data import CorruptDataError, DataNotFoundError, Split
+from inference import diagnostics, plots
+from inference.data import Split
+from inference.diagnostics import figures
+from inference.diagnostics.nuts import fit_reference_guide, reference_data, reference_model
 from inference.draws import site_kinds
-from inference.nuts import fit_reference_guide, reference_data, reference_model
-from inference.run_io import (
-    LoadedRun,
-    RunError,
-    load_run,
-    load_run_data,
-    read_eta_history,
-    true_extent,
-)
+from inference.run_io import LoadedRun, load_run, load_run_data, read_eta_history, true_extent
 from inference.svi import TrainConfig
+from inference.train import USER_ERRORS, one_line
 from models.config import FirstLayer
 from models.priors import EtaPrior
 
@@ -170,7 +166,7 @@ def write_figures(run: LoadedRun, idata: Any, test: Split, fig_dir: Path, opts: 
             "W1" in idata[diagnostics.POINT_GROUP] else "posterior mean"
         ranked = "W2" in idata.posterior
         if ranked:  # the filters the output layer uses most, not the first (often near their random init)
-            W1 = W1[posterior_plots.top_hidden_units(idata, opts.num_filters)]
+            W1 = W1[figures.top_hidden_units(idata, opts.num_filters)]
         order = "largest ||E[W2[:, d]]|| first" if ranked else "first filters"
         plots.plot_filter_bank(W1, out("filters"), cfg.image_shape, opts.num_filters,
                                title=f"{name}: learned filters ({kind} of W1; {order})")
@@ -192,14 +188,14 @@ def write_figures(run: LoadedRun, idata: Any, test: Split, fig_dir: Path, opts: 
     plots.plot_transformed_digits(test.x[: opts.num_digits], eta, out("transformed_digits"), seed=opts.seed,
                                   title=name, names=cfg.generator_names)
     if "W2" in idata.posterior:
-        posterior_plots.plot_weight_forest(idata, out("forest_W2"))
+        figures.plot_weight_forest(idata, out("forest_W2"))
     if "eta" in idata.posterior:
-        posterior_plots.plot_eta_posterior(idata, out("eta_posterior"), extent)
+        figures.plot_eta_posterior(idata, out("eta_posterior"), extent)
     else:
         written["eta_posterior"] = "skipped: eta is a point estimate (empirical Bayes)"
     k = diagnostics.pointwise_pareto_k(idata)
     good_k = min(1 - 1 / math.log10(idata.posterior.sizes["draw"]), 0.7)
-    posterior_plots.plot_pareto_k(k, out("pareto_k"), good_k=good_k)
+    figures.plot_pareto_k(k, out("pareto_k"), good_k=good_k)
     return written
 
 
@@ -259,7 +255,7 @@ def compare_runs(name: str, idata: Any, others: list[str], out: Path, opts: Diag
         elpd_test[other_name] = diagnostics.elpd_test(other_idata)[0]
     table, warnings_ = diagnostics.compare_models(idatas)
     table.to_csv(out / "loo_comparison.csv")
-    posterior_plots.plot_loo_comparison(table, out / FIGURES_DIR / "loo_comparison.png", elpd_test=elpd_test,
+    figures.plot_loo_comparison(table, out / FIGURES_DIR / "loo_comparison.png", elpd_test=elpd_test,
                               title="PSIS-LOO on variational draws (test set)\nsquares: direct held-out elpd")
     return {"table": json.loads(table.to_json(orient="index")), "warnings": warnings_,
             "loo": {n: diagnostics.loo_summary(i) for n, i in idatas.items() if n != name},
@@ -284,10 +280,10 @@ def nuts_reference_run(out: Path, data: Split, chains: int = 2, warmup: int = 30
     diagnostics.save_inference_data(reference, out / "nuts_reference.nc")
     diagnostics.reference_summary(reference).to_csv(out / "nuts_summary.csv")
     table.to_csv(out / "guide_vs_nuts.csv")
-    posterior_plots.plot_trace(reference, out / FIGURES_DIR / "nuts_trace.png",
+    figures.plot_trace(reference, out / FIGURES_DIR / "nuts_trace.png",
                      title=f"NUTS reference, {chains} chains: max R-hat {stats['max_rhat']:.3f}, "
                            f"min ESS bulk {stats['min_ess_bulk']:.0f}")
-    posterior_plots.plot_reference_comparison(table, out / FIGURES_DIR / "guide_vs_nuts.png",
+    figures.plot_reference_comparison(table, out / FIGURES_DIR / "guide_vs_nuts.png",
                                     title="mean-field guide against NUTS (small RFF classifier)")
     summary = {
         "model": "RFF first layer (fixed), hidden 6, classes 3, no transformations; latent W2 (3, 6), b2 (3)",
@@ -303,39 +299,28 @@ def nuts_reference_run(out: Path, data: Split, chains: int = 2, warmup: int = 30
 
 # --------------------------------------------------------------------------- CLI
 def to_json(obj: Any, indent: int | None = 2) -> str:
-    """Strict JSON: numpy scalars as Python numbers, NaN / inf as null (k-hat of a point-estimate guide...)."""
-    return json.dumps(_finite(obj), indent=indent, default=_json_default, allow_nan=False)
+    """Strict JSON: numpy scalars as Python numbers, Enums as values, NaN / inf as null (k-hat of a MAP guide...)."""
+    return json.dumps(_plain(obj), indent=indent, allow_nan=False)
 
 
-def _finite(obj: Any) -> Any:
+def _plain(obj: Any) -> Any:
     if isinstance(obj, dict):
-        return {k: _finite(v) for k, v in obj.items()}
+        return {k: _plain(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [_finite(v) for v in obj]
-    if isinstance(obj, (float, np.floating)):
-        return float(obj) if math.isfinite(obj) else None
-    return obj
-
-
-def _json_default(obj: Any) -> Any:
-    if isinstance(obj, (np.floating, np.integer)):
-        return obj.item()
-    if isinstance(obj, np.bool_):
-        return bool(obj)
-    if hasattr(obj, "value"):
-        return obj.value
-    raise TypeError(f"not JSON serialisable: {type(obj)}")
+        return [_plain(v) for v in obj]
+    if isinstance(obj, np.generic):  # numpy scalars: bool_, integer, floating
+        obj = obj.item()
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    return obj.value if isinstance(obj, Enum) else obj
 
 
 def _check_args(args: argparse.Namespace) -> None:
     if (args.run_dir is None) == (args.nuts_reference is None):
         raise ValueError("give either RUN_DIR or --nuts-reference OUT")
-    for name in ("draws", "nuts_chains", "nuts_warmup", "nuts_samples", "num_filters"):
-        if getattr(args, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be a positive integer")
-    for name in ("num_transforms", "test_size", "threads"):
-        value = getattr(args, name)
-        if value is not None and value < 1:
+    for name in ("draws", "nuts_chains", "nuts_warmup", "nuts_samples", "num_filters", "num_transforms", "test_size",
+                 "threads"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:  # None: the default
             raise ValueError(f"--{name.replace('_', '-')} must be a positive integer")
     if args.khat_draws is not None and args.khat_draws < 0:
         raise ValueError("--khat-draws must be >= 0")
@@ -357,16 +342,6 @@ def main(args: argparse.Namespace) -> dict:
                            data_dir=args.data_dir, seed=args.seed)
     out = Path(args.out) if args.out else Path(args.run_dir) / "diagnostics"
     return diagnose_run(args.run_dir, out, opts, list(args.compare))
-
-
-USER_ERRORS = (RunError, DataNotFoundError, CorruptDataError, ValueError, OSError)
-"""Errors caused by the arguments, the run directory or the data: one line and exit code 2."""
-
-
-def one_line(err: BaseException) -> str:
-    """The first line of an error message."""
-    lines = [line for line in str(err).strip().splitlines() if line.strip()]
-    return (lines[0] + (" [...]" if len(lines) > 1 else "")) if lines else type(err).__name__
 
 
 def cli(argv: list[str] | None = None) -> int:

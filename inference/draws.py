@@ -1,13 +1,11 @@
-"""Draws from a fitted guide and the model's likelihood under each (torch and Pyro only; ArviZ lives in
-:mod:`inference.diagnostics`).
+"""The one prediction path: M draws from a fitted guide (``pyro.infer.Predictive``) and the network under each.
 
-:func:`draw_posterior` takes M independent draws of every latent site from the guide through
-``pyro.infer.Predictive`` (split into the sites it has a distribution over and the ones it point-estimates);
-:func:`draw_logits` and :func:`predictive_outputs` run the network under each draw (all draws in one batched
-pass when they share the first layer), giving the per-draw log-likelihood of held-out examples and the
-per-draw predictions; :func:`draw_with_log_q` and :func:`log_prior` give what the guide's PSIS k-hat needs.
+:func:`draw_posterior` draws every latent site and eps M times from the guide; :func:`predictive_outputs` applies
+each draw theta_m to all N examples, batch by batch, through the model's own forward pass (:func:`draw_logits`).
+Evaluation (:func:`inference.evaluate.predictive_draws`) and the ArviZ adapter (:mod:`inference.diagnostics`)
+both go through it. Torch and Pyro only.
 
-Shapes: ``x (N, C, H, W)``, site draws ``(M, *event)``, outputs ``(M, N, ...)``.
+Shapes: ``x (N, C, H, W)``, site draws ``(M, *event)``, eps ``(M, S, K)``, outputs ``(M, N, ...)``.
 """
 
 from __future__ import annotations
@@ -38,7 +36,7 @@ class GuideDraws:
     eps : torch.Tensor
         Transformation noise ``(M, S, K)``, or ``(1, S, K)`` when shared by all draws.
     log_q : torch.Tensor or None
-        ``(M,)``: log q(theta_m) over the random sites (when drawn by :func:`draw_with_log_q`).
+        ``(M,)``: log q(theta_m) over the random sites, when drawn with it (the guide's k-hat).
     """
 
     random: dict[str, torch.Tensor]
@@ -65,16 +63,19 @@ class GuideDraws:
         return values
 
 
+def blank_image(model: InvariantNet) -> torch.Tensor:
+    """One zero image ``(1, C, H, W)`` on the model's device: the input of a run that only draws weights."""
+    return torch.zeros(1, *model.config.image_shape, device=model.prior_loc.device, dtype=model.prior_loc.dtype)
+
+
 def site_kinds(model: InvariantNet, guide: Callable) -> dict[str, str]:
     """``"point"`` or ``"random"`` for each latent site of ``model`` but eps.
 
-    A site is a point estimate when two guide traces give it the same value (``AutoDelta``); reading
-    the distribution type is not enough, since autoguides emit every site as a ``Delta`` of their
-    auxiliary draws.
+    A site is a point estimate when two guide traces give it the same value (``AutoDelta``); the
+    distribution type does not tell, since autoguides emit every site as a ``Delta`` of their own draws.
     """
-    x = torch.zeros(1, *model.config.image_shape, device=model.prior_loc.device, dtype=model.prior_loc.dtype)
     with torch.no_grad(), torch.random.fork_rng(devices=[]):
-        first, second = (poutine.trace(guide).get_trace(x, None, 1) for _ in range(2))
+        first, second = (poutine.trace(guide).get_trace(blank_image(model), None, 1) for _ in range(2))
     kinds = {}
     for name in model.latent_sites():
         if name not in first.nodes:
@@ -84,71 +85,29 @@ def site_kinds(model: InvariantNet, guide: Callable) -> dict[str, str]:
     return kinds
 
 
-def _blank(model: InvariantNet) -> torch.Tensor:
-    return torch.zeros(1, *model.config.image_shape, device=model.prior_loc.device, dtype=model.prior_loc.dtype)
-
-
 @torch.no_grad()
 def draw_posterior(
     model: InvariantNet, guide: Callable, num_draws: int, num_transforms: int | None = None
 ) -> GuideDraws:
-    """M draws of every latent site and of eps from the guide, with ``pyro.infer.Predictive``.
+    """M draws theta_m ~ q of every latent site, each with its own eps_m ``(S, K)``, through ``Predictive``.
 
-    Parameters
-    ----------
-    model, guide : the fitted model and guide.
-    num_draws : int
-        M.
-    num_transforms : int, optional
-        S of each draw's eps (default: the model's).
-
-    Returns
-    -------
-    GuideDraws
-        Point-estimated sites once, the others ``(M, *event)``, eps ``(M, S, K)``.
+    The guide is run M times one after another, so draw 0 is the same whatever M is (under the same seed).
+    Point-estimated sites are kept once; the random ones are ``(M, *event)``.
     """
     S = model.config.num_transforms if num_transforms is None else int(num_transforms)
+    M = int(num_draws)
     kinds = site_kinds(model, guide)
     random = [n for n, k in kinds.items() if k == "random"]
-    predictive = Predictive(model, guide=guide, num_samples=int(num_draws), return_sites=[*random, "eps"])
-    samples = predictive(_blank(model), None, S)
-    trace = poutine.trace(guide).get_trace(_blank(model), None, 1)
+    samples = Predictive(model, guide=guide, num_samples=M, return_sites=[*random, "eps"])(blank_image(model), None, S)
+    trace = poutine.trace(guide).get_trace(blank_image(model), None, 1)
     point = {n: trace.nodes[n]["value"].detach() for n, k in kinds.items() if k == "point"}
-    M = int(num_draws)
     shapes = {name: tuple(site["fn"].event_shape) for name, site in model.latent_sites().items()}
     shapes["eps"] = (S, NUM_GENERATORS)  # Predictive pads a slot for the data plate: (M, 1, *event)
     return GuideDraws({n: samples[n].detach().reshape(M, *shapes[n]) for n in random}, point,
                       samples["eps"].detach().reshape(M, *shapes["eps"]))
 
 
-@torch.no_grad()
-def draw_with_log_q(
-    model: InvariantNet, guide: Callable, num_draws: int, num_transforms: int | None = None,
-    shared_eps: bool = False,
-) -> GuideDraws:
-    """M guide draws with log q(theta_m) over the random sites (point estimates contribute log 1 = 0).
-
-    eps is excluded from log q: q(eps) = p(eps) cancels in log p - log q. With ``shared_eps`` one eps
-    ``(1, S, K)`` drawn from the prior serves every draw.
-    """
-    S = model.config.num_transforms if num_transforms is None else int(num_transforms)
-    kinds = site_kinds(model, guide)
-    random: dict[str, list[torch.Tensor]] = {n: [] for n, k in kinds.items() if k == "random"}
-    eps, log_q, point = [], [], {}
-    for _ in range(int(num_draws)):
-        trace = poutine.trace(guide).get_trace(_blank(model), None, S)
-        trace.compute_log_prob(site_filter=lambda name, site: name != "eps")
-        log_q.append(sum((site["log_prob_sum"] for name, site in trace.nodes.items()
-                          if site["type"] == "sample" and name != "eps"), torch.tensor(0.0)))
-        for name in random:
-            random[name].append(trace.nodes[name]["value"])
-        eps.append(trace.nodes["eps"]["value"])
-        point = {n: trace.nodes[n]["value"] for n, k in kinds.items() if k == "point"}
-    eps_t = model.eps_prior(S).sample().unsqueeze(0) if shared_eps else torch.stack(eps)
-    return GuideDraws({n: torch.stack(v) for n, v in random.items()}, point, eps_t, torch.stack(log_q).reshape(-1))
-
-
-# --------------------------------------------------------------------------- likelihood per draw
+# --------------------------------------------------------------------------- the network under each draw
 def _first_layer(model: InvariantNet, draws: GuideDraws) -> tuple[torch.Tensor, torch.Tensor]:
     if model.config.first_layer is FirstLayer.RFF:
         return model.W1.unsqueeze(0), model.b1.unsqueeze(0)  # fixed buffers
@@ -163,19 +122,19 @@ def _eta(model: InvariantNet, draws: GuideDraws) -> torch.Tensor:
 
 
 def _shares_features(model: InvariantNet, draws: GuideDraws) -> bool:
-    """Whether every draw has the same first layer, eta and eps (then the features are computed once)."""
+    """Whether several draws have the same first layer, eta and eps (then the features are computed once)."""
     W1, b1 = _first_layer(model, draws)
     eta = _eta(model, draws)
-    return W1.shape[0] == 1 and b1.shape[0] == 1 and draws.eps.shape[0] == 1 and (eta.dim() == 1 or eta.shape[0] == 1)
+    same = W1.shape[0] == b1.shape[0] == draws.eps.shape[0] == 1 and (eta.dim() == 1 or eta.shape[0] == 1)
+    return same and draws.num_draws > 1
 
 
 @torch.no_grad()
 def draw_logits(model: InvariantNet, draws: GuideDraws, x: torch.Tensor) -> Iterable[tuple[slice, torch.Tensor]]:
-    """The network's transformed outputs f_s(x; theta_m) for every draw, in blocks of draws.
+    """The network's transformed outputs f_s(x; theta_m) (:meth:`InvariantNet.transformed_logits`), in blocks of draws.
 
-    Uses :meth:`InvariantNet.transformed_logits`, the model's own forward pass. When the first layer,
-    eta and eps are the same in every draw (a point-estimated W1 and shared eps), the features are
-    computed once and only the output layer varies.
+    A draw is computed alone (so its outputs do not depend on M), unless every draw shares the first layer,
+    eta and eps: then the features are computed once and only the output layer varies.
 
     Yields
     ------
@@ -186,10 +145,9 @@ def draw_logits(model: InvariantNet, draws: GuideDraws, x: torch.Tensor) -> Iter
     W2, b2 = draws.leading("W2"), draws.leading("b2")
     eta, M = _eta(model, draws), draws.num_draws
     if _shares_features(model, draws):
-        # The model's forward pass with an identity output layer returns the hidden features h_s(x), once.
+        # The model's forward pass with an identity output layer gives the hidden features h_s(x), once.
         D = model.config.hidden
-        eye = torch.eye(D, dtype=x.dtype, device=x.device)[None]
-        zero = torch.zeros(1, D, dtype=x.dtype, device=x.device)
+        eye, zero = torch.eye(D, dtype=x.dtype, device=x.device)[None], x.new_zeros(1, D)
         h = model.transformed_logits(x, W1, b1, eye, zero, draws.eps, eta if eta.dim() == 1 else eta[:1])[0]
         for start in range(0, M, 25):  # (m, S', B, outputs) without materialising (M, S', B, D)
             rows = slice(start, min(start + 25, M))
@@ -207,49 +165,32 @@ def draw_logits(model: InvariantNet, draws: GuideDraws, x: torch.Tensor) -> Iter
 
 @torch.no_grad()
 def predictive_outputs(
-    model: InvariantNet, draws: GuideDraws, x: torch.Tensor, y: torch.Tensor, batch_size: int = 250
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-draw log-likelihood of each example, and per-draw class log-probabilities.
+    model: InvariantNet, draws: GuideDraws, x: torch.Tensor, y: torch.Tensor | None = None, batch_size: int = 250
+) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """Per-draw class log-probabilities of every example, and the per-draw log-likelihood of labels ``y``.
 
     Parameters
     ----------
     x : torch.Tensor
-        ``(N, C, H, W)``.
-    y : torch.Tensor
+        ``(N, C, H, W)``, taken ``batch_size`` examples at a time.
+    y : torch.Tensor, optional
         Labels ``(N,)`` (categorical) or targets ``(N, outputs)`` (Gaussian likelihood).
 
     Returns
     -------
-    log_lik : torch.Tensor
-        ``(M, N)``: log p(y_n | x_n, theta_m, eps_m), the model's S-averaged likelihood.
+    log_lik : torch.Tensor or None
+        ``(M, N)``: log p(y_n | x_n, theta_m, eps_m), the model's S-averaged likelihood (None without ``y``).
     log_probs : torch.Tensor
         ``(M, N, classes)`` normalised class log-probabilities (categorical), or the predictive means
         ``(M, N, outputs)`` (Gaussian likelihood).
     """
     M, N = draws.num_draws, x.shape[0]
-    log_lik = torch.empty(M, N, dtype=x.dtype)
-    out = torch.empty(M, N, model.config.num_classes, dtype=x.dtype)
+    out = x.new_empty(M, N, model.config.num_classes)
+    log_lik = None if y is None else x.new_empty(M, N)
     for start in range(0, N, batch_size):
-        xb, yb = x[start : start + batch_size], y[start : start + batch_size]
-        cols = slice(start, start + xb.shape[0])
-        for rows, logits in draw_logits(model, draws, xb):
-            lp, obs_dist = model.likelihood.combine(logits)  # (m, B, outputs), batch (m, B)
-            log_lik[rows, cols] = obs_dist.log_prob(yb).cpu()
-            out[rows, cols] = lp.cpu()
+        cols = slice(start, min(start + batch_size, N))
+        for rows, logits in draw_logits(model, draws, x[cols]):
+            out[rows, cols], obs_dist = model.likelihood.combine(logits)  # (m, B, outputs), batch (m, B)
+            if log_lik is not None:
+                log_lik[rows, cols] = obs_dist.log_prob(y[cols])
     return log_lik, out
-
-
-
-@torch.no_grad()
-def log_prior(model: InvariantNet, draws: GuideDraws) -> torch.Tensor:
-    """log p(theta_m) over the latent sites but eps, ``(M,)``, with the model's masks (a hybrid guide's W1
-    prior is masked out)."""
-    out = []
-    for m in range(draws.num_draws):
-        values = draws.draw(m)
-        values["eps"] = model.eps_prior(1).sample()  # S = 1: the prior needs no transformations
-        trace = poutine.trace(poutine.condition(model, data=values)).get_trace(_blank(model), None, 1)
-        trace.compute_log_prob(site_filter=lambda name, site: name not in ("eps", "obs"))
-        out.append(sum((site["log_prob_sum"] for name, site in trace.nodes.items()
-                        if site["type"] == "sample" and name not in ("eps", "obs")), torch.tensor(0.0)))
-    return torch.stack(out).reshape(-1)

@@ -10,24 +10,25 @@ import torch
 from pyro import poutine
 
 from inference.data import Split
+from inference.draws import draw_posterior, predictive_outputs
 from inference.svi import TrainConfig, make_elbo
 from models.config import check_positive_int
 from models.network import InvariantNet
 
+DRAW_CHUNK = 32
+"""Guide draws held in memory at once (32 draws of the paper's W1, 1024 x 784, are 100 MB)."""
+
 
 @torch.no_grad()
 def predictive_draws(
-    model: InvariantNet,
-    guide: Callable,
-    x: torch.Tensor,
-    num_samples: int = 1,
-    num_transforms: int | None = None,
+    model: InvariantNet, guide: Callable, x: torch.Tensor, num_samples: int = 1, num_transforms: int | None = None,
     batch_size: int = 500,
 ) -> torch.Tensor:
     """log p(y | x, theta_m) = log (1/S) sum_s softmax f_s(x; theta_m) for M draws theta_m ~ q.
 
-    Draw m is taken batch by batch (a fresh theta per batch of ``batch_size`` examples), all batches of draw
-    m before draw m + 1, so that draw 0 is exactly what a one-draw evaluation gives.
+    Each theta_m (with its eps_m) is drawn once from q through ``pyro.infer.Predictive``
+    (:func:`inference.draws.draw_posterior`, ``DRAW_CHUNK`` draws at a time) and applied to all N examples;
+    draw 0 is exactly what a one-draw evaluation gives under the same seed.
 
     Parameters
     ----------
@@ -46,18 +47,13 @@ def predictive_draws(
     torch.Tensor
         ``(M, N, classes)`` normalised log-probabilities, one slice per draw.
     """
-    if num_samples < 1:
-        raise ValueError(f"num_samples must be a positive integer, got {num_samples}")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be a positive integer, got {batch_size}")
-    draws = []
-    for _ in range(num_samples):
-        parts = []
-        for xb in torch.split(x, batch_size):
-            guide_trace = poutine.trace(guide).get_trace(xb, None, num_transforms)
-            parts.append(poutine.replay(model, trace=guide_trace)(xb, None, num_transforms))
-        draws.append(torch.cat(parts))
-    return torch.stack(draws)
+    M = check_positive_int("num_samples", num_samples)
+    check_positive_int("batch_size", batch_size)
+    chunks = []
+    for start in range(0, M, DRAW_CHUNK):
+        draws = draw_posterior(model, guide, min(DRAW_CHUNK, M - start), num_transforms)
+        chunks.append(predictive_outputs(model, draws, x, batch_size=batch_size)[1])
+    return torch.cat(chunks)
 
 
 def average_draws(draws: torch.Tensor) -> torch.Tensor:
@@ -66,11 +62,7 @@ def average_draws(draws: torch.Tensor) -> torch.Tensor:
 
 
 def predictive_log_probs(
-    model: InvariantNet,
-    guide: Callable,
-    x: torch.Tensor,
-    num_samples: int = 1,
-    num_transforms: int | None = None,
+    model: InvariantNet, guide: Callable, x: torch.Tensor, num_samples: int = 1, num_transforms: int | None = None,
     batch_size: int = 500,
 ) -> torch.Tensor:
     """log p(y | x, D) ~= log (1/M) sum_m (1/S) sum_s softmax f_s(x; theta_m), theta_m ~ q.
@@ -99,9 +91,8 @@ def elbo_per_example(
 ) -> float:
     """ELBO / N over the whole training set: sum_b (B_b / N) ELBO_b, each ELBO_b scaled by N / B_b.
 
-    Summed that way the KL term is counted once and every example's likelihood once. One pass,
-    ``cfg.num_particles`` weight samples per minibatch: an unbiased estimate (Pyro's ``Trace_ELBO``),
-    see :func:`elbo_estimate` for repeated passes with a standard error and the two terms.
+    The KL term is counted once and every example's likelihood once: one unbiased pass (Pyro's ``Trace_ELBO``,
+    ``cfg.num_particles`` weight samples per minibatch); :func:`elbo_estimate` repeats passes.
     """
     elbo = make_elbo(cfg)
     n = len(data)
@@ -131,16 +122,14 @@ def elbo_terms(
         model_trace.compute_log_prob()
         guide_trace.compute_log_prob()
         weight = len(yb) / n  # each minibatch's likelihood is scaled by N / B; its KL counts B / N of once
-        for site in model_trace.nodes.values():
-            if site["type"] != "sample":
-                continue
-            if site["is_observed"]:
-                loglik += site["log_prob_sum"].item() * weight
-            else:
-                kl -= site["log_prob_sum"].item() * weight
-        kl += sum(site["log_prob_sum"].item() for site in guide_trace.nodes.values()
-                  if site["type"] == "sample" and not site["is_observed"]) * weight
+        loglik += model_trace.nodes["obs"]["log_prob_sum"].item() * weight
+        kl += (_latent_log_prob(guide_trace) - _latent_log_prob(model_trace)) * weight
     return loglik / n, kl / n
+
+
+def _latent_log_prob(trace: poutine.Trace) -> float:
+    return sum(site["log_prob_sum"].item() for site in trace.nodes.values()
+               if site["type"] == "sample" and not site["is_observed"])
 
 
 @dataclass(frozen=True)
@@ -168,12 +157,10 @@ def elbo_estimate(
 ) -> ElboEstimate:
     """ELBO / N and its terms from ``num_passes`` independent passes of :func:`elbo_terms`.
 
-    Each pass draws fresh weights from q and fresh transformation noise eps, so the spread of the
-    passes gives the Monte-Carlo error of the reported ELBO / N. Every minibatch gets its own draw of
-    the weights, and most of the noise is that draw's common effect on all examples of the batch, so
-    smaller batches give a smaller error for about the same arithmetic. Measured on the Table 1 RFF
-    network (4,000 images): a pass has a standard deviation of 0.13 / example with batches of 500,
-    0.05 with 100 and 0.035 with 50, at 1 : 1.3 : 2 the time.
+    Each pass draws fresh weights and eps per minibatch, so the spread of the passes is the Monte-Carlo error.
+    Most of a pass's noise is each weight draw's common effect on its batch: smaller batches give a smaller
+    error for about the same arithmetic (Table 1 RFF network, 4,000 images: std 0.13 / example with batches
+    of 500, 0.05 with 100, 0.035 with 50, at 1 : 1.3 : 2 the time).
     """
     check_positive_int("num_passes", num_passes)
     terms = torch.tensor([elbo_terms(model, guide, data, batch_size) for _ in range(num_passes)],

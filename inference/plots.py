@@ -1,19 +1,11 @@
-"""Figures of a fitted run, headless (Agg), one module for the CLI and the notebooks.
+"""Figures of a fitted run, headless: each ``plot_*`` function takes arrays and an optional output path and returns
+the ``matplotlib.figure.Figure`` (saved when a path is given), drawn on its own Agg canvas without pyplot.
 
-Every ``plot_*`` function takes data (arrays, or an ``arviz.InferenceData`` read through
-:mod:`inference.diagnostics`) and an optional output path, and returns the ``matplotlib.figure.Figure``
-(saved to ``path`` when given). Figures are built on ``matplotlib.figure.Figure`` with an Agg canvas, so
-no global pyplot state or backend setting is touched; in a notebook the returned figure displays itself.
-
-The paper's pictures (van der Ouderaa & van der Wilk, 2022, Figs. 4-5):
-
-* :func:`plot_filter_bank`: learned first-layer filters, rows of W1 as images;
-* :func:`plot_invariant_filters`: the same filters averaged over transformations drawn from the learned
-  distribution, ``mean_s W1 o T_s``; on rotated MNIST they come out rotation-symmetric (rings);
-* :func:`plot_eta_trajectories`: eta during training against the true extent of the data's transformations;
-* :func:`plot_elbo`, :func:`plot_reliability`, :func:`plot_transformed_digits`;
-* the posterior plots drawn by ArviZ (forest, eta posterior, trace, Pareto k, NUTS comparison, LOO comparison)
-  are in :mod:`inference.posterior_plots`.
+The paper's pictures (van der Ouderaa & van der Wilk, 2022, Figs. 4-5): :func:`plot_filter_bank` (rows of W1 as
+images), :func:`plot_invariant_filters` (the filters averaged over transformations from the learned distribution,
+rings on rotated MNIST), :func:`plot_eta_trajectories` (eta during training against the true extent); and
+:func:`plot_elbo`, :func:`plot_reliability`, :func:`plot_transformed_digits`. The posterior figures drawn with
+ArviZ are in :mod:`inference.diagnostics.figures`.
 """
 
 from __future__ import annotations
@@ -39,9 +31,6 @@ from models.transforms import (
 
 GENERATOR_COLORS = dict(zip(ALL_GENERATOR_NAMES, ("tab:blue", "tab:orange", "tab:red", "tab:green", "tab:olive",
                                                   "tab:purple", "tab:green", "tab:olive"), strict=True))
-GENERATOR_UNITS = {"translate_x": "normalised units (13.5 px on 28x28)", "translate_y": "normalised units",
-                   "rotate": "rad", "scale_x": "log-scale", "scale_y": "log-scale", "shear": "shear",
-                   "scale": "log-scale", "stretch": "log-scale"}
 
 
 # --------------------------------------------------------------------------- helpers
@@ -65,38 +54,32 @@ def _as_numpy(a: np.ndarray | torch.Tensor) -> np.ndarray:
     return a.detach().cpu().numpy() if isinstance(a, torch.Tensor) else np.asarray(a)
 
 
+def sample_transforms(
+    eta: np.ndarray | torch.Tensor, num: int, seed: int = 0, names: Sequence[str] = GENERATOR_NAMES
+) -> torch.Tensor:
+    """``num`` transformations from the learned distribution, T = expm(sum_k eps_k eta_k G_k), ``(num, 3, 3)``.
+
+    eps ~ U[-1, 1]^K from a private generator seeded with ``seed`` (the global RNG is untouched); ``eta`` is
+    ``(K,)`` (empirical Bayes) or draws ``(M, K)`` (full Bayes: a random draw per transformation).
+    """
+    eta_t = torch.as_tensor(_as_numpy(eta), dtype=torch.float32)
+    gen = torch.Generator().manual_seed(seed)
+    eps = torch.rand(num, len(names), generator=gen) * 2 - 1  # (num, K)
+    if eta_t.dim() == 2:
+        eta_t = eta_t[torch.randint(0, eta_t.shape[0], (num,), generator=gen)]
+    return affine_matrices(eta_t, eps, affine_generators(tuple(names)))
+
+
 # --------------------------------------------------------------------------- filters
 def invariant_filters(
     W1: np.ndarray | torch.Tensor, eta: np.ndarray | torch.Tensor, image_shape: tuple[int, int, int] = (1, 28, 28),
     num_samples: int = 128, seed: int = 0, names: Sequence[str] = GENERATOR_NAMES,
 ) -> np.ndarray:
-    """Filters averaged over transformations from the learned distribution: ``mean_s W1 o T_s``.
-
-    Parameters
-    ----------
-    W1 : array
-        Filters ``(F, C*H*W)``.
-    eta : array
-        ``(K,)`` (empirical Bayes) or draws ``(M, K)`` (full Bayes; one draw per transformation sample).
-    num_samples : int
-        S transformations, ``T_s = expm(sum_k eps_sk eta_k G_k)``, eps ~ U[-1, 1].
-    seed : int
-        Seed of the eps draws (a private generator: the global RNG is untouched).
-
-    Returns
-    -------
-    np.ndarray
-        ``(F, C*H*W)``.
-    """
+    """Filters ``(F, C*H*W)`` averaged over ``num_samples`` transformations from the learned distribution
+    (:func:`sample_transforms`): ``mean_s W1 o T_s``, ``(F, C*H*W)``."""
     W = torch.as_tensor(_as_numpy(W1), dtype=torch.float32)
-    eta_t = torch.as_tensor(_as_numpy(eta), dtype=torch.float32)
-    gen = torch.Generator().manual_seed(seed)
-    eps = torch.rand(num_samples, len(names), generator=gen) * 2 - 1  # (S, K)
-    if eta_t.dim() == 2:  # full Bayes: pair every eps with a posterior draw of eta
-        eta_t = eta_t[torch.randint(0, eta_t.shape[0], (num_samples,), generator=gen)]
-    T = affine_matrices(eta_t, eps, affine_generators(tuple(names)))  # (S, 3, 3)
     with torch.no_grad():
-        return warp_filters(W, T, image_shape).mean(0).numpy()  # (F, CHW)
+        return warp_filters(W, sample_transforms(eta, num_samples, seed, names), image_shape).mean(0).numpy()
 
 
 def _image_grid(fig: Figure, images: np.ndarray, ncols: int, titles: Sequence[str] | None = None,
@@ -122,22 +105,22 @@ def _image_grid(fig: Figure, images: np.ndarray, ncols: int, titles: Sequence[st
     return [ax for ax in axes.flat][:n]
 
 
-def _filter_images(W: np.ndarray, image_shape: tuple[int, int, int]) -> np.ndarray:
+def _filter_figure(W: np.ndarray, image_shape: tuple[int, int, int], ncols: int, title: str,
+                   path: str | Path | None) -> Figure:
+    """Filters ``(F, C*H*W)`` as images, channels averaged, blue < 0 < red with a scale of their own."""
     C, H, Wd = image_shape
-    return W.reshape(W.shape[0], C, H, Wd).mean(1)  # channels averaged for display: (F, H, W)
+    fig = new_figure(1.3 * ncols, 1.3 * math.ceil(W.shape[0] / ncols) + 0.5)
+    _image_grid(fig, W.reshape(W.shape[0], C, H, Wd).mean(1), ncols)
+    fig.suptitle(title)
+    return finish(fig, path)
 
 
 def plot_filter_bank(
     W1: np.ndarray | torch.Tensor, path: str | Path | None = None, image_shape: tuple[int, int, int] = (1, 28, 28),
     num_filters: int = 32, ncols: int = 8, title: str = "learned filters (posterior mean of W1)",
 ) -> Figure:
-    """The first ``num_filters`` rows of W1 ``(D, C*H*W)`` as images (blue < 0 < red, own scale each)."""
-    W = _as_numpy(W1)[:num_filters]
-    rows = math.ceil(W.shape[0] / ncols)
-    fig = new_figure(1.3 * ncols, 1.3 * rows + 0.5)
-    _image_grid(fig, _filter_images(W, image_shape), ncols)
-    fig.suptitle(title)
-    return finish(fig, path)
+    """The first ``num_filters`` rows of W1 ``(D, C*H*W)`` as images."""
+    return _filter_figure(_as_numpy(W1)[:num_filters], image_shape, ncols, title, path)
 
 
 def plot_invariant_filters(
@@ -145,19 +128,11 @@ def plot_invariant_filters(
     image_shape: tuple[int, int, int] = (1, 28, 28), num_filters: int = 32, ncols: int = 8, num_samples: int = 128,
     title: str | None = None, seed: int = 0, names: Sequence[str] = GENERATOR_NAMES,
 ) -> Figure:
-    """Learned filters averaged over ``num_samples`` transformations from the learned eta (the paper's figure).
-
-    ``title`` (e.g. the run's name) is put in front of the standard title; ``names`` is eta's basis.
-    """
-    W = _as_numpy(W1)[:num_filters]
-    inv = invariant_filters(W, eta, image_shape, num_samples, seed, names)
-    rows = math.ceil(W.shape[0] / ncols)
-    fig = new_figure(1.3 * ncols, 1.3 * rows + 0.5)
-    _image_grid(fig, _filter_images(inv, image_shape), ncols)
-    eta_text = _eta_text(eta, names)
-    fig.suptitle(f"{title + ': ' if title else ''}invariant filters, mean over {num_samples} T ~ learned distribution "
-                 f"({eta_text})")
-    return finish(fig, path)
+    """The first ``num_filters`` filters averaged over ``num_samples`` transformations from the learned eta (the
+    paper's figure); ``title`` (e.g. the run's name) goes in front of the standard title, ``names`` is eta's basis."""
+    inv = invariant_filters(_as_numpy(W1)[:num_filters], eta, image_shape, num_samples, seed, names)
+    return _filter_figure(inv, image_shape, ncols, f"{title + ': ' if title else ''}invariant filters, mean over "
+                          f"{num_samples} T ~ learned distribution ({_eta_text(eta, names)})", path)
 
 
 def _eta_text(eta: np.ndarray | torch.Tensor, names: Sequence[str] = GENERATOR_NAMES) -> str:
@@ -300,28 +275,13 @@ def transform_samples(
     images: np.ndarray | torch.Tensor, eta: np.ndarray | torch.Tensor, num_samples: int = 8, seed: int = 0,
     names: Sequence[str] = GENERATOR_NAMES,
 ) -> np.ndarray:
-    """Each image warped by ``num_samples`` transformations from the learned distribution.
-
-    Parameters
-    ----------
-    images : ``(n, C, H, W)``; eta : ``(K,)`` or draws ``(M, K)``.
-
-    Returns
-    -------
-    np.ndarray
-        ``(n, num_samples, C, H, W)``.
-    """
+    """Images ``(n, C, H, W)``, each warped by ``num_samples`` transformations from the learned distribution
+    (:func:`sample_transforms`), ``(n, num_samples, C, H, W)``."""
     x = torch.as_tensor(_as_numpy(images), dtype=torch.float32)
     n = x.shape[0]
-    eta_t = torch.as_tensor(_as_numpy(eta), dtype=torch.float32)
-    gen = torch.Generator().manual_seed(seed)
-    eps = torch.rand(n * num_samples, len(names), generator=gen) * 2 - 1
-    if eta_t.dim() == 2:
-        eta_t = eta_t[torch.randint(0, eta_t.shape[0], (n * num_samples,), generator=gen)]
-    T = affine_matrices(eta_t, eps, affine_generators(tuple(names)))  # (n * samples, 3, 3)
-    xs = x.repeat_interleave(num_samples, dim=0)
+    T = sample_transforms(eta, n * num_samples, seed, names)  # (n * samples, 3, 3)
     with torch.no_grad():
-        return warp_images(xs, T).reshape(n, num_samples, *x.shape[1:]).numpy()
+        return warp_images(x.repeat_interleave(num_samples, dim=0), T).reshape(n, num_samples, *x.shape[1:]).numpy()
 
 
 def plot_transformed_digits(

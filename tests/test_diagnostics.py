@@ -1,4 +1,4 @@
-"""The ArviZ adapter (inference/diagnostics.py), run loading (inference/run_io.py) and the diagnose CLI.
+"""The ArviZ adapter (inference/diagnostics/), run loading (inference/run_io.py) and the diagnose CLI.
 
 Tiny models on random images keep every test to a few seconds; the NUTS reference test stays well under a
 minute on two busy cores. The CLI tests train a tiny run on the MNIST subset (skipped without it).
@@ -24,9 +24,9 @@ from pyro import poutine
 from guides import make_guide
 from inference import diagnostics as dg
 from inference import draws as dr
-from inference import nuts
 from inference.diagnose import cli as diagnose_cli
-from inference.nuts import fit_reference_guide, reference_data, reference_model
+from inference.diagnostics import criteria, nuts
+from inference.diagnostics.nuts import fit_reference_guide, reference_data, reference_model
 from inference.run_io import RunError, load_run, load_run_data, read_eta_history, true_extent
 from inference.train import cli as train_cli
 from models import GENERATOR_NAMES, InvariantNet, ModelConfig
@@ -90,7 +90,7 @@ def test_log_likelihood_per_draw_equals_the_model_trace(kind, overrides):
 def test_shared_features_path_equals_the_model_trace():
     """One eps and a point-estimated W1: features computed once, the output layer per draw."""
     model, guide, x, y = tiny("hybrid")
-    draws = dr.draw_with_log_q(model, guide, 4, shared_eps=True)
+    draws = criteria.draw_with_log_q(model, guide, 4, shared_eps=True)
     assert draws.eps.shape[0] == 1 and dr._shares_features(model, draws)
     log_lik, _ = dr.predictive_outputs(model, draws, x, y, batch_size=10)
     for m in range(4):

@@ -10,7 +10,9 @@ import pytest
 import torch
 
 from guides import make_guide
+from inference import evaluate
 from inference.data import Split
+from inference.draws import draw_posterior
 from inference.eta_objectives import eta_dict
 from inference.evaluate import (
     accuracy_and_nll,
@@ -129,6 +131,31 @@ def test_predictive_draws_average_to_the_posterior_predictive_and_draw_0_is_the_
     assert not torch.allclose(draws[0], draws[1])  # different weight draws
     want = torch.log(draws.exp().mean(0))
     torch.testing.assert_close(average_draws(draws), want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["normal", "hybrid", "paper", "lowrank", "map"])
+def test_predictive_draws_apply_each_guide_draw_to_every_example(device, kind, monkeypatch):
+    """Reference: slice m is the model's own forward pass over all N examples at once, conditioned on the m-th
+    draw of the guide (one theta and one eps per draw, whatever the batch size; draws taken in chunks)."""
+    from guides.factory import default_priors
+
+    first, output = default_priors(kind)
+    model, data = tiny(device, first_layer_prior=first, output_layer_prior=output)
+    guide = make_guide(model, kind)
+    guide(data.x, data.y)
+    monkeypatch.setattr(evaluate, "DRAW_CHUNK", 2)  # M = 3 draws: chunks of 2 and 1
+    pyro.set_rng_seed(3)
+    got = predictive_draws(model, guide, data.x, num_samples=3, num_transforms=4, batch_size=5)
+    pyro.set_rng_seed(3)
+    chunks = [draw_posterior(model, guide, 2, num_transforms=4), draw_posterior(model, guide, 1, num_transforms=4)]
+    values = [chunk.draw(m) for chunk in chunks for m in range(chunk.num_draws)]
+    assert got.shape == (3, 12, 10)
+    for m, theta in enumerate(values):
+        want = pyro.poutine.condition(model, data=theta)(data.x, None, 4)  # (N, classes)
+        torch.testing.assert_close(got[m], want, rtol=1e-5, atol=1e-6)
+    pyro.set_rng_seed(3)
+    whole = predictive_draws(model, guide, data.x, num_samples=3, num_transforms=4, batch_size=12)
+    torch.testing.assert_close(whole, got, rtol=1e-5, atol=1e-6)
 
 
 def test_accuracy_and_nll_exact():

@@ -11,7 +11,8 @@ from matplotlib.figure import Figure
 
 from guides import make_guide
 from inference import diagnostics as dg
-from inference import plots, posterior_plots
+from inference import plots
+from inference.diagnostics import figures
 from models import GENERATOR_NAMES, ISOTROPIC_NAMES, InvariantNet, ModelConfig
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -152,9 +153,9 @@ def test_transformed_digits_grid(tmp_path):
 
 # --------------------------------------------------------------------------- ArviZ plots through the adapter
 def test_weight_forest_of_selected_units(idata, tmp_path):
-    hidden = posterior_plots.top_hidden_units(idata, 2)
+    hidden = figures.top_hidden_units(idata, 2)
     assert len(hidden) == 2
-    fig = posterior_plots.plot_weight_forest(idata, tmp_path / "forest.png", hidden=hidden)
+    fig = figures.plot_weight_forest(idata, tmp_path / "forest.png", hidden=hidden)
     assert_png(tmp_path / "forest.png")
     labels = [t.get_text() for t in fig.axes[0].get_yticklabels()]
     assert len(labels) == 10 * 2 and any(str(hidden[0]) in label for label in labels)
@@ -162,12 +163,12 @@ def test_weight_forest_of_selected_units(idata, tmp_path):
 
 def test_eta_posterior_only_under_full_bayes(idata, tmp_path):
     with pytest.raises(ValueError, match="point estimate"):
-        posterior_plots.plot_eta_posterior(idata, tmp_path / "eta_post.png")
+        figures.plot_eta_posterior(idata, tmp_path / "eta_post.png")
     model = InvariantNet(ModelConfig(hidden=4, num_transforms=2, first_layer_prior=False, eta_prior="uniform"),
                          num_data=10)
     full = dg.to_inference_data(model, make_guide(model, "hybrid"), torch.rand(10, 1, 28, 28),
                                 torch.randint(0, 10, (10,)), num_draws=30)
-    fig = posterior_plots.plot_eta_posterior(full, tmp_path / "eta_post.png", {"rotate": math.pi})
+    fig = figures.plot_eta_posterior(full, tmp_path / "eta_post.png", {"rotate": math.pi})
     assert_png(tmp_path / "eta_post.png")
     assert len(fig.axes) == K and all("eta" in ax.get_title() for ax in fig.axes)
 
@@ -176,7 +177,7 @@ def test_trace_plot_of_an_mcmc_posterior(tmp_path):
     rng = np.random.default_rng(0)
     posterior = dg.az.from_dict(posterior={"W2": rng.normal(size=(2, 50, 2, 3)), "b2": rng.normal(size=(2, 50, 2))},
                                 dims={"W2": ["class", "hidden"], "b2": ["class"]})
-    fig = posterior_plots.plot_trace(posterior, tmp_path / "trace.png")
+    fig = figures.plot_trace(posterior, tmp_path / "trace.png")
     assert_png(tmp_path / "trace.png")
     assert len(fig.axes) == 4  # (W2, b2) x (density, trace)
     assert fig.axes[1].get_xlim()[1] >= 49  # the trace runs over the draws
@@ -184,13 +185,13 @@ def test_trace_plot_of_an_mcmc_posterior(tmp_path):
 
 def test_pareto_k_and_loo_comparison_figures(idata, tmp_path):
     k = dg.pointwise_pareto_k(idata)
-    fig = posterior_plots.plot_pareto_k(k, tmp_path / "k.png", good_k=0.3)
+    fig = figures.plot_pareto_k(k, tmp_path / "k.png", good_k=0.3)
     assert_png(tmp_path / "k.png")
     assert len(fig.axes[0].collections[0].get_offsets()) == k.size
     worse = idata.copy()
     worse.log_likelihood["y"] = worse.log_likelihood["y"] - 0.5
     table, _ = dg.compare_models({"a": idata, "b": worse})
-    fig = posterior_plots.plot_loo_comparison(table, tmp_path / "loo.png", elpd_test={"a": -40.0, "b": -50.0})
+    fig = figures.plot_loo_comparison(table, tmp_path / "loo.png", elpd_test={"a": -40.0, "b": -50.0})
     assert_png(tmp_path / "loo.png")
     assert [t.get_text() for t in fig.axes[0].get_yticklabels()] == ["a", "b"]
 
@@ -200,7 +201,7 @@ def test_reference_comparison_scatter(tmp_path):
 
     table = pd.DataFrame({"nuts_mean": [0.0, 1.0, -1.0], "nuts_sd": [1.0, 0.5, 0.8],
                           "guide_mean": [0.1, 0.9, -1.1], "guide_sd": [0.7, 0.4, 0.6]})
-    fig = posterior_plots.plot_reference_comparison(table, tmp_path / "ref.png")
+    fig = figures.plot_reference_comparison(table, tmp_path / "ref.png")
     assert_png(tmp_path / "ref.png")
     ax_mean, ax_sd = fig.axes
     assert ax_mean.get_xlim() == ax_mean.get_ylim() and ax_sd.get_xlabel() == "NUTS posterior std"

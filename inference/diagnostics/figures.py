@@ -1,6 +1,5 @@
-"""Posterior figures drawn through the ArviZ adapter (:mod:`inference.diagnostics`), headless like
-:mod:`inference.plots`: each takes an ``arviz.InferenceData`` (or a table made from one) and an optional output
-path, and returns the ``matplotlib.figure.Figure``.
+"""Posterior figures, drawn with ArviZ where it has the plot, headless like :mod:`inference.plots`: each takes an
+``arviz.InferenceData`` (or a table made from one) and an optional output path, and returns the ``Figure``.
 
 * :func:`plot_weight_forest`: HDIs of q(W2) for the hidden units that matter most (:func:`top_hidden_units`);
 * :func:`plot_eta_posterior`: q(eta) under full Bayes, or the point value under empirical Bayes;
@@ -10,6 +9,7 @@ path, and returns the ``matplotlib.figure.Figure``.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -17,8 +17,18 @@ from typing import Any
 import numpy as np
 from matplotlib.figure import Figure
 
-from inference import diagnostics
+from inference.diagnostics.arviz_io import az
 from inference.plots import finish, new_figure
+
+
+class _ArvizPlotWarnings(warnings.catch_warnings):
+    """Ignore the one known-harmless warning of ArviZ 0.23's matplotlib backend under matplotlib >= 3.11
+    (``normalize_kwargs`` called with a dict alias map); nothing else."""
+
+    def __enter__(self) -> None:
+        super().__enter__()
+        warnings.filterwarnings("ignore", message=r"Passing a dict or None as alias_mapping to normalize_kwargs",
+                                category=DeprecationWarning)
 
 
 def top_hidden_units(idata: Any, num: int = 4) -> list[int]:
@@ -35,7 +45,8 @@ def plot_weight_forest(
     rows = len(hidden) * idata.posterior.sizes["class"]
     fig = new_figure(6, 0.25 * rows + 1.5)
     ax = fig.subplots()
-    diagnostics.plot_forest(idata, ["W2"], coords={"hidden": hidden}, ax=ax)
+    with _ArvizPlotWarnings():
+        az.plot_forest(idata, var_names=["W2"], coords={"hidden": hidden}, combined=True, ax=ax)
     ax.set_title(f"q(W2) for hidden units {hidden}: 94% HDI of {idata.posterior.sizes['draw']} guide draws")
     ax.set_xlabel("weight")
     return finish(fig, path)
@@ -56,7 +67,8 @@ def plot_eta_posterior(idata: Any, path: str | Path | None = None,
     axes = fig.subplots(2, 3)
     marked = [{"generator": g, "ref_val": float(v)} for g, v in (true_extent or {}).items() if v > 0]
     ref = {"eta": marked} if marked else None  # only the generators the data was transformed with
-    diagnostics.plot_posterior(idata, ["eta"], ax=axes, ref_val=ref, textsize=8)
+    with _ArvizPlotWarnings():
+        az.plot_posterior(idata, var_names=["eta"], ax=axes, ref_val=ref, textsize=8)
     fig.suptitle("q(eta) under full Bayes (prior U(0, pi)); orange line: true extent of the data")
     return finish(fig, path)
 
@@ -66,7 +78,8 @@ def plot_trace(idata: Any, path: str | Path | None = None, var_names: Sequence[s
     """ArviZ trace plot (densities per chain, traces) of an MCMC posterior."""
     fig = new_figure(10, 2.2 * len(var_names) + 0.6)
     axes = fig.subplots(len(var_names), 2, squeeze=False)
-    diagnostics.plot_trace(idata, var_names, axes=axes)
+    with _ArvizPlotWarnings():
+        az.plot_trace(idata, var_names=list(var_names), compact=True, axes=axes)
     fig.suptitle(title)
     return finish(fig, path)
 
@@ -90,7 +103,7 @@ def plot_pareto_k(k: np.ndarray, path: str | Path | None = None, good_k: float =
 def plot_reference_comparison(table: Any, path: str | Path | None = None,
                               title: str = "guide against the NUTS reference") -> Figure:
     """Posterior means and standard deviations of the guide against NUTS (from
-    :func:`inference.diagnostics.compare_with_reference`), one point per parameter."""
+    :func:`inference.diagnostics.nuts.compare_with_reference`), one point per parameter."""
     fig = new_figure(9, 4.2)
     ax_mean, ax_sd = fig.subplots(1, 2)
     for ax, col, label in ((ax_mean, "mean", "posterior mean"), (ax_sd, "sd", "posterior std")):

@@ -1,16 +1,19 @@
-"""The NUTS reference posterior of a small model: the output layer of a fixed random-feature network.
+"""The NUTS reference posterior of a small model, the output layer of a fixed random-feature network, and a guide
+beside it.
 
 A Bayesian multinomial regression on fixed features is the one setting here where an exact-in-the-limit
-posterior is cheap: :func:`output_layer_potential` computes the features once and gives NUTS a potential that
-costs one matrix product per call; :func:`run_nuts` runs the chains one after another on one thread. The
-samples go into an ``arviz.InferenceData`` in :func:`inference.diagnostics.nuts_reference`.
+posterior is cheap: :func:`output_layer_potential` computes the features once, so a NUTS step costs a few matrix
+products; :func:`nuts_reference` runs the chains one after another on one thread into an ``InferenceData``;
+:func:`compare_with_reference` puts the guide's moments beside NUTS's. :func:`reference_model`,
+:func:`reference_data` and :func:`fit_reference_guide` make the problem.
 """
 
 from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import pyro
@@ -19,6 +22,8 @@ from pyro.infer import MCMC, NUTS
 
 from guides.factory import make_guide
 from inference.data import DataConfig, Split, load_datasets
+from inference.diagnostics.arviz_io import SITE_DIMS, VI_NOTE, Recorded, az, coords_of, to_numpy
+from inference.draws import draw_posterior
 from inference.svi import TrainConfig, fit
 from models.config import FirstLayer, ModelConfig
 from models.network import InvariantNet
@@ -44,13 +49,12 @@ def single_thread() -> Iterator[None]:
 def output_layer_potential(
     model: InvariantNet, x: torch.Tensor, y: torch.Tensor
 ) -> Callable[[Mapping[str, torch.Tensor]], torch.Tensor]:
-    """-log p(y, W2, b2) of a model whose only latent sites are the output layer's.
+    """-log p(y, W2, b2) of a model whose only latent sites are the output layer's (fixed RFF first layer, no
+    active generator).
 
-    For a fixed first layer (RFF) and no active generator, the hidden features phi(x) do not depend
-    on any latent variable: they are computed once, by the model's own forward pass with an identity
-    output layer, and the potential costs one small matrix product per call instead of a Pyro trace
-    (the NUTS reference then runs tens of times faster). ``tests/test_diagnostics.py`` checks it
-    against the log joint of the Pyro trace.
+    The hidden features phi(x) depend on no latent variable: the model's own forward pass with an identity
+    output layer computes them once, and the potential is one small matrix product per call instead of a Pyro
+    trace (tens of times faster). ``tests/test_diagnostics.py`` checks it against the Pyro trace's log joint.
 
     Returns
     -------
@@ -79,17 +83,24 @@ def output_layer_potential(
     return potential
 
 
-def run_nuts(
-    model: InvariantNet, x: torch.Tensor, y: torch.Tensor, num_warmup: int, num_samples: int, num_chains: int,
-    seed: int, max_tree_depth: int, init_scale: float,
-) -> tuple[dict[str, np.ndarray], np.ndarray, float]:
-    """NUTS chains over (W2, b2), one after another on one thread, each with its own seed and an over-dispersed
-    start ``U(-init_scale, init_scale)``.
+def nuts_reference(
+    model: InvariantNet, x: torch.Tensor, y: torch.Tensor, num_warmup: int = 300, num_samples: int = 300,
+    num_chains: int = 2, seed: int = 0, max_tree_depth: int = 8, init_scale: float = 2.0,
+) -> az.InferenceData:
+    """NUTS over (W2, b2) of a small model (see :func:`output_layer_potential`), as an InferenceData.
+
+    Parameters
+    ----------
+    x, y : torch.Tensor
+        ``(N, C, H, W)`` and ``(N,)``; the model's ``num_data`` should be N.
+    num_chains : int
+        Chains run one after another on one thread, each with its own seed and an over-dispersed start
+        ``U(-init_scale, init_scale)``.
 
     Returns
     -------
-    (dict, np.ndarray, float)
-        ``name -> (chain, draw, *event)`` samples, ``diverging (chain, draw)`` and the seconds taken.
+    arviz.InferenceData
+        ``posterior`` ``(chain, draw, ...)`` with named dims, ``sample_stats.diverging``; attrs hold the seconds.
     """
     start = time.perf_counter()
     with single_thread():
@@ -102,15 +113,64 @@ def run_nuts(
             init = {n: (torch.rand(shape, generator=gen, dtype=x.dtype) * 2 - 1) * init_scale
                     for n, shape in shapes.items()}
             pyro.set_rng_seed(seed + 1000 * c)
-            kernel = NUTS(potential_fn=potential, max_tree_depth=max_tree_depth)
-            mcmc = MCMC(kernel, num_samples=num_samples, warmup_steps=num_warmup, num_chains=1, initial_params=init,
-                        disable_progbar=True)
+            mcmc = MCMC(NUTS(potential_fn=potential, max_tree_depth=max_tree_depth), num_samples=num_samples,
+                        warmup_steps=num_warmup, num_chains=1, initial_params=init, disable_progbar=True)
             mcmc.run()
-            samples = mcmc.get_samples()
-            for name in shapes:
-                chains[name].append(samples[name].detach().cpu().numpy())
+            for name, value in mcmc.get_samples().items():
+                chains[name].append(to_numpy(value))
             diverging[c, mcmc.diagnostics()["divergences"]["chain 0"]] = True
-    return {name: np.stack(v) for name, v in chains.items()}, diverging, time.perf_counter() - start
+    posterior = {name: np.stack(v) for name, v in chains.items()}
+    return az.from_dict(posterior=posterior, sample_stats={"diverging": diverging},
+                        coords=coords_of(model, x.shape[0]), dims={n: list(SITE_DIMS[n]) for n in posterior},
+                        attrs={"inference": "NUTS (pyro.infer.MCMC), chains run sequentially",
+                               "num_warmup": num_warmup, "seconds": round(time.perf_counter() - start, 2)})
+
+
+def reference_summary(idata: az.InferenceData, var_names: Sequence[str] | None = None) -> Any:
+    """``az.summary`` (mean, sd, HDI, R-hat, ESS bulk/tail) of an MCMC posterior, as a DataFrame."""
+    return az.summary(idata, var_names=list(var_names) if var_names else None)
+
+
+def summary_rhat_ess(idata: az.InferenceData, var_names: Sequence[str] | None = None) -> dict[str, float]:
+    """Worst R-hat and smallest bulk / tail ESS over the parameters of an MCMC posterior."""
+    table = reference_summary(idata, var_names)
+    return {"max_rhat": float(table["r_hat"].max()), "min_ess_bulk": float(table["ess_bulk"].min()),
+            "min_ess_tail": float(table["ess_tail"].min()), "num_parameters": int(len(table))}
+
+
+def num_divergences(idata: az.InferenceData) -> int:
+    """Divergent transitions after warm-up."""
+    return int(idata.sample_stats["diverging"].values.sum())
+
+
+def guide_draws_to_inference_data(
+    model: InvariantNet, guide: Callable, num_draws: int = 1000, sites: Sequence[str] = ("W2", "b2")
+) -> az.InferenceData:
+    """Draws of ``sites`` from the guide as a one-chain ``posterior`` (for comparing moments, not R-hat)."""
+    draws = draw_posterior(model, guide, num_draws, 1)
+    posterior = {n: to_numpy(draws.leading(n).expand(num_draws, *draws.leading(n).shape[1:]))[None] for n in sites}
+    idata = az.from_dict(posterior=posterior, coords=coords_of(model, 1), dims={n: list(SITE_DIMS[n]) for n in sites})
+    idata.posterior.attrs["inference"] = VI_NOTE
+    return idata
+
+
+def compare_with_reference(reference: az.InferenceData, approx: az.InferenceData) -> Any:
+    """Posterior means and standard deviations of the reference (NUTS) and the guide, per parameter.
+
+    Returns
+    -------
+    pandas.DataFrame
+        Index: parameter (``W2[0, 3]``...); columns ``nuts_mean``, ``nuts_sd``, ``guide_mean``, ``guide_sd``,
+        ``z`` = (guide_mean - nuts_mean) / nuts_sd, ``sd_ratio`` = guide_sd / nuts_sd.
+    """
+    ref = az.summary(reference, kind="stats", stat_focus="mean")[["mean", "sd"]]
+    with Recorded():  # one chain: ArviZ may warn about R-hat, which is not asked for here
+        app = az.summary(approx, kind="stats", stat_focus="mean")[["mean", "sd"]]
+    table = ref.rename(columns={"mean": "nuts_mean", "sd": "nuts_sd"}).join(
+        app.rename(columns={"mean": "guide_mean", "sd": "guide_sd"}), how="inner")
+    table["z"] = (table["guide_mean"] - table["nuts_mean"]) / table["nuts_sd"]
+    table["sd_ratio"] = table["guide_sd"] / table["nuts_sd"]
+    return table
 
 
 # --------------------------------------------------------------------------- the reference problem

@@ -1,0 +1,59 @@
+"""Posterior diagnostics through ArviZ: the ArviZ adapter (only this package imports ``arviz``).
+
+* :mod:`~inference.diagnostics.arviz_io`: a fitted model + guide as an ``arviz.InferenceData`` (guide draws from
+  ``pyro.infer.Predictive``, per-example log-likelihood, predictions, point estimates, training history), netCDF
+  save / load, and the accessors that read it back;
+* :mod:`~inference.diagnostics.criteria`: PSIS-LOO, WAIC, the direct held-out elpd, ``az.compare``; the guide's
+  PSIS k-hat against the model's joint;
+* :mod:`~inference.diagnostics.nuts`: a NUTS reference posterior of a small model and the guide beside it;
+* :mod:`~inference.diagnostics.figures`: the posterior figures (imported on its own: it needs matplotlib).
+
+Honesty notes, also written into the groups' attributes: the draws are independent draws from q stored as one
+chain, so R-hat and ESS say nothing about them (k-hat is the diagnostic that applies); LOO is PSIS-LOO on
+variational draws over held-out examples, pessimistic next to the direct held-out ``elpd_test``.
+"""
+
+from inference.diagnostics.arviz_io import (
+    LOO_NOTE,
+    MOMENTS_GROUP,
+    POINT_GROUP,
+    SITE_DIMS,
+    TRAINING_GROUP,
+    VI_NOTE,
+    az,
+    class_probabilities,
+    eta_values,
+    load_inference_data,
+    observed,
+    save_inference_data,
+    to_inference_data,
+    training_history,
+    w1_mean,
+)
+from inference.diagnostics.criteria import (
+    KhatResult,
+    compare_models,
+    elpd_test,
+    guide_khat,
+    loo_summary,
+    pareto_k_counts,
+    pointwise_pareto_k,
+    psis_khat,
+    waic_summary,
+)
+from inference.diagnostics.nuts import (
+    compare_with_reference,
+    guide_draws_to_inference_data,
+    num_divergences,
+    nuts_reference,
+    reference_summary,
+    summary_rhat_ess,
+)
+
+__all__ = [
+    "LOO_NOTE", "MOMENTS_GROUP", "POINT_GROUP", "SITE_DIMS", "TRAINING_GROUP", "VI_NOTE", "KhatResult", "az",
+    "class_probabilities", "compare_models", "compare_with_reference", "elpd_test", "eta_values", "guide_khat",
+    "guide_draws_to_inference_data", "load_inference_data", "loo_summary", "num_divergences", "nuts_reference",
+    "observed", "pareto_k_counts", "pointwise_pareto_k", "psis_khat", "reference_summary", "save_inference_data",
+    "summary_rhat_ess", "to_inference_data", "training_history", "w1_mean", "waic_summary",
+]
