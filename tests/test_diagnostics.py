@@ -379,7 +379,7 @@ def test_diagnose_cli_in_a_subprocess_writes_the_file_and_figures(tiny_runs, tmp
 
 
 def test_phase_marks_follow_the_training_schedule():
-    from inference.diagnose import _phase_marks
+    from inference.diagnostics.runs import _phase_marks
     from inference.svi import TrainConfig
 
     assert _phase_marks(TrainConfig()) == {}

@@ -6,7 +6,8 @@
 * :mod:`~inference.diagnostics.criteria`: PSIS-LOO, WAIC, the direct held-out elpd, ``az.compare``; the guide's
   PSIS k-hat against the model's joint;
 * :mod:`~inference.diagnostics.nuts`: a NUTS reference posterior of a small model and the guide beside it;
-* :mod:`~inference.diagnostics.figures`: the posterior figures (imported on its own: it needs matplotlib).
+* :mod:`~inference.diagnostics.figures`: the posterior figures (imported on its own: it needs matplotlib);
+* :mod:`~inference.diagnostics.runs`: diagnose a finished run folder (``python -m inference.diagnose`` is its CLI).
 
 Honesty notes, also written into the groups' attributes: the draws are independent draws from q stored as one
 chain, so R-hat and ESS say nothing about them (k-hat is the diagnostic that applies); LOO is PSIS-LOO on
