@@ -13,7 +13,7 @@ from pyro import poutine
 from pyro.infer import Predictive, Trace_ELBO
 from pyro.util import check_model_guide_match  # lives in pyro.util in pyro 1.9
 
-from guides import POINT_FIRST_LAYER, EpsFromPrior, GuideKind, InitLoc, MeanFieldGuide, default_priors, make_guide
+from guides import POINT_FIRST_LAYER, EpsFromPrior, GuideKind, InitLoc, MeanFieldGuide, make_guide
 from inference.optim import SVI, ParamAdam, named_params
 from models import GENERATOR_NAMES, InvariantNet, ModelConfig
 from models.priors import EtaPrior, PriorKind
@@ -28,9 +28,17 @@ def tiny_model(device, first_layer="relu", **overrides) -> InvariantNet:
     return InvariantNet(cfg, num_data=N).to(device)
 
 
+def priors_for(kind, hierarchical: bool = False) -> tuple[bool, bool]:
+    """``(first_layer_prior, output_layer_prior)`` of the model each guide is tested with: the paper's model (W1 a
+    hyperparameter) for the point-estimate-W1 guides unless the prior is hierarchical, no priors for ``ml``."""
+    if GuideKind(kind) is GuideKind.ML:
+        return False, False
+    return GuideKind(kind) not in POINT_FIRST_LAYER or hierarchical, True
+
+
 def model_for(device, kind, **overrides) -> InvariantNet:
-    """A tiny model with the priors that guide ``kind`` is meant for (``ml``: none at all)."""
-    fp, op = default_priors(kind)
+    """A tiny model with the priors of :func:`priors_for`."""
+    fp, op = priors_for(kind)
     return tiny_model(device, first_layer_prior=fp, output_layer_prior=op, **overrides)
 
 
@@ -67,7 +75,7 @@ def guide_locs(model: InvariantNet, guide, kind: GuideKind) -> dict[str, torch.T
 @pytest.mark.parametrize("init_loc", list(InitLoc), ids=lambda i: i.value)
 @pytest.mark.parametrize("kind", list(GuideKind), ids=lambda k: k.value)
 def test_every_guide_builds_steps_and_matches_model(device, kind, init_loc, first_layer):
-    fp, op = default_priors(kind)
+    fp, op = priors_for(kind)
     model = tiny_model(device, first_layer, first_layer_prior=fp, output_layer_prior=op)
     point_W1 = kind in (*POINT_FIRST_LAYER, GuideKind.MAP, GuideKind.ML)
     if point_W1 and init_loc is InitLoc.MEDIAN and first_layer == "relu":
@@ -116,7 +124,7 @@ def test_every_guide_builds_steps_and_matches_model(device, kind, init_loc, firs
 @pytest.mark.parametrize("kind", list(GuideKind), ids=lambda k: k.value)
 def test_every_guide_and_prior_combination(device, kind, prior, eta_prior, first_layer):
     """Guide x prior x (empirical / full Bayes eta): builds, runs one SVI step, matches the model."""
-    fp, op = default_priors(kind, hierarchical=prior is PriorKind.HIERARCHICAL)
+    fp, op = priors_for(kind, hierarchical=prior is PriorKind.HIERARCHICAL)
     if kind is GuideKind.ML and prior is PriorKind.HIERARCHICAL:  # no prior, hence no prior scale to infer
         with pytest.raises(ValueError, match="hierarchical prior needs the weight priors"):
             tiny_model(device, first_layer, prior=prior, eta_prior=eta_prior, first_layer_prior=fp,
