@@ -419,7 +419,8 @@ def test_checkpoint_files_are_plain_state_dicts_loaded_with_weights_only(tmp_pat
     plain = torch.load(checkpoint_path(tmp_path, 2), weights_only=True)
     assert set(plain) == {"step", "fingerprint", "config", "state"} and plain["step"] == 2
     state = plain["state"]
-    assert set(state) == {"step", "model", "guides", "optimizer", "rng", "losses", "eta_history", "seconds"}
+    assert set(state) == {"step", "num_data", "model", "guides", "optimizer", "rng", "losses", "eta_history",
+                          "seconds"}
     assert set(state["model"]) == set(model.state_dict()) and "W1" in state["model"]  # the RFF buffers are saved
     assert torch.equal(state["model"]["W1"], model.W1)
     (saved_guide,) = state["guides"]
