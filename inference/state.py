@@ -1,16 +1,13 @@
-"""The state of a training run and how it is kept: checkpoints, RNGs, interrupts and divergence.
+"""The state of a training run and how it is kept: what a checkpoint holds, when it is written, how it comes back.
 
 :func:`capture_training_state` gathers what :func:`inference.svi.fit` has learned as plain types (the
 ``state_dict()`` of the model and guides, the optimiser's, every RNG, the history), :class:`Checkpointer`
-writes it (:mod:`inference.checkpoint`) at intervals, at the last step and on Ctrl-C (:class:`DeferredInterrupt`
-lets the running step finish first), and :func:`restore_training_state` puts it back so that a resumed run ends
-exactly where an uninterrupted one ends.
+writes it (:mod:`inference.checkpoint`) as a :class:`CheckpointPolicy` says, and :func:`restore_training_state`
+puts it back so that a resumed run ends exactly where an uninterrupted one ends.
 """
 
 from __future__ import annotations
 
-import signal
-import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +21,8 @@ from pyro import poutine
 
 from inference.checkpoint import Checkpoint, IncompatibleCheckpointError, check_compatible, save_checkpoint
 from inference.optim import ParamAdam, named_params
+from inference.stopping import NonFiniteError
+from inference.stopping import TrainingInterrupted as TrainingInterrupted  # importable from here too
 from models.config import check_positive_int
 from models.network import InvariantNet
 
@@ -66,32 +65,6 @@ class CheckpointPolicy:
         check_positive_int("keep", self.keep)
 
 
-class NonFiniteError(FloatingPointError):
-    """The loss or a parameter became NaN/inf at ``step``; names the newest checkpoint written before it."""
-
-    def __init__(self, problem: str, step: int, last_checkpoint: Path | None) -> None:
-        self.step, self.last_checkpoint = step, last_checkpoint
-        kept = (f"the last good checkpoint is kept at {last_checkpoint}" if last_checkpoint is not None
-                else "no checkpoint was written before it")
-        super().__init__(f"{problem} at step {step}; {kept}; lower the learning rates (--lr, --eta-lr) "
-                         "or the initial eta")
-
-
-class TrainingInterrupted(KeyboardInterrupt):
-    """Ctrl-C stopped :func:`fit` after ``step`` of ``num_steps`` steps; ``checkpoint`` is the newest one on
-    disk, which holds the state after ``step`` steps when ``saved`` (not after a second Ctrl-C inside a step)."""
-
-    def __init__(self, step: int, num_steps: int, checkpoint: Path | None, saved: bool) -> None:
-        self.step, self.num_steps, self.checkpoint, self.saved = step, num_steps, checkpoint, saved
-        if saved:
-            where = f"checkpoint saved to {checkpoint}"
-        elif checkpoint is not None:
-            where = f"the newest checkpoint, of an earlier step, is {checkpoint}"
-        else:
-            where = "no checkpoint was saved"
-        super().__init__(f"interrupted after step {step} of {num_steps}; {where}")
-
-
 def get_rng_state() -> dict[str, Any]:
     """torch (and CUDA, once initialised), python and numpy RNG states, as types ``torch.load`` reads safely."""
     state = pyro.util.get_rng_state()
@@ -112,11 +85,6 @@ def set_rng_state(state: Mapping[str, Any]) -> None:
                              "numpy": (name, keys.numpy().astype(np.uint32), pos, has_gauss, cached)})
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def nonfinite_params(optim: ParamAdam) -> list[str]:
-    """Names of the trained parameters that hold a NaN or inf."""
-    return [name for name, p in optim.params.items() if not bool(torch.isfinite(p).all())]
 
 
 def capture_training_state(step: int, result: FitResult, optim: ParamAdam, model: InvariantNet,
@@ -176,34 +144,6 @@ def restore_training_state(start: Checkpoint, config: Mapping, model: InvariantN
     set_rng_state(state["rng"])
     history = [dict(row) for row in state["eta_history"]]
     return int(state["step"]), FitResult(list(state["losses"]), history, float(state["seconds"]))
-
-
-class DeferredInterrupt:
-    """While active, the first Ctrl-C (SIGINT) only sets ``requested``, so the running step can finish
-    and be saved; a second one raises ``KeyboardInterrupt`` at once. Inactive outside the main thread
-    and where SIGINT is ignored."""
-
-    def __init__(self) -> None:
-        self.requested = False
-        self._previous: Any = None
-
-    def __enter__(self) -> DeferredInterrupt:
-        if threading.current_thread() is threading.main_thread():
-            previous = signal.getsignal(signal.SIGINT)
-            if previous not in (None, signal.SIG_IGN):
-                self._previous = previous
-                signal.signal(signal.SIGINT, self._handle)
-        return self
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
-
-    def __exit__(self, *exc: object) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
-            self._previous = None
 
 
 class Checkpointer:

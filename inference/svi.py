@@ -8,16 +8,15 @@ estimated on minibatches with ``Trace_ELBO(num_particles=K)``; eta is a paramete
 the guide's parameters by :class:`inference.optim.ParamAdam` (Adam per parameter, eta with its own learning
 rate, cosine annealing to 0). What eta maximises is :mod:`inference.eta_objectives`'s choice.
 
-Reliability (:mod:`inference.state`): :func:`fit` can save checkpoints and resume from one, ending exactly where
-an uninterrupted run with the same seed ends; a NaN/inf loss or parameter stops it with a
-:class:`~inference.state.NonFiniteError` naming the step and the last good checkpoint.
+Reliability (:mod:`inference.state`, :mod:`inference.stopping`): :func:`fit` can save checkpoints and resume
+from one, ending exactly where an uninterrupted run with the same seed ends; a NaN/inf loss or parameter stops it
+with a :class:`~inference.stopping.NonFiniteError` naming the step and the last good checkpoint.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
-import re
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -41,16 +40,13 @@ from inference.eta_objectives import (
     eta_held,
 )
 from inference.optim import ParamAdam, svi_step
-from inference.state import (
-    Checkpointer,
-    CheckpointPolicy,
+from inference.state import Checkpointer, CheckpointPolicy, FitResult, capture_training_state, restore_training_state
+from inference.stopping import (
     DeferredInterrupt,
-    FitResult,
     NonFiniteError,
     TrainingInterrupted,
-    capture_training_state,
     nonfinite_params,
-    restore_training_state,
+    nonfinite_problem,
 )
 from models.config import check_positive_float, check_positive_int
 from models.network import InvariantNet
@@ -196,7 +192,7 @@ def _train_step(objective: Callable, model: InvariantNet, guide: Callable, optim
     try:
         loss = svi_step(objective, model, guide, optim, *batch) / scale
     except ValueError as err:  # distribution validation rejects NaN/inf before any loss exists
-        problem = _nonfinite_problem(err, optim)
+        problem = nonfinite_problem(err, optim)
         if problem is None:
             raise
         raise NonFiniteError(problem, step, last_checkpoint) from err
@@ -204,24 +200,6 @@ def _train_step(objective: Callable, model: InvariantNet, guide: Callable, optim
         raise NonFiniteError(f"non-finite loss {loss}", step, last_checkpoint)
     optim.schedule_step()
     return loss
-
-
-_INVALID_VALUES = re.compile(r"Expected parameter (\w+) .* of distribution (\w+).* but found invalid values")
-
-
-def _nonfinite_problem(err: ValueError, optim: ParamAdam) -> str | None:
-    """What went non-finite when distribution validation raised ``err``; None if it is another error.
-
-    NaN/inf parameters are named; finite parameters that overflow inside the model (huge weights
-    or eta) show up as invalid distribution parameters, which torch reports with a fixed phrase.
-    """
-    bad = nonfinite_params(optim)
-    if bad:
-        return f"non-finite parameter(s) {bad}"
-    match = _INVALID_VALUES.search(str(err).split("\n", 1)[0])
-    if match:
-        return f"non-finite {match.group(1)} of a {match.group(2)} distribution inside the model"
-    return None
 
 
 def _record(
