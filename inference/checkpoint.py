@@ -1,19 +1,14 @@
 """Training checkpoints on disk: atomic writes, integrity checks, the newest valid one, config fingerprints.
 
-A checkpoint directory holds files ``step-00000100.pt``, one per saved step, each a plain ``torch.save`` of
-``{"step", "fingerprint", "config", "state"}``: ``state`` is what the trainer hands over (``state_dict()``s,
-tensors, numbers, strings, lists, dicts), so ``torch.load(path, weights_only=True)`` reads a checkpoint as a
-plain dict. Beside each, ``step-00000100.pt.sha256`` holds the sha256 of its bytes: a truncated or damaged
-file, or one whose checksum was never written, is a :class:`CorruptCheckpointError` before anything is
-unpickled, and :func:`find_latest_valid` falls back to the previous checkpoint.
+A checkpoint directory holds ``step-00000100.pt`` files, each a plain ``torch.save`` of ``{"step",
+"fingerprint", "config", "state"}`` that ``torch.load(path, weights_only=True)`` reads as a dict, and beside
+each ``step-00000100.pt.sha256``, the sha256 of its bytes: a truncated or damaged file, or one whose checksum
+was never written, is a :class:`CorruptCheckpointError` and :func:`find_latest_valid` falls back to the
+previous one. Every file is written to a temporary file, fsynced and moved into place (checkpoint before
+checksum), so a crash leaves either the old checkpoint or a complete new one.
 
-Files are written to a temporary file in the same directory, flushed, fsynced and moved into place
-with ``os.replace``, the checkpoint before its checksum, so a crash leaves either the old checkpoint or a
-complete new one, never half of one.
-
-``config`` is the JSON form of everything that determines the training trajectory; its hash is the
-fingerprint. :func:`check_compatible` refuses a checkpoint whose fingerprint differs from the
-current run's and names the settings that differ.
+``config`` is the JSON form of what determines the training trajectory and ``fingerprint`` its hash;
+:func:`check_compatible` refuses a checkpoint from another config and names the settings that differ.
 """
 
 from __future__ import annotations
@@ -38,7 +33,6 @@ CHECKPOINT_DIRNAME = "checkpoints"
 """Sub-folder of a run's output directory that holds its checkpoints."""
 
 DIGEST_SUFFIX = ".sha256"
-"""The checksum file beside each checkpoint: ``step-00000100.pt.sha256``."""
 _NAME = re.compile(r"^step-(\d{8,})\.pt$")
 
 
@@ -60,21 +54,8 @@ class NoCheckpointError(CheckpointError):
 
 @dataclass(frozen=True)
 class Checkpoint:
-    """One loaded checkpoint.
-
-    Attributes
-    ----------
-    path : Path
-        The file it was read from.
-    step : int
-        Training steps completed when it was written.
-    fingerprint : str
-        Hash of ``config``.
-    config : dict
-        JSON form of the configuration that wrote it.
-    state : dict
-        The trainer's state (see :func:`inference.state.capture_training_state`).
-    """
+    """One loaded checkpoint: its file, the steps completed, the writer's ``config`` (JSON) and its hash, and
+    the trainer's ``state`` (see :func:`inference.state.capture_training_state`)."""
 
     path: Path
     step: int
@@ -113,18 +94,12 @@ def differing_settings(saved: Mapping, current: Mapping, prefix: str = "") -> li
     saved, current = to_jsonable(saved), to_jsonable(current)
     out = []
     for key in sorted(set(saved) | set(current)):
-        name = f"{prefix}{key}"
         a, b = saved.get(key, "<absent>"), current.get(key, "<absent>")
         if isinstance(a, dict) and isinstance(b, dict):
-            out.extend(differing_settings(a, b, prefix=f"{name}."))
+            out.extend(differing_settings(a, b, prefix=f"{prefix}{key}."))
         elif a != b:
-            out.append((name, a, b))
+            out.append((f"{prefix}{key}", a, b))
     return out
-
-
-def config_differences(saved: Mapping, current: Mapping) -> list[str]:
-    """Dotted keys whose values differ, as ``"train.lr: 0.001 in the checkpoint, 0.01 now"``."""
-    return [f"{name}: {a!r} in the checkpoint, {b!r} now" for name, a, b in differing_settings(saved, current)]
 
 
 def check_compatible(checkpoint: Checkpoint, config: Mapping) -> None:
@@ -133,15 +108,14 @@ def check_compatible(checkpoint: Checkpoint, config: Mapping) -> None:
     Raises
     ------
     IncompatibleCheckpointError
-        Naming the checkpoint and the differing settings.
+        Naming the checkpoint and the differing settings (``"train.lr: 0.001 in the checkpoint, 0.01 now"``).
     """
     if checkpoint.fingerprint == config_fingerprint(config):
         return
-    diffs = config_differences(checkpoint.config, config) or ["the fingerprints differ"]
-    raise IncompatibleCheckpointError(
-        f"checkpoint {checkpoint.path} comes from an incompatible config ({'; '.join(diffs)}): "
-        "resume with the arguments of the original run"
-    )
+    diffs = [f"{name}: {a!r} in the checkpoint, {b!r} now" for name, a, b in
+             differing_settings(checkpoint.config, config)] or ["the fingerprints differ"]
+    raise IncompatibleCheckpointError(f"checkpoint {checkpoint.path} comes from an incompatible config "
+                                      f"({'; '.join(diffs)}): resume with the arguments of the original run")
 
 
 # --------------------------------------------------------------------------- files
@@ -150,51 +124,37 @@ def checkpoint_path(directory: str | os.PathLike, step: int) -> Path:
     return Path(directory) / f"step-{int(step):08d}.pt"
 
 
+def digest_path(path: str | os.PathLike) -> Path:
+    """The checksum file beside checkpoint ``path``."""
+    return Path(f"{os.fspath(path)}{DIGEST_SUFFIX}")
+
+
 def list_checkpoints(directory: str | os.PathLike) -> list[tuple[int, Path]]:
     """``(step, path)`` of every checkpoint file in ``directory``, oldest first (none if it is missing)."""
     directory = Path(directory)
     if not directory.is_dir():
         return []
-    found = []
-    for path in directory.iterdir():
-        match = _NAME.match(path.name)
-        if match and path.is_file():
-            found.append((int(match.group(1)), path))
-    return sorted(found)
+    matches = ((_NAME.match(path.name), path) for path in directory.iterdir())
+    return sorted((int(match.group(1)), path) for match, path in matches if match and path.is_file())
 
 
-def save_checkpoint(
-    directory: str | os.PathLike, step: int, state: Mapping, config: Mapping, keep: int = 3
-) -> Path:
-    """Write the checkpoint of ``step`` atomically, then keep only the newest ``keep`` ones.
-
-    Checkpoints of later steps (left by an attempt that was killed after writing them) are removed
-    too: the run is now at ``step``.
-
-    Returns
-    -------
-    Path
-        The file written.
-    """
+def save_checkpoint(directory: str | os.PathLike, step: int, state: Mapping, config: Mapping, keep: int = 3) -> Path:
+    """Write the checkpoint of ``step`` atomically and return its path; then keep only the newest ``keep``
+    ones and none of later steps (left by an attempt killed after writing them: the run is now at ``step``)."""
     if keep < 1:
         raise ValueError(f"keep must be a positive integer, got {keep}")
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     buffer = io.BytesIO()
-    record = {"step": int(step), "fingerprint": config_fingerprint(config), "config": to_jsonable(config),
-              "state": dict(state)}
-    torch.save(record, buffer)
-    payload = buffer.getvalue()
+    torch.save({"step": int(step), "fingerprint": config_fingerprint(config), "config": to_jsonable(config),
+                "state": dict(state)}, buffer)
     path = checkpoint_path(directory, step)
-    _atomic_write(path, payload)
-    _atomic_write(digest_path(path), hashlib.sha256(payload).hexdigest().encode())
-    _prune(directory, step, keep)
+    atomic_write(path, buffer.getvalue())
+    atomic_write(digest_path(path), hashlib.sha256(buffer.getvalue()).hexdigest().encode())
+    checkpoints = list_checkpoints(directory)
+    older = [path for s, path in checkpoints if s <= step]
+    _remove(directory, [path for s, path in checkpoints if s > step] + older[:-keep])
     return path
-
-
-def digest_path(path: str | os.PathLike) -> Path:
-    """The checksum file beside checkpoint ``path``."""
-    return Path(f"{os.fspath(path)}{DIGEST_SUFFIX}")
 
 
 def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
@@ -230,13 +190,8 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
 
 
 def find_latest_valid(directory: str | os.PathLike) -> tuple[Checkpoint | None, list[CorruptCheckpointError]]:
-    """The newest checkpoint in ``directory`` that loads, and the errors of newer ones that did not.
-
-    Returns
-    -------
-    (Checkpoint or None, list of CorruptCheckpointError)
-        ``None`` when no checkpoint loads; the list holds one error per skipped file, newest first.
-    """
+    """The newest checkpoint in ``directory`` that loads (None if none does), and the errors of the newer ones
+    skipped, newest first."""
     skipped: list[CorruptCheckpointError] = []
     for _, path in reversed(list_checkpoints(directory)):
         try:
@@ -246,24 +201,35 @@ def find_latest_valid(directory: str | os.PathLike) -> tuple[Checkpoint | None, 
     return None, skipped
 
 
+def latest_checkpoint(directory: str | os.PathLike) -> tuple[Checkpoint, list[CorruptCheckpointError]]:
+    """:func:`find_latest_valid`, where finding none is a :class:`NoCheckpointError`."""
+    checkpoint, skipped = find_latest_valid(directory)
+    if checkpoint is None:
+        reason = f" ({len(skipped)} corrupt, newest: {skipped[0]})" if skipped else ""
+        raise NoCheckpointError(f"no valid checkpoint in {directory}{reason}")
+    return checkpoint, skipped
+
+
 def remove_checkpoints(directory: str | os.PathLike) -> int:
     """Delete every checkpoint file (and leftover temporary file) in ``directory``; returns how many."""
-    removed = 0
-    for _, path in list_checkpoints(directory):
-        _unlink(path)
-        removed += 1
-    for path in _temporary_files(Path(directory)):
+    paths = [path for _, path in list_checkpoints(directory)]
+    _remove(Path(directory), paths)
+    return len(paths)
+
+
+def _remove(directory: Path, paths: list[Path]) -> None:
+    """Remove checkpoints, each checksum first (a checkpoint without one is never used), and the temporary
+    files of writes that never finished."""
+    for path in paths:
+        digest_path(path).unlink(missing_ok=True)
         path.unlink(missing_ok=True)
-    return removed
+    if directory.is_dir():
+        for path in directory.glob(".step-*.tmp"):
+            path.unlink(missing_ok=True)
 
 
-def _unlink(path: Path) -> None:
-    """Remove a checkpoint, its checksum first (a checkpoint without one is never used)."""
-    digest_path(path).unlink(missing_ok=True)
-    path.unlink(missing_ok=True)
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that a crash leaves the old file or the new one, never half of one."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
@@ -275,34 +241,9 @@ def _atomic_write(path: Path, data: bytes) -> None:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
-    _fsync_directory(path.parent)
-
-
-def _fsync_directory(directory: Path) -> None:
-    """Make the rename durable; not every platform can open a directory, which is fine."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _temporary_files(directory: Path) -> list[Path]:
-    if not directory.is_dir():
-        return []
-    return [p for p in directory.iterdir() if p.name.startswith(".step-") and p.name.endswith(".tmp")]
-
-
-def _prune(directory: Path, step: int, keep: int) -> None:
-    checkpoints = list_checkpoints(directory)
-    stale = [path for s, path in checkpoints if s > step]
-    older = [path for s, path in checkpoints if s <= step]
-    for path in stale + older[:-keep]:
-        _unlink(path)
-    for path in _temporary_files(directory):  # left by a process killed while writing
-        path.unlink(missing_ok=True)
+    with contextlib.suppress(OSError):  # make the rename durable; not every platform can open a directory
+        fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)

@@ -53,8 +53,8 @@ from pathlib import Path
 from guides.factory import GuideKind
 from inference import extents, grid, report, train
 from inference.config import RunConfig, derive, with_default_priors
+from inference.data import true_extent
 from inference.eta_objectives import EtaObjective
-from inference.run_io import true_extent
 from inference.runner import RunControl
 from models.config import GENERATOR_PRESETS
 from models.transforms import ISOTROPIC_NAMES

@@ -4,8 +4,8 @@ A :class:`RunConfig` gathers the dataclasses that the rest of the library takes 
 ``ModelConfig``, :class:`GuideConfig`, ``TrainConfig``, :class:`EvalConfig`) and the device. It is written
 once, as ``config.json`` in the run folder, before training starts; ``python -m inference.train --config
 RUN/config.json --out NEW`` trains the same run again, and experiment grids derive their runs from one config
-with :func:`dataclasses.replace`. Its :meth:`RunConfig.fingerprint` (the hash of everything that decides the
-training trajectory: not the evaluation, not the GPU index) is what a resumed run must match.
+with :func:`dataclasses.replace`. Its :meth:`RunConfig.fingerprint`, the hash of what decides the training
+trajectory (not the evaluation, the GPU index or where the data files live), is what a resumed run must match.
 
 Example::
 
@@ -20,7 +20,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,7 +27,7 @@ from typing import Any
 import torch
 
 from guides.factory import GuideKind, InitLoc, default_priors
-from inference.checkpoint import config_fingerprint, differing_settings, to_jsonable
+from inference.checkpoint import atomic_write, config_fingerprint, differing_settings, to_jsonable
 from inference.data import DataConfig
 from inference.eta_objectives import EtaObjective
 from inference.svi import TrainConfig
@@ -118,11 +117,7 @@ class RunConfig:
         """Write ``config.json`` atomically; returns its path."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        with os.fdopen(fd, "w") as f:
-            json.dump(self.to_dict(), f, indent=2)
-            f.write("\n")
-        os.replace(tmp, path)
+        atomic_write(path, (json.dumps(self.to_dict(), indent=2) + "\n").encode())
         return path
 
     @classmethod
@@ -138,15 +133,20 @@ class RunConfig:
         return cls.from_dict(values)
 
     # ------------------------------------------------------------------ identity
-    def training_dict(self, num_data: int) -> dict[str, Any]:
-        """What decides the training trajectory, as JSON: the checkpoints' config (evaluation and the GPU index
-        left out, so a run may resume on another GPU or be evaluated otherwise)."""
-        values = to_jsonable({"data": self.data, "model": self.model, "guide": self.guide, "train": self.train})
-        return {**values, "num_data": int(num_data), "device": torch.device(self.device).type}
+    def training_dict(self) -> dict[str, Any]:
+        """What decides the training trajectory, as JSON: the config stamped on the run's checkpoints."""
+        return {**_training_part(self.to_dict()), "device": torch.device(self.device).type}
 
-    def fingerprint(self, num_data: int) -> str:
+    def fingerprint(self) -> str:
         """Hash of :meth:`training_dict`: a resumed run must match it."""
-        return config_fingerprint(self.training_dict(num_data))
+        return config_fingerprint(self.training_dict())
+
+
+def _training_part(values: dict[str, Any]) -> dict[str, Any]:
+    """The sections of a :meth:`RunConfig.to_dict` that decide training, less where the data files live (a
+    folder may be moved or spelled otherwise)."""
+    data = {k: v for k, v in values.get("data", {}).items() if k not in ("data_dir", "allow_download")}
+    return {"data": data, **{k: values.get(k, {}) for k in ("model", "guide", "train")}}
 
 
 def _tuples(value: Any) -> Any:
@@ -172,13 +172,8 @@ def derive(cfg: RunConfig, **sections: Any) -> RunConfig:
 
 def same_run(saved: dict[str, Any], cfg: RunConfig) -> list[str]:
     """The settings (``"train.eta_lr"``, ...) in which a finished run's config (``metrics.json["config"]``) differs
-    from ``cfg`` in what decides its training; empty when it is that run. Where the data files live does not
-    count (a folder may be moved)."""
-    def part(values: dict[str, Any]) -> dict[str, Any]:
-        data = {k: v for k, v in values.get("data", {}).items() if k not in ("data_dir", "allow_download")}
-        return {"data": data, **{k: values.get(k, {}) for k in ("model", "guide", "train")}}
-
-    return [name for name, _, _ in differing_settings(part(saved), part(cfg.to_dict()))]
+    from ``cfg`` in what decides its training, whatever the device; empty when it is that run."""
+    return [name for name, _, _ in differing_settings(_training_part(saved), _training_part(cfg.to_dict()))]
 
 
 def with_default_priors(cfg: RunConfig) -> RunConfig:

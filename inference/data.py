@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 from models.config import check_positive_int
-from models.transforms import affine_generators, warp_images
+from models.transforms import GENERATOR_NAMES, affine_generators, warp_images
 
 DATA_ENV_VAR = "INVW_DATA_DIR"
 _IDX_DTYPES = {0x08: torch.uint8}
@@ -255,6 +255,27 @@ def balanced_subset(y: torch.Tensor, size: int, generator: torch.Generator) -> t
 def pixels_per_unit(image_size: int) -> float:
     """Pixels per unit of the normalised [-1, 1] coordinates of T (``align_corners=True``): ``(size - 1) / 2``."""
     return (image_size - 1) / 2
+
+
+def true_extent(data_cfg: DataConfig, image_size: int = 28,
+                names: tuple[str, ...] = GENERATOR_NAMES) -> dict[str, float]:
+    """The extent of the transformation applied to the data, per generator of the basis ``names``, in the units of T.
+
+    rotated: pi (180 deg); partially rotated: pi / 2; translated: 8 px = 8 / 13.5 normalised units on
+    ``translate_x`` and ``translate_y``; scaled: log 2 on ``scale_x`` and ``scale_y`` (the paper's basis)
+    or on ``scale`` (the isotropic basis; ``stretch`` 0); plain MNIST: 0. Generators the data does not
+    use get 0.
+    """
+    extent = dict.fromkeys(names, 0.0)
+    if data_cfg.dataset in (DatasetName.ROTATED, DatasetName.PARTIALLY_ROTATED):
+        default = 180.0 if data_cfg.dataset is DatasetName.ROTATED else 90.0
+        extent["rotate"] = math.radians(data_cfg.rotation_deg if data_cfg.rotation_deg is not None else default)
+    elif data_cfg.dataset is DatasetName.TRANSLATED:
+        extent["translate_x"] = extent["translate_y"] = data_cfg.translation_px / pixels_per_unit(image_size)
+    elif data_cfg.dataset is DatasetName.SCALED:
+        for name in {"scale_x", "scale_y", "scale"} & set(names):
+            extent[name] = float(data_cfg.log_scale)
+    return extent
 
 
 def transformation_matrices(

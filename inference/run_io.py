@@ -1,22 +1,17 @@
-"""Rebuild a finished training run (model, guide, fitted parameters, data) from its output directory.
+"""Rebuild a training run (model, guides, fitted parameters, data) from its config, run folder or ``model.pt``.
 
-A run directory written by ``python -m inference.train`` holds ``metrics.json`` (with the full config),
-``eta_history.csv`` and ``checkpoints/step-*.pt``. :func:`load_run` rebuilds the model and the guide
-from the config, runs the guides once so that lazily created autoguide parameters exist (as
-:func:`inference.state.restore_training_state` does when resuming) and loads the ``state_dict``s of the
-newest valid checkpoint into them. Parameters live in their modules, so several runs can be loaded and
-used side by side.
-
-Runs written before checkpoints existed cannot be rebuilt: :func:`load_run` then raises a
-:class:`RunError` with a one-line message.
+A finished run of ``python -m inference.train`` holds ``metrics.json`` (with the config), ``eta_history.csv``,
+``checkpoints/step-*.pt`` and ``model.pt``. :func:`load_run` rebuilds the model and guide from the config and
+loads the ``state_dict``s of the newest valid checkpoint into them; :func:`load_model` does the same from
+``model.pt`` alone. Parameters live in their modules, so several runs can be used side by side.
 """
 
 from __future__ import annotations
 
 import csv
 import dataclasses
+import io
 import json
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,43 +22,31 @@ from guides.factory import GuideKind, make_evidence_guide, make_guide
 from inference.checkpoint import (
     CHECKPOINT_DIRNAME,
     Checkpoint,
-    IncompatibleCheckpointError,
-    config_differences,
-    find_latest_valid,
+    CheckpointError,
+    atomic_write,
+    latest_checkpoint,
 )
 from inference.config import RunConfig
-from inference.data import DataConfig, DatasetName, Datasets, load_datasets, pixels_per_unit, resolve_data_dir
+from inference.data import DataConfig, Datasets, load_datasets, resolve_data_dir
+from inference.data import true_extent as true_extent  # re-exported: it lived here
 from inference.eta_objectives import EtaObjective
 from inference.state import load_modules
 from inference.svi import TrainConfig
 from models.config import ModelConfig
 from models.network import InvariantNet
-from models.transforms import GENERATOR_NAMES
+
+MODEL_FILENAME = "model.pt"
+"""A finished run's trained model and guide, loadable without the training code's state."""
 
 
 class RunError(ValueError):
-    """A run directory cannot be diagnosed (missing, unfinished, without checkpoints, inconsistent)."""
+    """A run directory cannot be loaded (missing, unfinished, without checkpoints, inconsistent)."""
 
 
 @dataclass
 class LoadedRun:
-    """A fitted model and guide rebuilt from a run directory.
-
-    Attributes
-    ----------
-    run_dir : Path
-        The run's output directory.
-    metrics : dict
-        Contents of ``metrics.json``.
-    config : RunConfig
-        The run's config (``model_config``, ``data_config``, ``train_config``, ``guide_kind`` are its parts).
-    model : InvariantNet
-        On the CPU (or the requested device), with ``eta`` restored when it is a ``pyro.param``.
-    guide : callable
-        From :func:`guides.make_guide`, its parameters restored from ``checkpoint``.
-    checkpoint : Checkpoint
-        The newest valid checkpoint; ``checkpoint.state["losses"]`` is -ELBO / N per step.
-    """
+    """A fitted model and guide rebuilt from a run directory: its ``metrics.json``, its :class:`RunConfig`,
+    the model (``eta`` restored), the guide and the newest valid checkpoint they were loaded from."""
 
     run_dir: Path
     metrics: dict
@@ -99,67 +82,37 @@ class LoadedRun:
         return [float(v) for v in self.checkpoint.state.get("losses", [])]
 
 
-def read_metrics(run_dir: str | Path) -> dict:
-    """``run_dir/metrics.json`` as a dict.
+def build_model(cfg: RunConfig, num_data: int, device: str | torch.device = "cpu",
+                ) -> tuple[InvariantNet, Callable, Callable | None]:
+    """The model, its guide and, under the ``evidence`` objective, the evidence guide, freshly initialised."""
+    model = InvariantNet(cfg.model, num_data=num_data).to(device)
+    guide = make_guide(model, cfg.guide.kind, init_scale=cfg.guide.init_scale, init_loc=cfg.guide.init_loc)
+    evidence = (make_evidence_guide(model, cfg.guide.kind, cfg.guide.init_scale, predicting_guide=guide)
+                if cfg.train.eta_objective is EtaObjective.EVIDENCE else None)
+    return model, guide, evidence
 
-    Raises
-    ------
-    RunError
-        When the directory or the file is missing (an unfinished run) or the file is not JSON.
-    """
-    run_dir = Path(run_dir)
+
+def read_metrics(run_dir: Path) -> dict:
+    """``run_dir/metrics.json``; a :class:`RunError` when the folder or file is missing or not JSON."""
+    path = run_dir / "metrics.json"
     if not run_dir.is_dir():
         raise RunError(f"run directory {run_dir} does not exist")
-    path = run_dir / "metrics.json"
     if not path.is_file():
         raise RunError(f"{run_dir} has no metrics.json: not a finished run of inference.train")
     try:
-        metrics = json.loads(path.read_text())
+        return json.loads(path.read_text())
     except json.JSONDecodeError as err:
         raise RunError(f"{path} is not valid JSON ({err})") from None
-    if not isinstance(metrics, dict) or "config" not in metrics:
-        raise RunError(f"{path} holds no 'config': written by an older inference.train, cannot rebuild the run")
-    return metrics
-
-
-def newest_checkpoint(run_dir: Path) -> Checkpoint:
-    """The newest checkpoint of ``run_dir`` that loads.
-
-    Raises
-    ------
-    RunError
-        When there is no ``checkpoints/`` folder (runs made before checkpointing existed) or no valid file.
-    """
-    folder = run_dir / CHECKPOINT_DIRNAME
-    if not folder.is_dir():
-        raise RunError(f"{run_dir} has no {CHECKPOINT_DIRNAME}/ folder (the run predates checkpoints, so its "
-                       "fitted parameters were not saved): train it again with inference.train to diagnose it")
-    checkpoint, skipped = find_latest_valid(folder)
-    if checkpoint is None:
-        reason = f" ({len(skipped)} corrupt, newest: {skipped[0]})" if skipped else ""
-        raise RunError(f"no valid checkpoint in {folder}{reason}")
-    return checkpoint
 
 
 def load_run(run_dir: str | Path, device: str | torch.device = "cpu") -> LoadedRun:
-    """Rebuild the fitted model and guide of a finished run.
-
-    Parameters
-    ----------
-    run_dir : str or Path
-        Output directory of ``python -m inference.train``.
-    device : str or torch.device
-        Where to put the model and parameters (CPU by default, whatever the run trained on).
-
-    Returns
-    -------
-    LoadedRun
-        The model and guide hold the run's parameters.
+    """Rebuild the fitted model and guide of a finished run (output directory of ``python -m inference.train``)
+    on ``device`` (the CPU by default, whatever the run trained on).
 
     Raises
     ------
     RunError
-        Missing or unfinished run, no checkpoints, a checkpoint from another configuration.
+        Missing or unfinished run, no valid checkpoint, a checkpoint of another configuration.
     """
     run_dir = Path(run_dir)
     metrics = read_metrics(run_dir)
@@ -167,21 +120,18 @@ def load_run(run_dir: str | Path, device: str | torch.device = "cpu") -> LoadedR
         config = RunConfig.from_dict(metrics["config"])
     except (KeyError, TypeError, ValueError) as err:
         raise RunError(f"{run_dir / 'metrics.json'} holds an unusable config ({type(err).__name__}: {err})") from None
-    checkpoint = newest_checkpoint(run_dir)
-    num_data = int(checkpoint.config.get("num_data", 0))
-    if checkpoint.fingerprint != config.fingerprint(num_data):
-        diffs = config_differences(checkpoint.config, config.training_dict(num_data))
-        raise RunError(f"metrics.json and the newest checkpoint of {run_dir} come from different runs "
-                       f"({'; '.join(diffs[:3])}): is the run being re-created?")
-    model = InvariantNet(config.model, num_data=num_data).to(device)  # its RFF buffers come from the checkpoint
-    guide = make_guide(model, config.guide.kind, init_scale=config.guide.init_scale, init_loc=config.guide.init_loc)
-    guides = [guide]
-    if config.train.eta_objective is EtaObjective.EVIDENCE:  # its parameters are in the checkpoint too
-        guides.append(make_evidence_guide(model, config.guide.kind, config.guide.init_scale, predicting_guide=guide))
+    if not (run_dir / CHECKPOINT_DIRNAME).is_dir():
+        raise RunError(f"{run_dir} has no {CHECKPOINT_DIRNAME}/ folder (the run predates checkpoints, so its "
+                       "fitted parameters were not saved): train it again with inference.train to diagnose it")
     try:
-        load_modules(checkpoint.state, model, guides)
-    except IncompatibleCheckpointError as err:
-        raise RunError(f"{checkpoint.path}: {err}") from None
+        checkpoint, _ = latest_checkpoint(run_dir / CHECKPOINT_DIRNAME)
+        if checkpoint.fingerprint != config.fingerprint():
+            raise RunError(f"metrics.json and the newest checkpoint of {run_dir} come from different runs: is the "
+                           "run being re-created?")
+        model, guide, evidence = build_model(config, int(checkpoint.state["num_data"]), device)
+        load_modules(checkpoint.state, model, [guide] if evidence is None else [guide, evidence])
+    except CheckpointError as err:
+        raise RunError(f"{run_dir}: {err}") from None
     return LoadedRun(run_dir, metrics, config, model, guide, checkpoint)
 
 
@@ -200,10 +150,8 @@ def load_run_data(run: LoadedRun, data_dir: str | Path | None = None) -> Dataset
 
 
 def read_eta_history(run: LoadedRun) -> tuple[list[int], torch.Tensor]:
-    """Recorded eta trajectory: steps ``(T,)`` and eta ``(T, K)`` in the units of T.
-
-    Read from ``eta_history.csv``, or from the checkpoint when the file is missing.
-    """
+    """Recorded eta trajectory: steps ``(T,)`` and eta ``(T, K)`` in the units of T, from ``eta_history.csv`` or,
+    when the file is missing, from the checkpoint."""
     path = run.run_dir / "eta_history.csv"
     if path.is_file():
         with open(path, newline="") as f:
@@ -216,43 +164,15 @@ def read_eta_history(run: LoadedRun) -> tuple[list[int], torch.Tensor]:
     return steps, eta
 
 
-def true_extent(data_cfg: DataConfig, image_size: int = 28,
-                names: tuple[str, ...] = GENERATOR_NAMES) -> dict[str, float]:
-    """The extent of the transformation applied to the data, per generator of the basis ``names``, in the units of T.
-
-    rotated: pi (180 deg); partially rotated: pi / 2; translated: 8 px = 8 / 13.5 normalised units on
-    ``translate_x`` and ``translate_y``; scaled: log 2 on ``scale_x`` and ``scale_y`` (the paper's basis)
-    or on ``scale`` (the isotropic basis; ``stretch`` 0); plain MNIST: 0. Generators the data does not
-    use get 0.
-    """
-    extent = dict.fromkeys(names, 0.0)
-    if data_cfg.dataset in (DatasetName.ROTATED, DatasetName.PARTIALLY_ROTATED):
-        default = 180.0 if data_cfg.dataset is DatasetName.ROTATED else 90.0
-        extent["rotate"] = math.radians(data_cfg.rotation_deg if data_cfg.rotation_deg is not None else default)
-    elif data_cfg.dataset is DatasetName.TRANSLATED:
-        shift = data_cfg.translation_px / pixels_per_unit(image_size)
-        extent["translate_x"] = extent["translate_y"] = shift
-    elif data_cfg.dataset is DatasetName.SCALED:
-        for name in {"scale_x", "scale_y", "scale"} & set(names):
-            extent[name] = float(data_cfg.log_scale)
-    return extent
-
-
-MODEL_FILENAME = "model.pt"
-"""A finished run's trained model and guide, loadable without the training code's state."""
-
-
 def export_model(path: str | Path, config: RunConfig, model: InvariantNet, guide: Callable) -> Path:
-    """Write the trained model and its (predicting) guide: ``{"config", "model", "guide"}`` of plain types, read by
-    ``torch.load(path, weights_only=True)`` and by :func:`load_model`."""
-    path = Path(path)
-    record = {"config": config.to_dict(), "num_data": model.num_data,
-              "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-              "guide": {k: v.detach().cpu() for k, v in guide.state_dict().items()}}
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(record, tmp)
-    tmp.replace(path)
-    return path
+    """Write the trained model and its (predicting) guide: ``{"config", "num_data", "model", "guide"}`` of plain
+    types, read by ``torch.load(path, weights_only=True)`` and by :func:`load_model`."""
+    buffer = io.BytesIO()
+    torch.save({"config": config.to_dict(), "num_data": model.num_data,
+                "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+                "guide": {k: v.detach().cpu() for k, v in guide.state_dict().items()}}, buffer)
+    atomic_write(Path(path), buffer.getvalue())
+    return Path(path)
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[InvariantNet, Callable, RunConfig]:
@@ -271,14 +191,9 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[In
     try:
         record = torch.load(path, map_location="cpu", weights_only=True)
         config = RunConfig.from_dict(record["config"])
+        with torch.random.fork_rng(devices=[]):  # building draws initial values that the saved ones replace
+            model, guide, _ = build_model(config, int(record["num_data"]), device)  # model.pt has no evidence guide
+            load_modules({"model": record["model"], "guides": [record["guide"]]}, model, [guide])
     except (OSError, KeyError, ValueError, RuntimeError) as err:
         raise RunError(f"cannot load a model from {path}: {type(err).__name__}: {err}") from None
-    with torch.random.fork_rng(devices=[]):  # building draws initial values that the saved ones replace
-        model = InvariantNet(config.model, num_data=int(record["num_data"])).to(device)
-        guide = make_guide(model, config.guide.kind, init_scale=config.guide.init_scale,
-                           init_loc=config.guide.init_loc)
-        try:
-            load_modules({"model": record["model"], "guides": [record["guide"]]}, model, [guide])
-        except IncompatibleCheckpointError as err:
-            raise RunError(f"{path}: {err}") from None
     return model, guide, config

@@ -1,21 +1,17 @@
-"""The state of a training run and how it is kept: checkpoints, RNGs, interrupts and divergence.
+"""The state of a training run and how it is kept: what a checkpoint holds, when it is written, how it comes back.
 
-:func:`inference.svi.fit` hands its state here: :func:`capture_training_state` gathers it as plain types (the
-``state_dict()`` of the model and guides, the optimiser's, every RNG, the history), :class:`Checkpointer` writes
-it (:mod:`inference.checkpoint`) at intervals, at the last step and on Ctrl-C (:class:`DeferredInterrupt` lets
-the running step finish first), and :func:`restore_training_state` puts it back so that a resumed run ends
-exactly where an uninterrupted one ends. A NaN/inf loss or parameter stops training with a
-:class:`NonFiniteError` naming the step and the last good checkpoint.
+:func:`capture_training_state` gathers what :func:`inference.svi.fit` has learned as plain types (the
+``state_dict()`` of the model and guides, the optimiser's, every RNG, the history), :class:`Checkpointer`
+writes it (:mod:`inference.checkpoint`) as a :class:`CheckpointPolicy` says, and :func:`restore_training_state`
+puts it back so that a resumed run ends exactly where an uninterrupted one ends.
 """
 
 from __future__ import annotations
 
-import signal
-import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import pyro
@@ -23,18 +19,12 @@ import pyro.util
 import torch
 from pyro import poutine
 
-from inference.checkpoint import (
-    Checkpoint,
-    IncompatibleCheckpointError,
-    save_checkpoint,
-    to_jsonable,
-)
+from inference.checkpoint import Checkpoint, IncompatibleCheckpointError, check_compatible, save_checkpoint
 from inference.optim import ParamAdam, named_params
-from models.config import ModelConfig, check_positive_int
+from inference.stopping import NonFiniteError
+from inference.stopping import TrainingInterrupted as TrainingInterrupted  # importable from here too
+from models.config import check_positive_int
 from models.network import InvariantNet
-
-if TYPE_CHECKING:
-    from inference.svi import TrainConfig
 
 
 @dataclass
@@ -46,10 +36,9 @@ class FitResult:
     seconds: float = 0.0
 
 
-
 @dataclass(frozen=True)
 class CheckpointPolicy:
-    """Where and when :func:`fit` saves checkpoints.
+    """Where and when :func:`fit` saves checkpoints, and the config they carry.
 
     Parameters
     ----------
@@ -59,15 +48,16 @@ class CheckpointPolicy:
         Save after every ``every`` steps; 0 saves only at the last step and on Ctrl-C.
     keep : int
         How many of the newest checkpoints to keep.
-    run_config : Mapping
-        Settings beyond the model and :class:`TrainConfig` that define the run (data, guide,
-        device); they enter the fingerprint that a resumed run must match.
+    config : Mapping, optional
+        What defines the run, stamped (with its hash) on every checkpoint; a resumed run must match it. A
+        run of :mod:`inference.runner` gives :meth:`inference.config.RunConfig.training_dict`; by default
+        ``fit`` uses the model's config, its ``TrainConfig`` and the number of training examples.
     """
 
     directory: str | Path
     every: int = 100
     keep: int = 3
-    run_config: Mapping = field(default_factory=dict)
+    config: Mapping | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.every, bool) or not isinstance(self.every, int) or self.every < 0:
@@ -75,72 +65,13 @@ class CheckpointPolicy:
         check_positive_int("keep", self.keep)
 
 
-
-class NonFiniteError(FloatingPointError):
-    """The loss or a parameter became NaN/inf; the message names the step and the last good checkpoint.
-
-    Attributes
-    ----------
-    step : int
-        The step at which it was detected.
-    last_checkpoint : Path or None
-        The newest checkpoint written before it (kept on disk), if any.
-    """
-
-    def __init__(self, problem: str, step: int, last_checkpoint: Path | None) -> None:
-        self.step, self.last_checkpoint = step, last_checkpoint
-        kept = (f"the last good checkpoint is kept at {last_checkpoint}" if last_checkpoint is not None
-                else "no checkpoint was written before it")
-        super().__init__(f"{problem} at step {step}; {kept}; lower the learning rates (--lr, --eta-lr) "
-                         "or the initial eta")
-
-
-class TrainingInterrupted(KeyboardInterrupt):
-    """Ctrl-C stopped :func:`fit` after ``step`` completed steps.
-
-    Attributes
-    ----------
-    step : int
-        Steps completed.
-    num_steps : int
-        Steps the run was meant to take.
-    checkpoint : Path or None
-        The newest checkpoint on disk: the state after ``step`` steps when ``saved`` is True, an
-        earlier one otherwise (a second Ctrl-C inside a step, or no checkpointing).
-    saved : bool
-        Whether ``checkpoint`` holds the state after ``step`` steps.
-    """
-
-    def __init__(self, step: int, num_steps: int, checkpoint: Path | None, saved: bool) -> None:
-        self.step, self.num_steps, self.checkpoint, self.saved = step, num_steps, checkpoint, saved
-        if saved:
-            where = f"checkpoint saved to {checkpoint}"
-        elif checkpoint is not None:
-            where = f"the newest checkpoint, of an earlier step, is {checkpoint}"
-        else:
-            where = "no checkpoint was saved"
-        super().__init__(f"interrupted after step {step} of {num_steps}; {where}")
-
-
-
-def fingerprint_config(
-    model_config: ModelConfig, cfg: TrainConfig, num_data: int, extra: Mapping | None = None
-) -> dict:
-    """Everything that determines the training trajectory, as JSON: a resumed run must match it."""
-    return {"model": to_jsonable(model_config), "train": to_jsonable(cfg), "num_data": int(num_data),
-            **to_jsonable(dict(extra or {}))}
-
-
 def get_rng_state() -> dict[str, Any]:
     """torch (and CUDA, once initialised), python and numpy RNG states, as types ``torch.load`` reads safely."""
     state = pyro.util.get_rng_state()
     name, keys, pos, has_gauss, cached = state["numpy"]
-    out = {
-        "torch": state["torch"],
-        "random": state["random"],
-        "numpy": (str(name), torch.from_numpy(np.asarray(keys, dtype=np.int64)), int(pos), int(has_gauss),
-                  float(cached)),
-    }
+    out = {"torch": state["torch"], "random": state["random"],
+           "numpy": (str(name), torch.from_numpy(np.asarray(keys, dtype=np.int64)), int(pos), int(has_gauss),
+                     float(cached))}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         out["cuda"] = torch.cuda.get_rng_state_all()
     return out
@@ -150,18 +81,10 @@ def set_rng_state(state: Mapping[str, Any]) -> None:
     """Inverse of :func:`get_rng_state`."""
     version, internal, gauss = state["random"]
     name, keys, pos, has_gauss, cached = state["numpy"]
-    pyro.util.set_rng_state({
-        "torch": state["torch"],
-        "random": (version, tuple(internal), gauss),
-        "numpy": (name, keys.numpy().astype(np.uint32), pos, has_gauss, cached),
-    })
+    pyro.util.set_rng_state({"torch": state["torch"], "random": (version, tuple(internal), gauss),
+                             "numpy": (name, keys.numpy().astype(np.uint32), pos, has_gauss, cached)})
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def nonfinite_params(optim: ParamAdam) -> list[str]:
-    """Names of the trained parameters that hold a NaN or inf."""
-    return [name for name, p in optim.params.items() if not bool(torch.isfinite(p).all())]
 
 
 def capture_training_state(step: int, result: FitResult, optim: ParamAdam, model: InvariantNet,
@@ -172,53 +95,32 @@ def capture_training_state(step: int, result: FitResult, optim: ParamAdam, model
     def copy(module: Any) -> dict[str, torch.Tensor]:
         return {k: v.detach().clone() for k, v in module.state_dict().items()}
 
-    return {
-        "step": int(step),
-        "model": copy(model),
-        "guides": [copy(guide) for guide in guides],
-        "optimizer": optim.state_dict(),
-        "rng": get_rng_state(),
-        "losses": list(result.losses),
-        "eta_history": [dict(row) for row in result.eta_history],
-        "seconds": float(result.seconds),
-    }
-
-
-def materialise_params(
-    model: InvariantNet, guides: Callable | Sequence[Callable], x: torch.Tensor, y: torch.Tensor
-) -> dict[str, torch.Tensor]:
-    """Run each guide and the model once so that lazily created params exist; ``{name: unconstrained}``.
-
-    Autoguides create their parameters on their first call, so a checkpoint can only be loaded
-    into them afterwards. ``guides`` is one guide or several (the ``evidence`` objective trains
-    two). This draws random numbers: restore the RNG state after calling it.
-    """
-    with poutine.trace(param_only=True) as capture:
-        for guide in [guides] if callable(guides) else guides:
-            guide_trace = poutine.trace(guide).get_trace(x, y)
-            poutine.replay(model, trace=guide_trace)(x, y)
-    return {name: site["value"].unconstrained() for name, site in capture.trace.nodes.items()}
+    return {"step": int(step), "num_data": model.num_data, "model": copy(model),
+            "guides": [copy(guide) for guide in guides], "optimizer": optim.state_dict(), "rng": get_rng_state(),
+            "losses": list(result.losses), "eta_history": [dict(row) for row in result.eta_history],
+            "seconds": float(result.seconds)}
 
 
 def load_modules(state: Mapping[str, Any], model: InvariantNet, guides: Sequence[Callable],
                  trained: Sequence[Callable] | None = None) -> None:
     """Load the model's and the guides' ``state_dict``s from ``state`` (:func:`capture_training_state`).
 
-    Autoguides create their parameters on their first call, so the guides in ``trained`` (default: all) are run
-    once first; this draws random numbers. A guide not yet trained (the predicting guide in the first phase of
-    the sequential schedule) is loaded as it is.
+    Autoguides create their parameters on their first call, so the guides in ``trained`` (default: all) are first
+    run once on a blank image, which draws random numbers. A guide not yet trained (the predicting guide in the
+    first phase of the sequential schedule) is loaded as it is.
 
     Raises
     ------
     IncompatibleCheckpointError
         When the saved names or shapes do not match the model and guides.
     """
-    trained = list(guides) if trained is None else list(trained)
     if len(state["guides"]) != len(guides):
         raise IncompatibleCheckpointError(f"the checkpoint holds {len(state['guides'])} guide(s), the run has "
                                           f"{len(guides)}")
-    x, y = dummy_batch(model)
-    materialise_params(model, trained, x, y)
+    x = torch.zeros(1, *model.config.image_shape, device=model.prior_loc.device, dtype=model.prior_loc.dtype)
+    y = model.likelihood.blank_labels(1, x)
+    for guide in guides if trained is None else trained:
+        poutine.replay(model, trace=poutine.trace(guide).get_trace(x, y))(x, y)
     try:
         model.load_state_dict(state["model"])
         for guide, saved in zip(guides, state["guides"], strict=True):
@@ -228,62 +130,27 @@ def load_modules(state: Mapping[str, Any], model: InvariantNet, guides: Sequence
                                           f"{' '.join(str(err).split())}") from None
 
 
-def dummy_batch(model: InvariantNet) -> tuple[torch.Tensor, torch.Tensor]:
-    """One blank image and label of the right shapes on the model's device, to run the model and guides once."""
-    x = torch.zeros(1, *model.config.image_shape, device=model.prior_loc.device, dtype=model.prior_loc.dtype)
-    return x, model.likelihood.blank_labels(1, x)
-
-
-def restore_training_state(state: Mapping[str, Any], model: InvariantNet, guides: Sequence[Callable],
-                           optim: ParamAdam, trained: Sequence[Callable] | None = None) -> int:
-    """Load ``state`` (from :func:`capture_training_state`) into the model, the guides, ``optim`` and the RNGs.
-
-    Returns
-    -------
-    int
-        The step the state was captured at.
-    """
+def restore_training_state(start: Checkpoint, config: Mapping, model: InvariantNet, guides: Sequence[Callable],
+                           optim: ParamAdam, trained: Sequence[Callable] | None = None) -> tuple[int, FitResult]:
+    """Resume from ``start``: refuse it unless it was written with ``config``, then load its state into the model,
+    the guides (see :func:`load_modules`), ``optim`` and the RNGs; returns its step and history so far."""
+    check_compatible(start, config)
+    state = start.state
     load_modules(state, model, guides, trained)
     try:
         optim.load_state_dict(state["optimizer"], named_params(model, *guides))
     except KeyError as err:
         raise IncompatibleCheckpointError(str(err)) from None
     set_rng_state(state["rng"])
-    return int(state["step"])
-
-
-class DeferredInterrupt:
-    """While active, the first Ctrl-C (SIGINT) only sets ``requested``, so the running step can finish
-    and be saved; a second one raises ``KeyboardInterrupt`` at once. Inactive outside the main thread
-    and where SIGINT is ignored."""
-
-    def __init__(self) -> None:
-        self.requested = False
-        self._previous: Any = None
-
-    def __enter__(self) -> DeferredInterrupt:
-        if threading.current_thread() is threading.main_thread():
-            previous = signal.getsignal(signal.SIGINT)
-            if previous not in (None, signal.SIG_IGN):
-                self._previous = previous
-                signal.signal(signal.SIGINT, self._handle)
-        return self
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
-
-    def __exit__(self, *exc: object) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
-            self._previous = None
+    history = [dict(row) for row in state["eta_history"]]
+    return int(state["step"]), FitResult(list(state["losses"]), history, float(state["seconds"]))
 
 
 class Checkpointer:
-    """Saves checkpoints for :func:`fit` and remembers the newest one on disk."""
+    """Saves checkpoints of ``config`` for :func:`fit` as ``policy`` says, and remembers the newest one on disk."""
 
-    def __init__(self, policy: CheckpointPolicy | None, config: dict, num_steps: int, last: Checkpoint | None) -> None:
+    def __init__(self, policy: CheckpointPolicy | None, config: Mapping, num_steps: int,
+                 last: Checkpoint | None) -> None:
         self.policy, self.config, self.num_steps = policy, config, num_steps
         self.last_path = last.path if last is not None else None
         self.last_step = last.step if last is not None else None

@@ -8,18 +8,15 @@ estimated on minibatches with ``Trace_ELBO(num_particles=K)``; eta is a paramete
 the guide's parameters by :class:`inference.optim.ParamAdam` (Adam per parameter, eta with its own learning
 rate, cosine annealing to 0). What eta maximises is :mod:`inference.eta_objectives`'s choice.
 
-Reliability (:mod:`inference.state`): :func:`fit` can save checkpoints at intervals, at the last step and on
-Ctrl-C, and resume from one so that the run ends exactly where an uninterrupted run with the same seed ends
-(the model's and guides' state, the optimiser and schedules, every random number generator and the position
-in the minibatch stream are restored). A NaN/inf loss or parameter stops training with a
-:class:`~inference.state.NonFiniteError` naming the step and the last good checkpoint.
+Reliability (:mod:`inference.state`, :mod:`inference.stopping`): :func:`fit` can save checkpoints and resume
+from one, ending exactly where an uninterrupted run with the same seed ends; a NaN/inf loss or parameter stops it
+with a :class:`~inference.stopping.NonFiniteError` naming the step and the last good checkpoint.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
-import re
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -31,10 +28,7 @@ from tqdm.auto import tqdm
 
 from guides.factory import eta_guide_of
 from guides.meanfield import EVIDENCE_GUIDE_NAME
-from inference.checkpoint import (
-    Checkpoint,
-    check_compatible,
-)
+from inference.checkpoint import Checkpoint
 from inference.data import Split, check_seed, validate_split
 from inference.eta_objectives import (
     EtaObjective,
@@ -46,17 +40,13 @@ from inference.eta_objectives import (
     eta_held,
 )
 from inference.optim import ParamAdam, svi_step
-from inference.state import (
-    Checkpointer,
-    CheckpointPolicy,
+from inference.state import Checkpointer, CheckpointPolicy, FitResult, capture_training_state, restore_training_state
+from inference.stopping import (
     DeferredInterrupt,
-    FitResult,
     NonFiniteError,
     TrainingInterrupted,
-    capture_training_state,
-    fingerprint_config,
     nonfinite_params,
-    restore_training_state,
+    nonfinite_problem,
 )
 from models.config import check_positive_float, check_positive_int
 from models.network import InvariantNet
@@ -202,7 +192,7 @@ def _train_step(objective: Callable, model: InvariantNet, guide: Callable, optim
     try:
         loss = svi_step(objective, model, guide, optim, *batch) / scale
     except ValueError as err:  # distribution validation rejects NaN/inf before any loss exists
-        problem = _nonfinite_problem(err, optim)
+        problem = nonfinite_problem(err, optim)
         if problem is None:
             raise
         raise NonFiniteError(problem, step, last_checkpoint) from err
@@ -210,24 +200,6 @@ def _train_step(objective: Callable, model: InvariantNet, guide: Callable, optim
         raise NonFiniteError(f"non-finite loss {loss}", step, last_checkpoint)
     optim.schedule_step()
     return loss
-
-
-_INVALID_VALUES = re.compile(r"Expected parameter (\w+) .* of distribution (\w+).* but found invalid values")
-
-
-def _nonfinite_problem(err: ValueError, optim: ParamAdam) -> str | None:
-    """What went non-finite when distribution validation raised ``err``; None if it is another error.
-
-    NaN/inf parameters are named; finite parameters that overflow inside the model (huge weights
-    or eta) show up as invalid distribution parameters, which torch reports with a fixed phrase.
-    """
-    bad = nonfinite_params(optim)
-    if bad:
-        return f"non-finite parameter(s) {bad}"
-    match = _INVALID_VALUES.search(str(err).split("\n", 1)[0])
-    if match:
-        return f"non-finite {match.group(1)} of a {match.group(2)} distribution inside the model"
-    return None
 
 
 def _record(
@@ -250,6 +222,7 @@ def fit(
     on_record: Callable[[dict], None] | None = None,
     progress: bool = True,
     *,
+    on_start: Callable[[FitResult], None] | None = None,
     checkpoints: CheckpointPolicy | None = None,
     start: Checkpoint | None = None,
     heldout: Split | None = None,
@@ -275,12 +248,15 @@ def fit(
         (every ``cfg.log_every`` steps, the first and the last), e.g. to stream it to a file.
     progress : bool
         Show a tqdm progress bar.
+    on_start : callable, optional
+        Called with the history so far (empty unless resuming) once ``start`` is accepted and loaded, before
+        the first step: e.g. to write a run's files only once its checkpoint is known to fit.
     checkpoints : CheckpointPolicy, optional
-        Save checkpoints there: every ``checkpoints.every`` steps, at the last step and on Ctrl-C.
+        Save checkpoints there, stamped with ``checkpoints.config``: every ``checkpoints.every`` steps, at the
+        last step and on Ctrl-C.
     start : Checkpoint, optional
-        Continue from this checkpoint (written with the same config: model, ``cfg``, data size and
-        ``checkpoints.run_config``). Build ``model`` and ``guide`` as for a fresh run and seed as for
-        a fresh run; the result then equals that of the uninterrupted run.
+        Continue from this checkpoint, written with the same config (``checkpoints.config``). Build ``model``
+        and ``guide`` and seed as for a fresh run; the result then equals that of the uninterrupted run.
     heldout : Split, optional
         The ``heldout`` objective's part B (``data`` is then the fitting part A, see
         :func:`inference.eta_objectives.split_holdout`).
@@ -305,19 +281,20 @@ def fit(
     if model.num_data != len(data):
         raise ValueError(f"model.num_data = {model.num_data} but the training set has {len(data)} examples")
     validate_split(data, model.config.image_shape, model.config.num_classes, "training")
-    config = fingerprint_config(model.config, cfg, len(data), checkpoints.run_config if checkpoints else None)
+    # what a checkpoint says about its run: the caller's config, else what fit knows
+    config = getattr(checkpoints, "config", None) or {"model": model.config, "train": cfg, "num_data": len(data)}
     objective = eta_loss(model, cfg, heldout, evidence_guide, guide)
     optim = make_optimizer(cfg)
     guides = [guide] if evidence_guide is None else [guide, evidence_guide]
     result, done = FitResult(), 0
     if start is not None:
-        check_compatible(start, config)
         # on the sequential schedule the predicting guide first runs at step N + 1: a phase-1 checkpoint has none
         # of its parameters, and they are created then, from the same random stream as in an unbroken run
         phase1 = cfg.sequential and start.step <= cfg.num_steps
-        done = restore_training_state(start.state, model, guides, optim, [evidence_guide] if phase1 else guides)
-        result = FitResult(list(start.state["losses"]), [dict(r) for r in start.state["eta_history"]],
-                           float(start.state["seconds"]))
+        done, result = restore_training_state(start, config, model, guides, optim,
+                                              [evidence_guide] if phase1 else guides)
+    if on_start is not None:
+        on_start(result)
     saver = Checkpointer(checkpoints, config, cfg.total_steps, start)
     batches = minibatches(len(data), cfg.batch_size, torch.Generator().manual_seed(cfg.seed), skip=done)
     held_batches = (minibatches(len(heldout), cfg.batch_size, torch.Generator().manual_seed(cfg.seed + 1), skip=done)

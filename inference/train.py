@@ -38,7 +38,7 @@ from inference.data import (
 )
 from inference.eta_objectives import EtaObjective, EvidenceSchedule
 from inference.runner import RunControl, run
-from inference.state import TrainingInterrupted
+from inference.stopping import TrainingInterrupted
 from inference.svi import TrainConfig
 from models.config import GENERATOR_PRESETS, Averaging, FirstLayer, ModelConfig, TransformMode
 from models.priors import EtaPrior, PriorKind

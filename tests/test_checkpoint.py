@@ -29,14 +29,8 @@ from inference.checkpoint import (
 )
 from inference.data import Split
 from inference.optim import named_params
-from inference.state import (
-    CheckpointPolicy,
-    FitResult,
-    NonFiniteError,
-    TrainingInterrupted,
-    get_rng_state,
-    set_rng_state,
-)
+from inference.state import CheckpointPolicy, FitResult, get_rng_state, set_rng_state
+from inference.stopping import NonFiniteError, TrainingInterrupted
 from inference.svi import TrainConfig, fit, minibatches
 from models import InvariantNet, ModelConfig
 
@@ -345,6 +339,26 @@ def test_resume_refuses_another_config(tmp_path):
             checkpoints=CheckpointPolicy(tmp_path), start=forged)
 
 
+def test_the_callers_config_is_stamped_checked_once_and_on_start_follows(tmp_path):
+    """A caller's config (a runner stamps RunConfig.training_dict) is what a checkpoint carries and what a resume
+    must match; ``on_start`` runs only once the checkpoint is accepted, with the history so far."""
+    cfg, run_a = TrainConfig(num_steps=2, batch_size=5, log_every=1), {"run": {"tag": "a"}}
+    model, guide, data = build()
+    fit(model, guide, data, cfg, progress=False, checkpoints=CheckpointPolicy(tmp_path, config=run_a))
+    start, _ = find_latest_valid(tmp_path)
+    assert start.config == run_a and start.fingerprint == config_fingerprint(run_a)
+    starts: list[FitResult] = []
+    model, guide, data = build()
+    with pytest.raises(IncompatibleCheckpointError, match=r"run.tag: 'a' in the checkpoint, 'b' now"):
+        fit(model, guide, data, cfg, progress=False, start=start, on_start=starts.append,
+            checkpoints=CheckpointPolicy(tmp_path, config={"run": {"tag": "b"}}))
+    assert starts == []
+    model, guide, data = build()
+    fit(model, guide, data, cfg, progress=False, checkpoints=CheckpointPolicy(tmp_path, config=run_a), start=start,
+        on_start=starts.append)
+    assert len(starts) == 1 and [r["step"] for r in starts[0].eta_history] == [1, 2]
+
+
 def test_interrupt_without_checkpointing_still_stops_cleanly():
     model, guide, data = build()
     with pytest.raises(TrainingInterrupted, match="no checkpoint was saved") as info:
@@ -419,7 +433,8 @@ def test_checkpoint_files_are_plain_state_dicts_loaded_with_weights_only(tmp_pat
     plain = torch.load(checkpoint_path(tmp_path, 2), weights_only=True)
     assert set(plain) == {"step", "fingerprint", "config", "state"} and plain["step"] == 2
     state = plain["state"]
-    assert set(state) == {"step", "model", "guides", "optimizer", "rng", "losses", "eta_history", "seconds"}
+    assert set(state) == {"step", "num_data", "model", "guides", "optimizer", "rng", "losses", "eta_history",
+                          "seconds"}
     assert set(state["model"]) == set(model.state_dict()) and "W1" in state["model"]  # the RFF buffers are saved
     assert torch.equal(state["model"]["W1"], model.W1)
     (saved_guide,) = state["guides"]

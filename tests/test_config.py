@@ -32,10 +32,10 @@ def test_round_trip_through_json_keeps_every_setting():
                     eval=EvalConfig(4, 5, 6), device="cuda:1")
     back = RunConfig.from_dict(json.loads(json.dumps(cfg.to_dict())))
     assert back == cfg
-    assert back.fingerprint(100) == cfg.fingerprint(100)
+    assert back.fingerprint() == cfg.fingerprint()
     other_eval = dataclasses.replace(cfg, eval=EvalConfig(1, 1, 1), device="cuda:0")
-    assert other_eval.fingerprint(100) == cfg.fingerprint(100)  # evaluation and the GPU index do not train
-    assert dataclasses.replace(cfg, train=TrainConfig(num_steps=8)).fingerprint(100) != cfg.fingerprint(100)
+    assert other_eval.fingerprint() == cfg.fingerprint()  # evaluation and the GPU index do not train
+    assert dataclasses.replace(cfg, train=TrainConfig(num_steps=8)).fingerprint() != cfg.fingerprint()
     with pytest.raises(ValueError, match="unknown model setting"):
         RunConfig.from_dict({**cfg.to_dict(), "model": {**cfg.to_dict()["model"], "width": 3}})
     with pytest.raises(ValueError, match="device must be"):
@@ -73,7 +73,7 @@ def test_resume_dir_alone_continues_the_run_its_config_describes(tmp_path, data_
     for key in SAME:
         assert got[key] == want[key], key
     ckpt = load_checkpoint(cut / "checkpoints" / "step-00000006.pt")
-    assert ckpt.fingerprint == RunConfig.load(cut).fingerprint(40)  # the resume fingerprint is the config's hash
+    assert ckpt.fingerprint == RunConfig.load(cut).fingerprint()  # the resume fingerprint is the config's hash
 
 
 def test_an_exported_model_predicts_like_the_trained_run_without_its_training_state(tmp_path, data_dir):

@@ -122,6 +122,22 @@ def test_killed_run_with_truncated_checkpoint_resumes_from_the_previous_one(refe
     assert load_checkpoint(cut).step == 8  # rewritten whole
 
 
+def test_resume_with_the_data_folder_spelled_or_placed_otherwise(reference, data_dir, tmp_path, capsys):
+    """Where the data files live is not part of the run: a resume that names the same data by another path (here a
+    symlink, spelled with '..') continues the run and ends where the uninterrupted one ends."""
+    out = tmp_path / "moved"
+    shutil.copytree(reference, out)
+    (out / "metrics.json").unlink()
+    checkpoint_path(out / "checkpoints", 12).unlink()
+    (tmp_path / "elsewhere").symlink_to(data_dir, target_is_directory=True)
+    spelled = tmp_path / "elsewhere" / "MNIST" / ".."
+    capsys.readouterr()
+    assert cli(args_for(spelled, "--resume", str(out))) == 0, capsys.readouterr().err
+    assert f"resuming from {checkpoint_path(out / 'checkpoints', 8)} (step 8)" in capsys.readouterr().err
+    assert_same_metrics(metrics(out), metrics(reference))
+    assert metrics(out)["config"]["data"]["data_dir"] == str(spelled)
+
+
 def test_resume_of_a_finished_run_only_evaluates_again(reference, data_dir, tmp_path):
     out = tmp_path / "done"
     shutil.copytree(reference, out)
