@@ -5,7 +5,6 @@ from guides.factory import (
     EpsFromPrior,
     GuideKind,
     InitLoc,
-    default_priors,
     make_evidence_guide,
     make_guide,
 )
@@ -19,7 +18,6 @@ __all__ = [
     "GuideKind",
     "InitLoc",
     "MeanFieldGuide",
-    "default_priors",
     "make_evidence_guide",
     "make_guide",
 ]

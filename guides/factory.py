@@ -65,18 +65,6 @@ class InitLoc(StrEnum):
     SAMPLE = "sample"  # one draw from the prior
 
 
-def default_priors(kind: GuideKind | str, hierarchical: bool = False) -> tuple[bool, bool]:
-    """Which weight priors a guide is meant for: ``(first_layer_prior, output_layer_prior)``.
-
-    ``ml`` drops every prior; ``hybrid`` and ``paper`` drop the first layer's (W1 is then a
-    hyperparameter, as in the paper), unless the prior is hierarchical (its scale needs W1's prior).
-    """
-    kind = GuideKind(kind)
-    if kind is GuideKind.ML:
-        return False, False
-    return (kind not in POINT_FIRST_LAYER) or hierarchical, True
-
-
 class EpsFromPrior:
     """Guide piece that samples ``eps`` from the model's prior, q(eps) = p(eps)."""
 

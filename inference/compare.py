@@ -52,19 +52,19 @@ from pathlib import Path
 
 from guides.factory import GuideKind
 from inference import extents, grid, report, train
-from inference.config import RunConfig, derive, with_default_priors
+from inference.config import RunConfig, derive
 from inference.data import true_extent
 from inference.eta_objectives import EtaObjective
 from inference.runner import RunControl
 from models.config import GENERATOR_PRESETS
 from models.transforms import ISOTROPIC_NAMES
 
-NAMED = {  # configuration -> the guide it swaps in (the weight priors follow, see config.with_default_priors)
-    "elbo": None,
-    "paper": GuideKind.PAPER,
-    "meanfield": GuideKind.NORMAL,
-    "map": GuideKind.MAP,
-    "ml": GuideKind.ML,
+NAMED: dict[str, tuple[GuideKind, bool, bool] | None] = {  # configuration -> its guide and its model's weight
+    "elbo": None,  # priors (first_layer_prior, output_layer_prior); None: the base run as it is
+    "paper": (GuideKind.PAPER, False, True),  # W1 a hyperparameter, a full-covariance Gaussian per class over W2
+    "meanfield": (GuideKind.NORMAL, True, True),  # every weight random, under its prior
+    "map": (GuideKind.MAP, True, True),
+    "ml": (GuideKind.ML, False, False),  # no prior at all
 }
 FAMILIES = ("none", "rotation", "translation", "scale", "affine")
 """``inv-<family>`` configurations: Table 2's rows."""
@@ -148,13 +148,26 @@ def fixed_augmentation(cfg: RunConfig) -> dict:
     return {"generators": tuple(extent), "learn_eta": False, "eta_init": next(iter(extent.values()))}
 
 
+def swap_guide(cfg: RunConfig, kind: GuideKind, first_layer_prior: bool, output_layer_prior: bool) -> RunConfig:
+    """``cfg`` with another guide and the model it is fitted to (its weight priors)."""
+    return derive(cfg, guide={"kind": kind},
+                  model={"first_layer_prior": first_layer_prior, "output_layer_prior": output_layer_prior})
+
+
+def fixed_eta_run(cfg: RunConfig) -> RunConfig:
+    """A run with nothing for an eta objective to learn trains its guide by the ELBO: on the ``sequential``
+    schedule, the network its second phase trains (W1's prior masked: a hyperparameter)."""
+    if cfg.train.eta_objective is EtaObjective.EVIDENCE and cfg.train.sequential:
+        cfg = derive(cfg, model={"first_layer_prior": False})
+    return derive(cfg, train={"eta_objective": EtaObjective.ELBO, "eta_burnin": 0})
+
+
 def configurations(base: RunConfig, args: argparse.Namespace) -> list[tuple[str, RunConfig]]:
     """``(name, run config)`` of every configuration on the data of ``base``, in order."""
     runs: list[tuple[str, RunConfig]] = []
     for name in (c.strip() for c in args.configs.split(",") if c.strip()):
         if name in NAMED:
-            kind = NAMED[name]
-            runs.append((name, base if kind is None else with_default_priors(derive(base, guide={"kind": kind}))))
+            runs.append((name, base if NAMED[name] is None else swap_guide(base, *NAMED[name])))
         elif name.startswith("inv-") and name[4:] in FAMILIES:
             runs.append((name, derive(base, model={"generators": family_generators(name[4:], base.model.generators)})))
         elif name == "fixed-aug":
@@ -173,7 +186,7 @@ def configurations(base: RunConfig, args: argparse.Namespace) -> list[tuple[str,
     out = []
     for name, cfg in runs:
         if not cfg.model.learn_eta or not cfg.model.generators:  # nothing for an eta objective to learn
-            cfg = with_default_priors(derive(cfg, train={"eta_objective": EtaObjective.ELBO, "eta_burnin": 0}))
+            cfg = fixed_eta_run(cfg)
         out.append((name, cfg))
     return out
 

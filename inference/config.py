@@ -26,13 +26,11 @@ from typing import Any
 
 import torch
 
-from guides.factory import GuideKind, InitLoc, default_priors
+from guides.factory import GuideKind, InitLoc
 from inference.checkpoint import atomic_write, config_fingerprint, differing_settings, to_jsonable
 from inference.data import DataConfig
-from inference.eta_objectives import EtaObjective
 from inference.svi import TrainConfig
 from models.config import ModelConfig, check_positive_float, check_positive_int
-from models.priors import PriorKind
 
 CONFIG_FILENAME = "config.json"
 """The run folder's copy of its :class:`RunConfig`."""
@@ -174,14 +172,3 @@ def same_run(saved: dict[str, Any], cfg: RunConfig) -> list[str]:
     """The settings (``"train.eta_lr"``, ...) in which a finished run's config (``metrics.json["config"]``) differs
     from ``cfg`` in what decides its training, whatever the device; empty when it is that run."""
     return [name for name, _, _ in differing_settings(_training_part(saved), _training_part(cfg.to_dict()))]
-
-
-def with_default_priors(cfg: RunConfig) -> RunConfig:
-    """``cfg`` with the weight priors the command line gives its guide and objective (``--first-layer-prior
-    auto``): none for ``ml``; W1 a hyperparameter (no prior) for the point-estimate ``hybrid`` and ``paper``
-    guides, unless the prior is hierarchical or the ``evidence`` objective needs priors on every weight.
-    For runs derived with another guide or objective."""
-    first, output = default_priors(cfg.guide.kind, cfg.model.prior is PriorKind.HIERARCHICAL)
-    if cfg.train.eta_objective is EtaObjective.EVIDENCE:
-        first = True
-    return derive(cfg, model={"first_layer_prior": first, "output_layer_prior": output})

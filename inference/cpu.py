@@ -52,6 +52,16 @@ def keep_freed_memory() -> bool:
     return ok_trim and ok_mmap
 
 
+def tune_for_training() -> dict[str, object]:
+    """What :func:`inference.svi.fit` applies before it trains on the CPU, so that the Python API and the command
+    line run a step equally fast: the allocator keeps freed memory (:func:`keep_freed_memory`), and torch's
+    intra-op threads are lowered to the cores this process may run on if torch chose more. Process-wide and
+    idempotent; an explicit ``torch.set_num_threads`` within those cores is left alone."""
+    if torch.get_num_threads() > available_cores():
+        torch.set_num_threads(available_cores())
+    return {"threads": torch.get_num_threads(), "keep_freed_memory": keep_freed_memory()}
+
+
 def configure_cpu(threads: int | None = None, keep_memory: bool = True) -> dict[str, object]:
     """Set torch's intra-op threads (default: one per available core) and, optionally, the allocator.
 

@@ -95,6 +95,7 @@ FAMILIES: dict[str, Family] = {
 
 RECOMMENDED = {  # the recommended setting for relaxed invariance (README, "How much invariance")
     "eta_objective": EtaObjective.EVIDENCE,  # eta from a bound on the evidence of the model with priors on every weight
+    "first_layer_prior": "on",  # that model: W1 random under its prior (masked in the predicting phase)
     "evidence_schedule": EvidenceSchedule.SEQUENTIAL,  # learn eta first, then the predicting network at that eta
     "num_steps": 2000,  # per phase: the mean-field guide settles (KL ~10 nats / example, ~50 after 1,000 steps)
     "eta_burnin": 200,  # eta waits while the mean-field guide is still noise (early on, averaging helps a noisy net)

@@ -30,7 +30,6 @@ from inference.checkpoint import (
     remove_checkpoints,
 )
 from inference.config import CONFIG_FILENAME, RunConfig
-from inference.cpu import configure_cpu
 from inference.data import Split, load_datasets, validate_split
 from inference.eta_objectives import EtaObjective, eta_dict, eta_interval, split_holdout
 from inference.evaluate import accuracy_and_nll, average_draws, elbo_estimate, predictive_draws
@@ -101,7 +100,8 @@ def run(cfg: RunConfig, control: RunControl) -> dict:
             resume_from, skipped = latest_checkpoint(out / CHECKPOINT_DIRNAME)
         except NoCheckpointError as err:
             raise NoCheckpointError(f"--resume {out}: {err}") from None
-    configure_cpu(control.threads)  # threads per core and an allocator that keeps large step buffers mapped
+    if control.threads is not None:
+        torch.set_num_threads(control.threads)
     pyro.set_rng_seed(cfg.train.seed)
     data = load_datasets(cfg.data)
     train, test = data.train, data.test

@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 from guides.factory import eta_guide_of
 from guides.meanfield import EVIDENCE_GUIDE_NAME
 from inference.checkpoint import Checkpoint
+from inference.cpu import tune_for_training
 from inference.data import Split, check_seed, validate_split
 from inference.eta_objectives import (
     EtaObjective,
@@ -277,10 +278,18 @@ def fit(
         Ctrl-C: the current step is finished and, with ``checkpoints``, saved before this is raised.
     IncompatibleCheckpointError
         ``start`` comes from another configuration.
+
+    Notes
+    -----
+    On the CPU, training first applies :func:`inference.cpu.tune_for_training` (process-wide): freed memory is
+    kept for reuse, so a step's large temporaries are not page-faulted in again every step, and torch's threads
+    are capped at the cores the process may use.
     """
     if model.num_data != len(data):
         raise ValueError(f"model.num_data = {model.num_data} but the training set has {len(data)} examples")
     validate_split(data, model.config.image_shape, model.config.num_classes, "training")
+    if data.x.device.type == "cpu":
+        tune_for_training()  # the allocator and threads (inference.cpu): the same step time from Python and the CLI
     # what a checkpoint says about its run: the caller's config, else what fit knows
     config = getattr(checkpoints, "config", None) or {"model": model.config, "train": cfg, "num_data": len(data)}
     objective = eta_loss(model, cfg, heldout, evidence_guide, guide)

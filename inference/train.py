@@ -24,7 +24,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from guides.factory import GuideKind, InitLoc, default_priors
+from guides.factory import POINT_FIRST_LAYER, GuideKind, InitLoc
 from inference.checkpoint import (
     CHECKPOINT_DIRNAME,
     list_checkpoints,
@@ -106,10 +106,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--prior-scale", type=float, default=m.prior_scale, help="alpha: weights ~ N(0, alpha^2)")
     g.add_argument("--eta-prior", type=EtaPrior, choices=list(EtaPrior), default=m.eta_prior,
                    help="'uniform': full Bayes, eta ~ U(0, pi) with q(eta) from the guide; 'none': empirical Bayes")
-    g.add_argument("--first-layer-prior", choices=["auto", "on", "off"], default="auto",
-                   help="include log p(W1, b1) in the objective; 'off' makes a point-estimated W1 a hyperparameter "
-                        "(ML-II, the paper's ReLU setup); auto: on under the evidence objective, else off for "
-                        "hybrid/paper/ml and on otherwise")
+    g.add_argument("--first-layer-prior", choices=["on", "off"], default="off",
+                   help="'off': W1, b1 have no prior, hyperparameters like eta (ML-II, the paper's ReLU network; "
+                        "point-estimate guides only); 'on': a prior on them, needed by guides with a distribution "
+                        "over W1 and by the evidence objective")
+    g.add_argument("--output-layer-prior", choices=["on", "off"], default="on",
+                   help="'off' (with --first-layer-prior off): no weight prior at all, for --guide ml")
     g = p.add_argument_group("inference")
     g.add_argument("--guide", type=GuideKind, choices=list(GuideKind), default=GuideKind.HYBRID)
     g.add_argument("--init-scale", type=float, default=0.1, help="initial std of Gaussian guide factors")
@@ -166,6 +168,22 @@ def _parser_defaults() -> dict:
     return vars(build_parser().parse_args([]))
 
 
+def check_model_fits(guide: GuideKind, objective: EtaObjective, prior: PriorKind, first_layer_prior: bool,
+                     output_layer_prior: bool) -> None:
+    """Refuse, in command-line terms, a guide, objective or prior that does not fit the model the flags describe."""
+    if prior is PriorKind.HIERARCHICAL and not (first_layer_prior and output_layer_prior):
+        raise ValueError("--prior hierarchical infers the prior scale of every weight: add --first-layer-prior on "
+                         "(and keep --output-layer-prior on)")
+    if not first_layer_prior and guide not in (*POINT_FIRST_LAYER, GuideKind.MAP, GuideKind.ML):
+        raise ValueError(f"--guide {guide.value} puts a distribution over W1, which needs its prior: add "
+                         "--first-layer-prior on (by default W1 is a hyperparameter, as in the paper's ReLU network)")
+    if not first_layer_prior and objective is EtaObjective.EVIDENCE:
+        raise ValueError("--eta-objective evidence integrates every weight under its prior: add --first-layer-prior on")
+    if guide is GuideKind.ML and (first_layer_prior or output_layer_prior):
+        raise ValueError("--guide ml is maximum likelihood, a model without weight priors: add --first-layer-prior off "
+                         "--output-layer-prior off (or use --guide map to keep them)")
+
+
 def config_from_args(args: argparse.Namespace) -> RunConfig:
     """The run's :class:`RunConfig`: read from ``--config``, or built from the flags (validated by the configs)."""
     given = [f"--{k.replace('_', '-')}" for k, v in vars(args).items()
@@ -181,12 +199,10 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
     data = DataConfig(dataset=args.dataset, data_dir=args.data_dir, allow_download=args.download,
                       train_size=args.train_size, test_size=args.test_size, rotation_deg=args.rotation_deg,
                       translation_px=args.translation_px, log_scale=args.log_scale, data_seed=args.data_seed)
-    first_layer_prior, output_layer_prior = default_priors(args.guide, PriorKind(args.prior) is PriorKind.HIERARCHICAL)
     objective = EtaObjective(args.eta_objective)
-    if objective is EtaObjective.EVIDENCE:  # one model, priors on every weight
-        first_layer_prior = True
-    if args.first_layer_prior != "auto":
-        first_layer_prior = args.first_layer_prior == "on"
+    first_layer_prior, output_layer_prior = args.first_layer_prior == "on", args.output_layer_prior == "on"
+    check_model_fits(GuideKind(args.guide), objective, PriorKind(args.prior), first_layer_prior,
+                     output_layer_prior)
     model = ModelConfig(hidden=args.hidden, first_layer=args.first_layer, rff_scale=args.rff_scale,
                         rff_blur=args.rff_blur, transform_mode=args.transform_mode, averaging=args.averaging,
                         num_transforms=args.num_transforms, generators=args.generators,

@@ -18,6 +18,8 @@ import pyro
 import pytest
 import torch
 
+from guides import POINT_FIRST_LAYER, GuideKind
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 MNIST_FILES = (
     "train-images-idx3-ubyte",
@@ -84,3 +86,11 @@ def data_dir() -> Path:
     if not _has_mnist(root):
         pytest.skip(f"MNIST idx files not found under {root / 'MNIST' / 'raw'} (set INVW_DATA_DIR)")
     return root.resolve()
+
+
+def priors_for(kind, hierarchical: bool = False) -> tuple[bool, bool]:
+    """``(first_layer_prior, output_layer_prior)`` of the model each guide is tested with: the paper's model (W1 a
+    hyperparameter) for the point-estimate-W1 guides unless the prior is hierarchical, no priors for ``ml``."""
+    if GuideKind(kind) is GuideKind.ML:
+        return False, False
+    return GuideKind(kind) not in POINT_FIRST_LAYER or hierarchical, True

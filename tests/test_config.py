@@ -44,7 +44,8 @@ def test_round_trip_through_json_keeps_every_setting():
 
 def test_config_json_reruns_a_run_exactly_and_is_the_only_definition(tmp_path, data_dir, capsys):
     first = tmp_path / "first"
-    assert cli(tiny(data_dir, first, "--eta-objective", "evidence", "--evidence-schedule", "sequential")) == 0
+    assert cli(tiny(data_dir, first, "--eta-objective", "evidence", "--evidence-schedule", "sequential",
+                    "--first-layer-prior", "on")) == 0
     cfg = RunConfig.load(first / CONFIG_FILENAME)
     written = json.loads((first / "metrics.json").read_text())
     assert written["config"] == cfg.to_dict() and cfg.train.eta_objective.value == "evidence"

@@ -207,6 +207,22 @@ def test_configure_cpu_sets_threads():
         torch.set_num_threads(before)
 
 
+def test_training_caps_threads_at_the_cores_and_keeps_a_lower_choice(monkeypatch):
+    """fit's CPU tuning (the same from Python as from the CLI): more threads than cores are cut to the cores, an
+    explicit lower choice stays."""
+    from inference import cpu
+
+    before = torch.get_num_threads()
+    monkeypatch.setattr(cpu, "available_cores", lambda: 2)
+    try:
+        torch.set_num_threads(4)
+        assert cpu.tune_for_training()["threads"] == 2 and torch.get_num_threads() == 2
+        torch.set_num_threads(1)
+        assert cpu.tune_for_training()["threads"] == 1 and torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_non_finite_transforms_give_nan_not_an_index_error():
     """A NaN eta (a diverged run) must surface as NaN outputs, which the training loop reports."""
     T = torch.eye(3).expand(2, 3, 3).clone()

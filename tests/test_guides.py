@@ -17,6 +17,7 @@ from guides import POINT_FIRST_LAYER, EpsFromPrior, GuideKind, InitLoc, MeanFiel
 from inference.optim import SVI, ParamAdam, named_params
 from models import GENERATOR_NAMES, InvariantNet, ModelConfig
 from models.priors import EtaPrior, PriorKind
+from tests.conftest import priors_for
 
 IMAGE = (1, 5, 5)
 D, S, B, N = 6, 2, 4, 12
@@ -26,14 +27,6 @@ K = len(GENERATOR_NAMES)
 def tiny_model(device, first_layer="relu", **overrides) -> InvariantNet:
     cfg = ModelConfig(image_shape=IMAGE, hidden=D, num_transforms=S, first_layer=first_layer, **overrides)
     return InvariantNet(cfg, num_data=N).to(device)
-
-
-def priors_for(kind, hierarchical: bool = False) -> tuple[bool, bool]:
-    """``(first_layer_prior, output_layer_prior)`` of the model each guide is tested with: the paper's model (W1 a
-    hyperparameter) for the point-estimate-W1 guides unless the prior is hierarchical, no priors for ``ml``."""
-    if GuideKind(kind) is GuideKind.ML:
-        return False, False
-    return GuideKind(kind) not in POINT_FIRST_LAYER or hierarchical, True
 
 
 def model_for(device, kind, **overrides) -> InvariantNet:

@@ -26,6 +26,7 @@ from inference.evaluate import (
 from inference.optim import named_params
 from inference.svi import TrainConfig, fit, make_elbo, make_optimizer, minibatches, svi_step
 from models import GENERATOR_NAMES, InvariantNet, ModelConfig
+from tests.conftest import priors_for
 
 IMAGE = (1, 5, 5)
 
@@ -137,9 +138,7 @@ def test_predictive_draws_average_to_the_posterior_predictive_and_draw_0_is_the_
 def test_predictive_draws_apply_each_guide_draw_to_every_example(device, kind, monkeypatch):
     """Reference: slice m is the model's own forward pass over all N examples at once, conditioned on the m-th
     draw of the guide (one theta and one eps per draw, whatever the batch size; draws taken in chunks)."""
-    from guides.factory import default_priors
-
-    first, output = default_priors(kind)
+    first, output = priors_for(kind)
     model, data = tiny(device, first_layer_prior=first, output_layer_prior=output)
     guide = make_guide(model, kind)
     guide(data.x, data.y)
@@ -219,9 +218,7 @@ def test_elbo_estimate_reports_the_monte_carlo_error(device):
 def test_elbo_terms_add_up_to_the_elbo(device, kind):
     """loglik - KL is Trace_ELBO's estimate under the same random numbers; KL >= 0 for a Gaussian guide
     (in expectation; here far from 0), and exactly 0 without priors (maximum likelihood)."""
-    from guides.factory import default_priors
-
-    first, output = default_priors(kind)
+    first, output = priors_for(kind)
     model, data = tiny(device, n=12, first_layer_prior=first, output_layer_prior=output)
     guide = make_guide(model, kind)
     guide(data.x, data.y)

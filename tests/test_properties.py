@@ -184,7 +184,8 @@ CHOICE_FLAGS = {
     "--transform-mode": ["weights", "inputs"],
     "--averaging": ["probs", "logits"],
     "--generators": ["none", "rotation", "affine", "rotate,shear"],
-    "--first-layer-prior": ["auto", "on", "off"],
+    "--first-layer-prior": ["on", "off"],
+    "--output-layer-prior": ["on", "off"],
 }
 
 

@@ -152,7 +152,7 @@ def test_resume_of_a_finished_run_only_evaluates_again(reference, data_dir, tmp_
         (["--hidden", "12"], "model.hidden: 8 in the checkpoint, 12 now"),
         (["--seed", "1"], "train.seed: 0 in the checkpoint, 1 now"),
         (["--dataset", "mnist"], "data.dataset: 'rotated-mnist' in the checkpoint, 'mnist' now"),
-        (["--guide", "meanfield"], "guide.kind: 'hybrid' in the checkpoint, 'meanfield' now"),
+        (["--guide", "paper"], "guide.kind: 'hybrid' in the checkpoint, 'paper' now"),
     ],
 )
 def test_incompatible_config_is_refused_in_one_line(reference, data_dir, tmp_path, capsys, extra, difference):

@@ -125,7 +125,8 @@ def test_in_process_run_with_other_options(data_dir, tmp_path):
     """
     out = tmp_path / "run2"
     rc = cli(tiny_args(
-        data_dir, out, "--dataset", "partially-rotated-mnist", "--guide", "meanfield", "--first-layer", "rff",
+        data_dir, out, "--dataset", "partially-rotated-mnist", "--guide", "meanfield", "--first-layer-prior", "on",
+        "--first-layer", "rff",
         "--transform-mode", "inputs", "--averaging", "logits", "--generators", "rotation", "--fixed-eta",
         "--eta-init-deg", "30", "--no-vectorize", "--num-particles", "2", "--no-cosine", "--batch-size", "50",
     ))
