@@ -36,7 +36,7 @@ objective's first phase would have nothing to learn.
 with a Bayesian output layer, eta_rotate fixed at five angles vs learned, on fully rotated, partially rotated and
 regular digits); ``table2``, the paper's Table 2 grid (no invariance, rotation, translation, scale, affine and the
 fixed augmentation on rotated, translated, scaled and regular digits) with the recommended setting for relaxed
-invariance (:data:`inference.extents.RECOMMENDED`), where the paper's objective learns too little of a partial
+invariance (:data:`inference.calibration.RECOMMENDED`), where the paper's objective learns too little of a partial
 invariance.
 
 Writes ``OUT/[<dataset>/]<config>/seed-<s>/`` per run and the tables and figure of :mod:`inference.report`
@@ -51,7 +51,7 @@ import sys
 from pathlib import Path
 
 from guides.factory import GuideKind
-from inference import extents, grid, report, train
+from inference import calibration, grid, report, train
 from inference.config import RunConfig, derive
 from inference.data import true_extent
 from inference.eta_objectives import EtaObjective
@@ -98,7 +98,7 @@ PRESETS: dict[str, dict] = {
     # transformed dataset, with the recommended setting for relaxed invariance (the paper's ELBO learns too
     # little of a partial invariance), plus the fixed augmentation at the data's true extent.
     "table2": {"configs": ",".join([*(f"inv-{f}" for f in FAMILIES), "fixed-aug"]),
-               "datasets": "rotated,translated,scaled,regular", **extents.RECOMMENDED},
+               "datasets": "rotated,translated,scaled,regular", **calibration.recommended_flags()},
 }
 """Named sets of defaults (``--preset``); flags given on the command line still override them."""
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from inference import extents
+from inference import calibration
 from models.transforms import ISOTROPIC_NAMES
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -27,7 +27,7 @@ def eta(**values: float) -> dict[str, float]:
 
 
 def test_each_family_reads_its_extent_in_its_own_unit():
-    rot, trans, scale = (extents.FAMILIES[n] for n in ("rotation", "translation", "scale"))
+    rot, trans, scale = (calibration.FAMILIES[n] for n in ("rotation", "translation", "scale"))
     assert rot.learned(eta(rotate=math.pi / 2, shear=0.2)) == pytest.approx(90.0)
     assert rot.learned(eta(rotate=3 * math.pi)) == pytest.approx(180.0)  # beyond a full turn: every angle, 180 deg
     assert rot.others(eta(rotate=3.0, shear=0.2, scale_x=0.1)) == pytest.approx(0.2)
@@ -41,12 +41,13 @@ def test_each_family_reads_its_extent_in_its_own_unit():
 
 
 def test_summary_gives_mean_and_std_over_seeds_and_no_ratio_at_zero():
-    fam = extents.FAMILIES["rotation"]
+    fam = calibration.FAMILIES["rotation"]
     metrics = {"test_accuracy": 0.9, "test_nll": 0.3, "elbo_per_example": -1.0, "train_seconds": 1.0,
                "config": {"model": {"image_shape": [1, 28, 28]}}}
-    rows = [extents.row(fam, 90.0, s, {"eta": eta(rotate=math.radians(d)), **metrics}) for s, d in enumerate((80, 100))]
-    rows.append(extents.row(fam, 0.0, 0, {"eta": eta(rotate=math.radians(10)), **metrics}))
-    (at90, at0) = extents.summarise(rows)
+    rows = [calibration.row(fam, 90.0, s, {"eta": eta(rotate=math.radians(d)), **metrics})
+            for s, d in enumerate((80, 100))]
+    rows.append(calibration.row(fam, 0.0, 0, {"eta": eta(rotate=math.radians(10)), **metrics}))
+    (at90, at0) = calibration.summarise(rows)
     assert at90["learned_extent_mean"] == pytest.approx(90.0) and at90["seeds"] == 2
     assert at90["learned_extent_std"] == pytest.approx(math.sqrt(200))  # sample std of 80 and 100
     assert at90["ratio_mean"] == pytest.approx(1.0)
