@@ -11,6 +11,7 @@ INVW_DATA_DIR
 from __future__ import annotations
 
 import os
+import signal
 import tempfile
 from pathlib import Path
 
@@ -57,6 +58,15 @@ def _fresh_pyro_state():
     pyro.enable_validation(True)
     pyro.set_rng_seed(0)
     yield
+
+
+@pytest.fixture
+def sigint_default():
+    """Python's default Ctrl-C handler for the test (a background job of a non-interactive shell inherits an ignored
+    SIGINT, which Python keeps, and then no Ctrl-C reaches the code under test)."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
 
 
 @pytest.fixture

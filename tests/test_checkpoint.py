@@ -229,7 +229,7 @@ def test_same_seed_same_trajectory(kind):
 
 # --------------------------------------------------------------------------- kill and resume
 @pytest.mark.parametrize("kind", ["hybrid", "normal", "meanfield"])
-def test_ctrl_c_and_resume_equals_uninterrupted_run(tmp_path, kind):
+def test_ctrl_c_and_resume_equals_uninterrupted_run(tmp_path, kind, sigint_default):
     model, guide, data = build(kind)
     reference = fit(model, guide, data, CFG, progress=False)
     reference_params, reference_eta = params_now(model, guide), model.eta_effective.detach().clone()
@@ -359,7 +359,7 @@ def test_the_callers_config_is_stamped_checked_once_and_on_start_follows(tmp_pat
     assert len(starts) == 1 and [r["step"] for r in starts[0].eta_history] == [1, 2]
 
 
-def test_interrupt_without_checkpointing_still_stops_cleanly():
+def test_interrupt_without_checkpointing_still_stops_cleanly(sigint_default):
     model, guide, data = build()
     with pytest.raises(TrainingInterrupted, match="no checkpoint was saved") as info:
         fit(model, guide, data, CFG, callback=interrupt_at(2), progress=False)

@@ -69,7 +69,8 @@ def test_same_seed_same_metrics_and_history(reference, data_dir, tmp_path):
     assert (out / "eta_history.csv").read_text() == (reference / "eta_history.csv").read_text()
 
 
-def test_ctrl_c_then_printed_command_resumes_to_the_same_end(reference, data_dir, tmp_path, capsys, monkeypatch):
+def test_ctrl_c_then_printed_command_resumes_to_the_same_end(reference, data_dir, tmp_path, capsys, monkeypatch,
+                                                            sigint_default):
     out = tmp_path / "run"
     argv = args_for(data_dir, "--out", str(out))
     original_fit = runner_module.fit
