@@ -197,13 +197,16 @@ def plot(rows: list[dict], out: Path) -> Path:
         ax.fill_between([0, hi], [0, 0.75 * hi], [0, 1.5 * hi], color="0.9", label="learned / true in [0.75, 1.5]")
         ax.errorbar(true, [s["learned_extent_mean"] for s in ss], yerr=[s["learned_extent_std"] for s in ss],
                     fmt="o-", capsize=3, label=f"mean ± std over {max(s['seeds'] for s in ss)} seed(s)")
+        beyond: dict[float, int] = {}  # seeds drawn at the top edge so far, per true extent (labels stack)
         for r in (r for r in rows if r["family"] == name):
             if r["learned_extent"] <= hi:
                 ax.plot(r["true_extent"], r["learned_extent"], ".", color="tab:orange", alpha=0.7)
             else:
+                k = beyond[r["true_extent"]] = beyond.get(r["true_extent"], -1) + 1
                 ax.plot(r["true_extent"], 0.97 * hi, "^", color="tab:red")
                 ax.annotate(f"{r['learned_extent']:.3g} (seed {r['seed']})", (r["true_extent"], 0.97 * hi),
-                            textcoords="offset points", xytext=(-6, -4), ha="right", fontsize=7, color="tab:red")
+                            textcoords="offset points", xytext=(6, -4 - 9 * k), ha="left", fontsize=7,
+                            color="tab:red")
         ax.plot([], [], ".", color="tab:orange", label="one seed")
         unit = ss[0]["unit"]
         ax.set(xlabel=f"true extent a ({unit})", ylabel=f"learned extent ({unit})", title=name, xlim=(0, hi),
