@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import os
 
 import torch
@@ -32,6 +33,7 @@ def available_cores() -> int:
         return max(1, os.cpu_count() or 1)
 
 
+@functools.cache  # process-wide and idempotent: finding libc (ldconfig) once is enough
 def keep_freed_memory() -> bool:
     """Ask glibc to serve large blocks from the heap and never return freed memory to the OS.
 

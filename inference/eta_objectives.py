@@ -57,6 +57,7 @@ from pyro.infer import Trace_ELBO
 
 from guides.factory import eta_guide_of
 from inference.data import Split
+from inference.draws import blank_image
 from models.network import InvariantNet
 from models.priors import EtaPrior
 
@@ -236,7 +237,7 @@ def eta_dict(model: InvariantNet, guide: Callable | None = None, num_samples: in
 def _eta_draws(model: InvariantNet, guide: Callable, num_samples: int) -> torch.Tensor:
     """``(num_samples, K)`` draws of eta from a guide that covers it inside its own family, taken without
     disturbing the global random stream."""
-    x = torch.zeros(1, *model.config.image_shape, device=model.prior_loc.device, dtype=model.prior_loc.dtype)
+    x = blank_image(model)
     with torch.no_grad(), torch.random.fork_rng(devices=[]):
         return torch.stack([poutine.trace(guide).get_trace(x, None, 1).nodes["eta"]["value"].reshape(-1)
                             for _ in range(num_samples)])

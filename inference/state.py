@@ -20,6 +20,7 @@ import torch
 from pyro import poutine
 
 from inference.checkpoint import Checkpoint, IncompatibleCheckpointError, check_compatible, save_checkpoint
+from inference.draws import blank_image
 from inference.optim import ParamAdam, named_params
 from inference.stopping import NonFiniteError
 from inference.stopping import TrainingInterrupted as TrainingInterrupted  # importable from here too
@@ -117,7 +118,7 @@ def load_modules(state: Mapping[str, Any], model: InvariantNet, guides: Sequence
     if len(state["guides"]) != len(guides):
         raise IncompatibleCheckpointError(f"the checkpoint holds {len(state['guides'])} guide(s), the run has "
                                           f"{len(guides)}")
-    x = torch.zeros(1, *model.config.image_shape, device=model.prior_loc.device, dtype=model.prior_loc.dtype)
+    x = blank_image(model)
     y = model.likelihood.blank_labels(1, x)
     for guide in guides if trained is None else trained:
         poutine.replay(model, trace=poutine.trace(guide).get_trace(x, y))(x, y)
