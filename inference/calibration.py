@@ -144,12 +144,8 @@ def row(fam: Family, extent: float, seed: int, metrics: dict) -> dict:
 
 def summarise(rows: list[dict]) -> list[dict]:
     """Mean and standard deviation over seeds per (family, true extent), in first-seen order."""
-    groups: dict[tuple[str, float], list[dict]] = {}
-    for r in rows:
-        groups.setdefault((r["family"], r["true_extent"]), []).append(r)
-
     out = []
-    for (family, extent), rs in groups.items():
+    for (family, extent), rs in report.group_rows(rows, "family", "true_extent").items():
         s = {"family": family, "true_extent": extent, "unit": rs[0]["unit"], "seeds": len(rs),
              "eval_samples": sorted({r["eval_samples"] for r in rs})}
         for key in ("learned_extent", "ratio", "max_other_eta", "test_accuracy_one_draw"):

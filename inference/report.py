@@ -67,13 +67,18 @@ def mean_std(values: Sequence[float]) -> tuple[float, float]:
     return statistics.fmean(finite), statistics.stdev(finite) if len(finite) > 1 else 0.0
 
 
+def group_rows(rows: Sequence[dict], *keys: str) -> dict[tuple, list[dict]]:
+    """The rows of each value of ``keys`` (one row per seed), in first-seen order."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault(tuple(r[k] for k in keys), []).append(r)
+    return groups
+
+
 def summarise(rows: list[dict]) -> list[dict]:
     """One row per (dataset, configuration), in first-seen order, with mean and std over its seeds."""
-    groups: dict[tuple[str, str], list[dict]] = {}
-    for r in rows:
-        groups.setdefault((r["dataset"], r["config"]), []).append(r)
     out = []
-    for (dataset, config), rs in groups.items():
+    for (dataset, config), rs in group_rows(rows, "dataset", "config").items():
         s = {"dataset": dataset, "config": config, "seeds": len(rs),
              **{k: rs[0][k] for k in ("guide", "generators", "eta_fixed")}}
         for m in METRICS:
