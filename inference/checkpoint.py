@@ -8,7 +8,9 @@ previous one. Every file is written to a temporary file, fsynced and moved into 
 checksum), so a crash leaves either the old checkpoint or a complete new one.
 
 ``config`` is the JSON form of what determines the training trajectory and ``fingerprint`` its hash;
-:func:`check_compatible` refuses a checkpoint from another config and names the settings that differ.
+``data_sha256`` is the hash of the training and test arrays (the data's content, wherever its files live).
+:func:`check_compatible` refuses a checkpoint from another config or other data and names what differs; the
+optimiser settings :data:`RESUMABLE_CHANGES` may change on resume (e.g. a lower learning rate after a divergence).
 """
 
 from __future__ import annotations
@@ -52,16 +54,22 @@ class NoCheckpointError(CheckpointError):
     """No valid checkpoint was found where one was expected."""
 
 
+RESUMABLE_CHANGES = ("train.lr", "train.eta_lr", "train.evidence_lr")
+"""Settings a resumed run may change (the optimiser's learning rates): the run goes on from the checkpoint with the
+new rates, on the same cosine schedule."""
+
+
 @dataclass(frozen=True)
 class Checkpoint:
-    """One loaded checkpoint: its file, the steps completed, the writer's ``config`` (JSON) and its hash, and
-    the trainer's ``state`` (see :func:`inference.state.capture_training_state`)."""
+    """One loaded checkpoint: its file, the steps completed, the writer's ``config`` (JSON) and its hash, the
+    hash of its data, and the trainer's ``state`` (see :func:`inference.state.capture_training_state`)."""
 
     path: Path
     step: int
     fingerprint: str
     config: dict
     state: dict
+    data_sha256: str | None = None
 
 
 # --------------------------------------------------------------------------- fingerprints
@@ -102,20 +110,32 @@ def differing_settings(saved: Mapping, current: Mapping, prefix: str = "") -> li
     return out
 
 
-def check_compatible(checkpoint: Checkpoint, config: Mapping) -> None:
-    """Refuse ``checkpoint`` unless it was written with ``config``.
+def optimiser_changes(saved: Mapping, current: Mapping) -> list[tuple[str, Any, Any]]:
+    """The :data:`RESUMABLE_CHANGES` among the settings in which ``current`` differs from ``saved``."""
+    return [d for d in differing_settings(saved, current) if d[0] in RESUMABLE_CHANGES]
+
+
+def check_compatible(checkpoint: Checkpoint, config: Mapping, data_sha256: str | None = None) -> None:
+    """Refuse ``checkpoint`` unless it was written with ``config`` (up to :data:`RESUMABLE_CHANGES`) and, when
+    both are known, with data of hash ``data_sha256``.
 
     Raises
     ------
     IncompatibleCheckpointError
-        Naming the checkpoint and the differing settings (``"train.lr: 0.001 in the checkpoint, 0.01 now"``).
+        Naming the checkpoint and the differing settings (``"model.hidden: 8 in the checkpoint, 16 now"``).
     """
-    if checkpoint.fingerprint == config_fingerprint(config):
-        return
-    diffs = [f"{name}: {a!r} in the checkpoint, {b!r} now" for name, a, b in
-             differing_settings(checkpoint.config, config)] or ["the fingerprints differ"]
-    raise IncompatibleCheckpointError(f"checkpoint {checkpoint.path} comes from an incompatible config "
-                                      f"({'; '.join(diffs)}): resume with the arguments of the original run")
+    if checkpoint.fingerprint != config_fingerprint(config):
+        diffs = [f"{name}: {a!r} in the checkpoint, {b!r} now" for name, a, b in
+                 differing_settings(checkpoint.config, config) if name not in RESUMABLE_CHANGES]
+        if diffs or not optimiser_changes(checkpoint.config, config):
+            raise IncompatibleCheckpointError(
+                f"checkpoint {checkpoint.path} comes from an incompatible config "
+                f"({'; '.join(diffs or ['the fingerprints differ'])}): resume with the arguments of the original run "
+                f"(only {', '.join(RESUMABLE_CHANGES)} may change)")
+    if data_sha256 is not None and checkpoint.data_sha256 not in (None, data_sha256):
+        raise IncompatibleCheckpointError(
+            f"checkpoint {checkpoint.path} was trained on other data (content sha256 {checkpoint.data_sha256[:12]}, "
+            f"now {data_sha256[:12]}): resume with the data the run was trained on")
 
 
 # --------------------------------------------------------------------------- files
@@ -138,7 +158,8 @@ def list_checkpoints(directory: str | os.PathLike) -> list[tuple[int, Path]]:
     return sorted((int(match.group(1)), path) for match, path in matches if match and path.is_file())
 
 
-def save_checkpoint(directory: str | os.PathLike, step: int, state: Mapping, config: Mapping, keep: int = 3) -> Path:
+def save_checkpoint(directory: str | os.PathLike, step: int, state: Mapping, config: Mapping, keep: int = 3,
+                    data_sha256: str | None = None) -> Path:
     """Write the checkpoint of ``step`` atomically and return its path; then keep only the newest ``keep``
     ones and none of later steps (left by an attempt killed after writing them: the run is now at ``step``)."""
     if keep < 1:
@@ -147,7 +168,7 @@ def save_checkpoint(directory: str | os.PathLike, step: int, state: Mapping, con
     directory.mkdir(parents=True, exist_ok=True)
     buffer = io.BytesIO()
     torch.save({"step": int(step), "fingerprint": config_fingerprint(config), "config": to_jsonable(config),
-                "state": dict(state)}, buffer)
+                "data_sha256": data_sha256, "state": dict(state)}, buffer)
     path = checkpoint_path(directory, step)
     atomic_write(path, buffer.getvalue())
     atomic_write(digest_path(path), hashlib.sha256(buffer.getvalue()).hexdigest().encode())
@@ -180,7 +201,7 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
     try:
         record = torch.load(io.BytesIO(payload), map_location="cpu", weights_only=True)
         checkpoint = Checkpoint(path, int(record["step"]), str(record["fingerprint"]), dict(record["config"]),
-                                dict(record["state"]))
+                                dict(record["state"]), record.get("data_sha256"))
     except Exception as err:  # noqa: BLE001 - the unpickler raises many types on a bad payload
         raise CorruptCheckpointError(f"checkpoint {path} does not load: {type(err).__name__}: {err}") from None
     match = _NAME.match(path.name)
@@ -208,13 +229,6 @@ def latest_checkpoint(directory: str | os.PathLike) -> tuple[Checkpoint, list[Co
         reason = f" ({len(skipped)} corrupt, newest: {skipped[0]})" if skipped else ""
         raise NoCheckpointError(f"no valid checkpoint in {directory}{reason}")
     return checkpoint, skipped
-
-
-def remove_checkpoints(directory: str | os.PathLike) -> int:
-    """Delete every checkpoint file (and leftover temporary file) in ``directory``; returns how many."""
-    paths = [path for _, path in list_checkpoints(directory)]
-    _remove(Path(directory), paths)
-    return len(paths)
 
 
 def _remove(directory: Path, paths: list[Path]) -> None:

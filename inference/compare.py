@@ -113,7 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "override them")
     g.add_argument("--configs", default="elbo,map,ml",
                    help=f"comma list of {sorted(NAMED)}, inv-<family> ({', '.join(FAMILIES)}) or fixed-aug")
-    g.add_argument("--sweep-deg", default="", help="comma list of fixed eta in degrees, e.g. 5,45,90,135,175; "
+    g.add_argument("--sweep-deg", default="", type=grid.parse_floats,
+                   help="comma list of fixed eta in degrees, e.g. 5,45,90,135,175; "
                    "adds one 'fixed-A' run per angle and a 'learned' run on the same generators")
     g.add_argument("--sweep-generators", default="rotation", type=train.parse_generators,
                    help="generators whose eta is fixed in the sweep (preset or comma list)")
@@ -165,7 +166,11 @@ def fixed_eta_run(cfg: RunConfig) -> RunConfig:
 def configurations(base: RunConfig, args: argparse.Namespace) -> list[tuple[str, RunConfig]]:
     """``(name, run config)`` of every configuration on the data of ``base``, in order."""
     runs: list[tuple[str, RunConfig]] = []
-    for name in (c.strip() for c in args.configs.split(",") if c.strip()):
+    names = [c.strip() for c in args.configs.split(",") if c.strip()]
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise ValueError(f"--configs names {repeated} more than once (each configuration trains into its own folder)")
+    for name in names:
         if name in NAMED:
             runs.append((name, base if NAMED[name] is None else swap_guide(base, *NAMED[name])))
         elif name.startswith("inv-") and name[4:] in FAMILIES:
@@ -175,7 +180,9 @@ def configurations(base: RunConfig, args: argparse.Namespace) -> list[tuple[str,
         else:
             raise ValueError(f"unknown configuration {name!r}; choose from {sorted(NAMED)}, "
                              f"{[f'inv-{f}' for f in FAMILIES]} or 'fixed-aug'")
-    angles = [float(a) for a in args.sweep_deg.split(",") if a.strip()]
+    angles = list(args.sweep_deg)
+    if 0 in angles:
+        raise ValueError("--sweep-deg angles must be > 0 (eta = 0 is the 'none' configuration's, inv-none)")
     for deg in angles:
         runs.append((f"fixed-{deg:g}", derive(base, model={"generators": args.sweep_generators, "learn_eta": False,
                                                           "eta_init": math.radians(deg)})))
@@ -250,14 +257,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def cli(argv: list[str] | None = None) -> int:
-    """Console entry point: user errors become one-line messages and exit code 2."""
-    args = parse_args(argv)
-    try:
-        main(args)
-    except train.USER_ERRORS as err:
-        print(f"error: {train.one_line(err)}", file=sys.stderr)
-        return 2
-    return 0
+    """Console entry point (:func:`inference.grid.grid_cli`)."""
+    return grid.grid_cli(main, parse_args(argv))
 
 
 if __name__ == "__main__":

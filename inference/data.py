@@ -20,6 +20,7 @@ mnist                      untouched
 from __future__ import annotations
 
 import gzip
+import hashlib
 import math
 import numbers
 import os
@@ -331,4 +332,17 @@ def load_datasets(cfg: DataConfig) -> Datasets:
         x = split.x if T is None else warp_images(split.x, T).clamp_(0.0, 1.0)
         splits[name] = Split(x.contiguous(), split.y)
         info[f"{name}_size"] = len(split)
+    info["sha256"] = content_sha256(splits["train"], splits["test"])
     return Datasets(splits["train"], splits["test"], info)
+
+
+def content_sha256(*splits: Split) -> str:
+    """sha256 of the splits' images and labels (dtype, shape and bytes): the data a run trains and is tested on,
+    whatever folder or link its files were read through (the resume check of :mod:`inference.checkpoint`)."""
+    digest = hashlib.sha256()
+    for split in splits:
+        for t in (split.x, split.y):
+            t = t.detach().cpu().contiguous()
+            digest.update(f"{t.dtype}{tuple(t.shape)}".encode())
+            digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return digest.hexdigest()

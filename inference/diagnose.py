@@ -27,9 +27,9 @@ from pathlib import Path
 
 import torch
 
+from inference.cli import run_cli
 from inference.diagnostics.nuts import reference_data
 from inference.diagnostics.runs import DiagnoseOptions, diagnose_run, nuts_reference_run, to_json
-from inference.train import USER_ERRORS, one_line
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -98,14 +98,13 @@ def main(args: argparse.Namespace) -> dict:
 def cli(argv: list[str] | None = None) -> int:
     """Console entry point: 0 on success, 2 with a one-line ``error:`` message on a user error."""
     args = build_parser().parse_args(sys.argv[1:] if argv is None else list(argv))
-    try:
+
+    def report(args: argparse.Namespace) -> None:
         summary = main(args)
-    except USER_ERRORS as err:
-        print(f"error: {one_line(err)}", file=sys.stderr)
-        return 2
-    out = args.out or args.nuts_reference or str(Path(args.run_dir) / "diagnostics")
-    print(f"wrote {out}: " + to_json(_headline(summary), indent=None))
-    return 0
+        out = args.out or args.nuts_reference or str(Path(args.run_dir) / "diagnostics")
+        print(f"wrote {out}: " + to_json(_headline(summary), indent=None))
+
+    return run_cli(report, args)
 
 
 def _headline(summary: dict) -> dict:

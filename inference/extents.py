@@ -25,13 +25,6 @@ from inference.calibration import FAMILIES, Cell, calibrate, recommended_flags
 from inference.runner import RunControl
 
 
-def parse_floats(text: str) -> tuple[float, ...]:
-    try:
-        return tuple(float(t) for t in text.split(",") if t.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a comma list of numbers, got {text!r}") from None
-
-
 def build_parser() -> argparse.ArgumentParser:
     """The training CLI's flags plus the calibration's own."""
     p = train.build_parser()
@@ -47,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--collect", action="store_true",
                    help="train nothing: build the table and figure from the cells already finished in --out")
     for fam in FAMILIES.values():
-        g.add_argument(f"--{fam.name}-grid", type=parse_floats, default=fam.grid, metavar="A,B,...",
+        g.add_argument(f"--{fam.name}-grid", type=grid.parse_floats, default=fam.grid, metavar="A,B,...",
                        help=f"true extents of the {fam.name} family, in {fam.unit}")
     return p
 
@@ -79,14 +72,8 @@ def main(args: argparse.Namespace) -> list[dict]:
 
 
 def cli(argv: list[str] | None = None) -> int:
-    """Console entry point: user errors become one-line messages and exit code 2."""
-    args = build_parser().parse_args(argv)
-    try:
-        main(args)
-    except train.USER_ERRORS as err:
-        print(f"error: {train.one_line(err)}", file=sys.stderr)
-        return 2
-    return 0
+    """Console entry point (:func:`inference.grid.grid_cli`)."""
+    return grid.grid_cli(main, build_parser().parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -18,8 +18,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import json
+import math
 import multiprocessing
+import os
+import signal
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -31,8 +33,10 @@ import torch
 
 from inference import runner
 from inference.checkpoint import CHECKPOINT_DIRNAME, find_latest_valid
+from inference.cli import one_line, run_cli
 from inference.config import RunConfig, derive, same_run
 from inference.cpu import available_cores
+from inference.run_io import read_metrics
 from inference.runner import RunControl
 
 
@@ -56,6 +60,17 @@ def parse_seeds(text: str) -> tuple[int, ...]:
     return seeds
 
 
+def parse_floats(text: str) -> tuple[float, ...]:
+    """A comma list of distinct finite numbers >= 0 (extents, fixed angles); empty text is an empty tuple."""
+    try:
+        values = tuple(float(t) for t in text.split(",") if t.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a comma list of numbers, got {text!r}") from None
+    if any(not math.isfinite(v) or v < 0 for v in values) or len(set(values)) != len(values):
+        raise argparse.ArgumentTypeError(f"expected distinct finite numbers >= 0, got {text!r}")
+    return values
+
+
 def finished_metrics(job: Job) -> dict | None:
     """The metrics of a finished run in ``job.run_dir``, None if it has not finished.
 
@@ -64,10 +79,9 @@ def finished_metrics(job: Job) -> dict | None:
     ValueError
         The folder holds a finished run made with other settings.
     """
-    path = job.run_dir / "metrics.json"
-    if not path.exists():
+    if not (job.run_dir / "metrics.json").exists():
         return None
-    metrics = json.loads(path.read_text())
+    metrics = read_metrics(job.run_dir)
     differ = same_run(metrics.get("config", {}), job.config)
     if differ:
         raise ValueError(f"{job.run_dir} holds a run made with other settings ({', '.join(differ[:4])}"
@@ -101,11 +115,13 @@ def worker_settings(jobs: int, device: str, cores: int | None = None, gpus: int 
 _WORKER: dict = {}  # this worker process's overrides (threads, device), set once when it starts
 
 
-def _init_worker(counter, settings: list[dict]) -> None:
-    """Worker start-up: take the next of ``settings`` (so that running workers hold different GPUs)."""
+def _init_worker(counter, pids, settings: list[dict]) -> None:
+    """Worker start-up: take the next of ``settings`` (so that running workers hold different GPUs) and record this
+    process's id (to pass stop signals on)."""
     with counter.get_lock():
         index = counter.value
         counter.value += 1
+    pids[index % len(pids)] = os.getpid()
     _WORKER.update(settings[index % len(settings)])
 
 
@@ -119,17 +135,44 @@ def _train_logged(config: RunConfig, control: RunControl, log_path: str) -> dict
         return runner.run(config, control)
 
 
+def grid_cli(main: Callable[[argparse.Namespace], object], args: argparse.Namespace) -> int:
+    """Console entry of a grid command (``compare``, ``extents``): :func:`inference.cli.run_cli` with the grid's
+    own resume (the same command again), so the single run's ``--resume`` / ``--overwrite`` are refused."""
+    def checked(args: argparse.Namespace) -> object:
+        for flag in ("resume", "overwrite"):
+            if getattr(args, flag, None):
+                raise ValueError(f"--{flag} is for one run of inference.train: a grid resumes by itself (run the same "
+                                 "command again: finished runs are reused, interrupted ones continue from their "
+                                 "checkpoints); to start a run afresh, remove its folder")
+        return main(args)
+
+    return run_cli(checked, args, lambda err: "interrupted: finished runs are kept and runs in progress saved a "
+                   "checkpoint; run the same command again to continue")
+
+
+class GridError(ValueError):
+    """Some runs of a grid failed (diverged, bad data, a full disk); the others finished."""
+
+
+FAILURES = (ValueError, FloatingPointError, OSError)
+"""What ends one run of a grid without stopping the others: bad settings or data, divergence, the machine."""
+
+
 def run_jobs(jobs: Sequence[Job], control: RunControl | None = None, num_workers: int = 1, collect_only: bool = False,
              on_result: Callable[[Job, dict], None] | None = None) -> list[tuple[Job, dict]]:
     """Reuse or train every job; returns ``(job, metrics)`` in the order of ``jobs`` (unfinished ones left out
     when ``collect_only``).
 
-    ``control`` says how to run each (its ``out`` and ``resume`` are set per job; default: no progress bar).
-    ``on_result`` is called as each run becomes available (reused ones first), e.g. to keep a table current.
+    ``control`` says how to run each (its ``out``, ``resume`` and ``overwrite`` are set per job; default: no
+    progress bar). ``on_result`` is called as each run becomes available (reused ones first), e.g. to keep a table
+    current. A run that fails (:data:`FAILURES`) does not stop the others: once they are done, a :class:`GridError`
+    names every failed run. A stop signal stops the runs in progress after their current step, with a checkpoint,
+    and is raised as ``KeyboardInterrupt`` (the same command then continues the grid).
     """
     template = control if control is not None else RunControl(Path("."), progress=False)
     controls: dict[int, RunControl] = {}
     results: dict[int, dict] = {}
+    failures: list[str] = []
     todo: list[int] = []
     later: dict[Path, list[int]] = {}  # jobs sharing the folder of one being trained (e.g. the shared a = 0 runs)
     clock = time.perf_counter()
@@ -152,31 +195,64 @@ def run_jobs(jobs: Sequence[Job], control: RunControl | None = None, num_workers
         else:
             todo.append(i)
             later[job.run_dir] = []
-            controls[i] = dataclasses.replace(template, out=job.run_dir, resume=has_checkpoint(job))
+            resume = has_checkpoint(job)  # the folder is the grid's: without a checkpoint, start it afresh
+            controls[i] = dataclasses.replace(template, out=job.run_dir, resume=resume, overwrite=not resume)
 
-    def done(i: int, metrics: dict) -> None:
-        results[i] = metrics
-        print(f"[{len(results)}/{len(jobs)}] {jobs[i].label}: test accuracy {metrics['test_accuracy']:.1%}  "
+    def done(i: int, outcome: dict | BaseException) -> None:
+        if isinstance(outcome, BaseException):
+            failures.append(f"{jobs[i].label}: {one_line(outcome)}")
+            print(f"[failed] {failures[-1]}", file=sys.stderr)
+            return
+        results[i] = outcome
+        print(f"[{len(results)}/{len(jobs)}] {jobs[i].label}: test accuracy {outcome['test_accuracy']:.1%}  "
               f"elapsed {time.perf_counter() - clock:.0f} s", file=sys.stderr)
         if on_result is not None:
-            on_result(jobs[i], metrics)
+            on_result(jobs[i], outcome)
         for k in later.get(jobs[i].run_dir, []):
             reuse(k, finished_metrics(jobs[k]))  # read back, with the settings check
 
     if num_workers <= 1 or len(todo) <= 1:
         for i in todo:
             print(f"== {jobs[i].label} -> {jobs[i].run_dir}", file=sys.stderr)
-            done(i, runner.run(jobs[i].config, controls[i]))
+            try:
+                done(i, runner.run(jobs[i].config, controls[i]))
+            except FAILURES as err:
+                done(i, err)
     else:
-        settings = worker_settings(num_workers, jobs[todo[0]].config.device)
-        context = multiprocessing.get_context("spawn")  # a fresh interpreter per worker: no inherited torch state
-        counter = context.Value("i", 0)
-        with ProcessPoolExecutor(max_workers=num_workers, mp_context=context, initializer=_init_worker,
-                                 initargs=(counter, settings)) as pool:
-            futures = {}
-            for i in todo:
-                print(f"== {jobs[i].label} -> {jobs[i].run_dir} (log: train.log)", file=sys.stderr)
-                futures[pool.submit(_train_logged, jobs[i].config, controls[i], str(jobs[i].run_dir / "train.log"))] = i
-            for future in as_completed(futures):
-                done(futures[future], future.result())
+        _run_in_workers([(i, jobs[i], controls[i]) for i in todo], num_workers, done)
+    if failures:
+        raise GridError(f"{len(failures)} of {len(jobs)} runs failed ({'; '.join(failures)}); the tables hold the "
+                        "finished runs, and the same command trains the failed ones again")
     return [(jobs[i], results[i]) for i in sorted(results)]
+
+
+def _run_in_workers(todo: Sequence[tuple[int, Job, RunControl]], num_workers: int,
+                    done: Callable[[int, dict | BaseException], None]) -> None:
+    """Train ``todo`` in ``num_workers`` spawned processes; ``done(i, metrics or failure)`` as each ends.
+
+    SIGTERM or SIGHUP to this process (raised as :class:`~inference.stopping.Stopped` by the CLI's handler) is
+    passed on to the workers, which stop after their current step with a checkpoint (a terminal's Ctrl-C reaches
+    them directly); this process waits for them and raises it on."""
+    settings = worker_settings(num_workers, todo[0][1].config.device)
+    context = multiprocessing.get_context("spawn")  # a fresh interpreter per worker: no inherited torch state
+    counter, pids = context.Value("i", 0), context.Array("i", num_workers)
+    with ProcessPoolExecutor(max_workers=num_workers, mp_context=context, initializer=_init_worker,
+                             initargs=(counter, pids, settings)) as pool:
+        futures = {}
+        for i, job, control in todo:
+            print(f"== {job.label} -> {job.run_dir} (log: train.log)", file=sys.stderr)
+            futures[pool.submit(_train_logged, job.config, control, str(job.run_dir / "train.log"))] = i
+        try:
+            for future in as_completed(futures):
+                try:
+                    done(futures[future], future.result())
+                except FAILURES as err:
+                    done(futures[future], err)
+        except KeyboardInterrupt as err:
+            signum = getattr(err, "signum", signal.SIGINT)
+            for pid in pids[:]:
+                if pid and signum != signal.SIGINT:  # a terminal's Ctrl-C reached the workers; others did not
+                    with contextlib.suppress(OSError):
+                        os.kill(pid, signum)
+            pool.shutdown(wait=True, cancel_futures=True)
+            raise

@@ -79,7 +79,10 @@ class ParamAdam:
                 for name, adam in self.optimizers.items()}
 
     def load_state_dict(self, state: Mapping[str, Any], params: Mapping[str, torch.Tensor]) -> None:
-        """Restore every saved optimiser and schedule onto ``params`` (name -> unconstrained tensor)."""
+        """Restore every saved optimiser and schedule onto ``params`` (name -> unconstrained tensor).
+
+        Where ``lr_of`` now gives another initial rate than the saved one (a resume with a changed learning rate),
+        the rate is rescaled: the schedule goes on from the same step with the new peak."""
         missing = sorted(set(state) - set(params))
         if missing:
             raise KeyError(f"the saved optimiser state has parameters the model and guides lack: {missing}")
@@ -91,6 +94,18 @@ class ParamAdam:
             self.optimizers[name].load_state_dict(entry["optimizer"])
             if entry["scheduler"] is not None:
                 self.schedulers[name].load_state_dict(entry["scheduler"])
+            self._rescale(name, self.lr_of(name))
+
+    def _rescale(self, name: str, lr: float) -> None:
+        """Make ``lr`` the initial rate of ``name``, scaling its current (scheduled) rate alike."""
+        group = self.optimizers[name].param_groups[0]
+        saved = group.get("initial_lr", group["lr"])
+        if saved == lr:
+            return
+        group["lr"] = group["lr"] * lr / saved if saved > 0 else lr
+        group["initial_lr"] = lr
+        if name in self.schedulers:
+            self.schedulers[name].base_lrs = [lr]
 
 
 def named_params(*modules: torch.nn.Module) -> dict[str, torch.Tensor]:

@@ -25,6 +25,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from inference.run_io import read_history_csv  # noqa: E402
 from models.transforms import ALL_GENERATOR_NAMES  # noqa: E402
 
 METRICS = [*(f"eta_{g}" for g in ALL_GENERATOR_NAMES), "test_accuracy", "test_nll", "test_accuracy_one_draw",
@@ -192,14 +193,6 @@ def write_tables(rows: list[dict], out: Path) -> list[dict]:
     return summary
 
 
-def read_history(path: Path) -> tuple[list[int], dict[str, list[float]]]:
-    """``eta_history.csv`` as steps and one list per generator."""
-    with open(path) as f:
-        rows = list(csv.DictReader(f))
-    names = [g for g in ALL_GENERATOR_NAMES if rows and g in rows[0]]
-    return [int(r["step"]) for r in rows], {g: [float(r[g]) for r in rows] for g in names}
-
-
 def plot_terms(ax: plt.Axes, sweep: dict) -> None:
     """The sweep's ELBO split into its terms, each relative to its value at the smallest fixed angle (the Occam
     trade-off: what the fit loses and what the complexity term gains as eta widens), and test accuracy."""
@@ -221,7 +214,7 @@ def _plot_dataset(axes: Sequence[plt.Axes], summary: list[dict], histories: dict
     ax_eta, ax_acc = axes[0], axes[1]
     for i, s in enumerate(summary):
         for k, path in enumerate(histories.get(s["config"], [])):
-            steps, eta = read_history(path)
+            steps, eta = read_history_csv(path)
             ax_eta.plot(steps, eta["rotate"], color=f"C{i % 10}", ls="--" if s["eta_fixed"] else "-", lw=1,
                         label=s["config"] if k == 0 else None)
     ax_eta.axhline(math.pi, color="grey", lw=0.8, ls=":")

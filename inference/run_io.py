@@ -12,7 +12,7 @@ import csv
 import dataclasses
 import io
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,18 +25,17 @@ from inference.checkpoint import (
     CheckpointError,
     atomic_write,
     latest_checkpoint,
+    list_checkpoints,
 )
 from inference.config import RunConfig
 from inference.data import DataConfig, Datasets, load_datasets, resolve_data_dir
 from inference.data import true_extent as true_extent  # re-exported: it lived here
 from inference.eta_objectives import EtaObjective
-from inference.state import load_modules
+from inference.run_folder import HISTORY_FILENAME, METRICS_FILENAME, MODEL_FILENAME
+from inference.state import check_state, load_modules
 from inference.svi import TrainConfig
 from models.config import ModelConfig
 from models.network import InvariantNet
-
-MODEL_FILENAME = "model.pt"
-"""A finished run's trained model and guide, loadable without the training code's state."""
 
 
 class RunError(ValueError):
@@ -94,10 +93,14 @@ def build_model(cfg: RunConfig, num_data: int, device: str | torch.device = "cpu
 
 def read_metrics(run_dir: Path) -> dict:
     """``run_dir/metrics.json``; a :class:`RunError` when the folder or file is missing or not JSON."""
-    path = run_dir / "metrics.json"
+    path = run_dir / METRICS_FILENAME
     if not run_dir.is_dir():
         raise RunError(f"run directory {run_dir} does not exist")
     if not path.is_file():
+        newest = list_checkpoints(run_dir / CHECKPOINT_DIRNAME)
+        if newest:
+            raise RunError(f"{run_dir} is an unfinished run (newest checkpoint: step {newest[-1][0]}): finish it with "
+                           f"python -m inference.train --resume {run_dir}")
         raise RunError(f"{run_dir} has no metrics.json: not a finished run of inference.train")
     try:
         return json.loads(path.read_text())
@@ -128,6 +131,11 @@ def load_run(run_dir: str | Path, device: str | torch.device = "cpu") -> LoadedR
         if checkpoint.fingerprint != config.fingerprint():
             raise RunError(f"metrics.json and the newest checkpoint of {run_dir} come from different runs: is the "
                            "run being re-created?")
+        if checkpoint.step != config.train.total_steps:
+            raise RunError(f"{run_dir} is unfinished: its newest checkpoint is at step {checkpoint.step} of "
+                           f"{config.train.total_steps} (metrics.json is older); finish it with "
+                           f"python -m inference.train --resume {run_dir}")
+        check_state(checkpoint, ("num_data", "model", "guides"))
         model, guide, evidence = build_model(config, int(checkpoint.state["num_data"]), device)
         load_modules(checkpoint.state, model, [guide] if evidence is None else [guide, evidence])
     except CheckpointError as err:
@@ -149,18 +157,42 @@ def load_run_data(run: LoadedRun, data_dir: str | Path | None = None) -> Dataset
     return load_datasets(cfg)
 
 
+def read_history_csv(path: str | Path, names: Sequence[str] | None = None) -> tuple[list[int], dict[str, list[float]]]:
+    """``eta_history.csv``: the steps and one list of eta per generator (``names``, default: every column).
+
+    Raises
+    ------
+    RunError
+        The file cannot be read, lacks a column, or holds a value that is not a number.
+    """
+    path = Path(path)
+    try:
+        with open(path, newline="") as f:
+            reader = csv.DictReader(f)
+            columns = list(reader.fieldnames or [])
+            names = [c for c in columns if c != "step"] if names is None else list(names)
+            missing = [c for c in ("step", *names) if c not in columns]
+            if missing:
+                raise RunError(f"{path} is not an eta history: it lacks the column(s) {missing}")
+            rows = list(reader)
+        steps = [int(float(r["step"])) for r in rows]
+        return steps, {name: [float(r[name]) for r in rows] for name in names}
+    except (OSError, UnicodeDecodeError, csv.Error, TypeError, ValueError) as err:
+        if isinstance(err, RunError):
+            raise
+        raise RunError(f"{path} is not a readable eta history ({type(err).__name__}: {err})") from None
+
+
 def read_eta_history(run: LoadedRun) -> tuple[list[int], torch.Tensor]:
     """Recorded eta trajectory: steps ``(T,)`` and eta ``(T, K)`` in the units of T, from ``eta_history.csv`` or,
     when the file is missing, from the checkpoint."""
-    path = run.run_dir / "eta_history.csv"
+    path, names = run.run_dir / HISTORY_FILENAME, run.model_config.generator_names
     if path.is_file():
-        with open(path, newline="") as f:
-            rows = list(csv.DictReader(f))
+        steps, columns = read_history_csv(path, names)
     else:
         rows = list(run.checkpoint.state.get("eta_history", []))
-    steps = [int(float(r["step"])) for r in rows]
-    names = run.model_config.generator_names
-    eta = torch.tensor([[float(r[name]) for name in names] for r in rows]).reshape(len(rows), -1)
+        steps, columns = [int(r["step"]) for r in rows], {name: [float(r[name]) for r in rows] for name in names}
+    eta = torch.tensor([columns[name] for name in names]).T.reshape(len(steps), len(names))
     return steps, eta
 
 

@@ -26,14 +26,18 @@ from inference.checkpoint import (
     CHECKPOINT_DIRNAME,
     Checkpoint,
     NoCheckpointError,
+    atomic_write,
+    check_compatible,
     latest_checkpoint,
-    remove_checkpoints,
+    optimiser_changes,
 )
 from inference.config import CONFIG_FILENAME, RunConfig
 from inference.data import Split, load_datasets, validate_split
 from inference.eta_objectives import EtaObjective, eta_dict, eta_interval, split_holdout
 from inference.evaluate import accuracy_and_nll, average_draws, elbo_estimate, predictive_draws
-from inference.run_io import MODEL_FILENAME, build_model, export_model
+from inference.limits import check_memory, check_threads
+from inference.run_folder import HISTORY_FILENAME, METRICS_FILENAME, MODEL_FILENAME, claim, clear
+from inference.run_io import build_model, export_model
 from inference.state import CheckpointPolicy, FitResult
 from inference.svi import fit
 from models.network import InvariantNet
@@ -74,7 +78,8 @@ class EtaHistoryWriter:
 
 @dataclass(frozen=True)
 class RunControl:
-    """How (not what) to run: where, whether to resume, checkpointing, CPU threads, the progress bar."""
+    """How (not what) to run: where, whether to resume or replace the run there, checkpointing, CPU threads,
+    the progress bar."""
 
     out: Path
     resume: bool = False
@@ -82,24 +87,38 @@ class RunControl:
     keep_checkpoints: int = 3
     threads: int | None = None
     progress: bool = True
+    overwrite: bool = False
 
     def __post_init__(self) -> None:
         if self.checkpoint_every < 0 or self.keep_checkpoints < 1:
             raise ValueError("--checkpoint-every must be >= 0 and --keep-checkpoints >= 1")
-        if self.threads is not None and self.threads < 1:
-            raise ValueError(f"--threads must be a positive integer, got {self.threads}")
+        check_threads(self.threads)
 
 
 def run(cfg: RunConfig, control: RunControl) -> dict:
     """Train the run ``cfg`` describes into ``control.out`` (resuming from its newest checkpoint when
-    ``control.resume``), evaluate it and write ``config.json``, ``metrics.json`` and ``eta_history.csv``."""
-    device, out = resolve_device(cfg.device), control.out
+    ``control.resume``), evaluate it and write ``config.json``, ``metrics.json`` and ``eta_history.csv``.
+
+    The folder is held (:func:`inference.run_folder.claim`) from start to end: another process cannot write it, and
+    a run already there is continued (``resume``), replaced (``overwrite``: its files are removed once training
+    starts) or left alone (an error)."""
+    with claim(control.out, control.resume, control.overwrite) as out:
+        return _run(cfg, control, out)
+
+
+def _run(cfg: RunConfig, control: RunControl, out: Path) -> dict:
+    device = resolve_device(cfg.device)
     resume_from, skipped = None, []
     if control.resume:
         try:
             resume_from, skipped = latest_checkpoint(out / CHECKPOINT_DIRNAME)
         except NoCheckpointError as err:
-            raise NoCheckpointError(f"--resume {out}: {err}") from None
+            if not (out / CONFIG_FILENAME).is_file():
+                raise NoCheckpointError(f"--resume {out}: {err}") from None
+            # the run started but was killed before its first complete checkpoint: nothing to lose, start again
+            print(f"warning: {err}; the run in {out} starts again from step 0", file=sys.stderr)
+        else:
+            check_compatible(resume_from, cfg.training_dict())  # before loading data (again in fit, with its hash)
     if control.threads is not None:
         torch.set_num_threads(control.threads)
     pyro.set_rng_seed(cfg.train.seed)
@@ -107,24 +126,29 @@ def run(cfg: RunConfig, control: RunControl) -> dict:
     train, test = data.train, data.test
     for split, name in ((train, "training"), (test, "test")):  # once per dataset, not per step
         validate_split(split, cfg.model.image_shape, cfg.model.num_classes, name)
+    check_memory(cfg, len(train), len(test))
     heldout = None
     if cfg.train.eta_objective is EtaObjective.HELDOUT:  # the guide fits the rest, eta follows the held-out part
         train, heldout = split_holdout(train, cfg.train.eta_holdout, cfg.train.seed)
         heldout.x, heldout.y = heldout.x.to(device), heldout.y.to(device)
     train.x, train.y, test.x, test.y = (t.to(device) for t in (train.x, train.y, test.x, test.y))
     model, guide, evidence_guide = build_model(cfg, len(train), device)
-    history = EtaHistoryWriter(out / "eta_history.csv", cfg.model.generator_names)
+    history = EtaHistoryWriter(out / HISTORY_FILENAME, cfg.model.generator_names)
 
     def start(result: FitResult) -> None:  # fit accepted the checkpoint: only now is the run folder written
-        out.mkdir(parents=True, exist_ok=True)
+        if resume_from is None:
+            removed = clear(out)
+            if removed:
+                print(f"note: removed the earlier run's {', '.join(removed)} from {out}", file=sys.stderr)
+        else:
+            announce_resume(resume_from, skipped, cfg)
         cfg.save(out / CONFIG_FILENAME)  # what this run is, before anything is trained
         print(f"data: {data.info['dataset']} train={len(train)} test={len(test)} from {data.info['root']}"
               f"{'' if data.info['full_mnist'] else ' (subset, not full MNIST)'}", file=sys.stderr)
-        announce_start(out, resume_from, skipped)
         history.open(result.eta_history)
 
     policy = CheckpointPolicy(out / CHECKPOINT_DIRNAME, control.checkpoint_every, control.keep_checkpoints,
-                              config=cfg.training_dict())
+                              config=cfg.training_dict(), data_sha256=data.info["sha256"])
     try:
         result = fit(model, guide, train, cfg.train, on_record=history, progress=control.progress, on_start=start,
                      checkpoints=policy, start=resume_from, heldout=heldout, evidence_guide=evidence_guide)
@@ -134,7 +158,7 @@ def run(cfg: RunConfig, control: RunControl) -> dict:
                "final_train_loss": result.losses[-1], "resumed_from_step": getattr(resume_from, "step", None),
                "data": data.info, "config": cfg.to_dict()}
     export_model(out / MODEL_FILENAME, cfg, model, guide)  # usable without this code's training state
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    atomic_write(out / METRICS_FILENAME, json.dumps(metrics, indent=2).encode())
     print(json.dumps({k: metrics[k] for k in ("eta", "test_accuracy", "test_nll", "elbo_per_example",
                                                "elbo_stderr", "train_seconds")}, indent=2))
     return metrics
@@ -164,14 +188,13 @@ def evaluate(cfg: RunConfig, model: InvariantNet, guide: Callable, evidence_guid
     }
 
 
-def announce_start(out: Path, start: Checkpoint | None, skipped: list[Exception]) -> None:
-    """Say on stderr where training starts; a fresh run clears the checkpoints of an earlier run in ``out``."""
-    if start is None:
-        removed = remove_checkpoints(out / CHECKPOINT_DIRNAME)
-        if removed:
-            print(f"note: removed {removed} checkpoint(s) of an earlier run in {out / CHECKPOINT_DIRNAME} "
-                  "(pass --resume to continue a run instead)", file=sys.stderr)
-        return
+def announce_resume(start: Checkpoint, skipped: list[Exception], cfg: RunConfig) -> None:
+    """Say on stderr where training resumes, which newer checkpoints were unusable and which optimiser settings
+    the resumed run changes (:data:`inference.checkpoint.RESUMABLE_CHANGES`)."""
     for err in skipped:
         print(f"warning: skipping {err}", file=sys.stderr)
     print(f"resuming from {start.path} (step {start.step})", file=sys.stderr)
+    changed = [f"{name} {a} -> {b}" for name, a, b in optimiser_changes(start.config, cfg.training_dict())]
+    if changed:
+        print(f"note: resuming with changed optimiser settings ({'; '.join(changed)}): from here on the run differs "
+              "from an uninterrupted one", file=sys.stderr)

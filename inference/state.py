@@ -19,7 +19,13 @@ import pyro.util
 import torch
 from pyro import poutine
 
-from inference.checkpoint import Checkpoint, IncompatibleCheckpointError, check_compatible, save_checkpoint
+from inference.checkpoint import (
+    Checkpoint,
+    CorruptCheckpointError,
+    IncompatibleCheckpointError,
+    check_compatible,
+    save_checkpoint,
+)
 from inference.draws import blank_image
 from inference.optim import ParamAdam, named_params
 from inference.stopping import NonFiniteError
@@ -53,12 +59,15 @@ class CheckpointPolicy:
         What defines the run, stamped (with its hash) on every checkpoint; a resumed run must match it. A
         run of :mod:`inference.runner` gives :meth:`inference.config.RunConfig.training_dict`; by default
         ``fit`` uses the model's config, its ``TrainConfig`` and the number of training examples.
+    data_sha256 : str, optional
+        Hash of the data's content (:func:`inference.data.content_sha256`); a resumed run must train on the same.
     """
 
     directory: str | Path
     every: int = 100
     keep: int = 3
     config: Mapping | None = None
+    data_sha256: str | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.every, bool) or not isinstance(self.every, int) or self.every < 0:
@@ -102,6 +111,19 @@ def capture_training_state(step: int, result: FitResult, optim: ParamAdam, model
             "seconds": float(result.seconds)}
 
 
+STATE_KEYS = ("step", "num_data", "model", "guides", "optimizer", "rng", "losses", "eta_history", "seconds")
+"""What :func:`capture_training_state` records."""
+
+
+def check_state(checkpoint: Checkpoint, keys: Sequence[str] = STATE_KEYS) -> dict[str, Any]:
+    """``checkpoint.state`` if it holds ``keys``; else a :class:`CorruptCheckpointError` naming the missing ones."""
+    missing = [key for key in keys if key not in checkpoint.state]
+    if missing:
+        raise CorruptCheckpointError(f"checkpoint {checkpoint.path} lacks {missing}: it was not written by "
+                                     "inference.train's fit")
+    return checkpoint.state
+
+
 def load_modules(state: Mapping[str, Any], model: InvariantNet, guides: Sequence[Callable],
                  trained: Sequence[Callable] | None = None) -> None:
     """Load the model's and the guides' ``state_dict``s from ``state`` (:func:`capture_training_state`).
@@ -132,11 +154,13 @@ def load_modules(state: Mapping[str, Any], model: InvariantNet, guides: Sequence
 
 
 def restore_training_state(start: Checkpoint, config: Mapping, model: InvariantNet, guides: Sequence[Callable],
-                           optim: ParamAdam, trained: Sequence[Callable] | None = None) -> tuple[int, FitResult]:
-    """Resume from ``start``: refuse it unless it was written with ``config``, then load its state into the model,
-    the guides (see :func:`load_modules`), ``optim`` and the RNGs; returns its step and history so far."""
-    check_compatible(start, config)
-    state = start.state
+                           optim: ParamAdam, trained: Sequence[Callable] | None = None,
+                           data_sha256: str | None = None) -> tuple[int, FitResult]:
+    """Resume from ``start``: refuse it unless it was written with ``config`` and data of hash ``data_sha256``, then
+    load its state into the model, the guides (see :func:`load_modules`), ``optim`` (at ``optim``'s learning rates,
+    which may differ: :data:`inference.checkpoint.RESUMABLE_CHANGES`) and the RNGs; returns its step and history."""
+    check_compatible(start, config, data_sha256)
+    state = check_state(start)
     load_modules(state, model, guides, trained)
     try:
         optim.load_state_dict(state["optimizer"], named_params(model, *guides))
@@ -167,6 +191,7 @@ class Checkpointer:
             return None
         if bad:
             raise NonFiniteError(f"non-finite parameter(s) {bad}", step, self.last_path)
-        self.last_path = save_checkpoint(self.policy.directory, step, state, self.config, keep=self.policy.keep)
+        self.last_path = save_checkpoint(self.policy.directory, step, state, self.config, keep=self.policy.keep,
+                                         data_sha256=self.policy.data_sha256)
         self.last_step = step
         return self.last_path

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import signal
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -301,7 +302,8 @@ def fit(
         # of its parameters, and they are created then, from the same random stream as in an unbroken run
         phase1 = cfg.sequential and start.step <= cfg.num_steps
         done, result = restore_training_state(start, config, model, guides, optim,
-                                              [evidence_guide] if phase1 else guides)
+                                              [evidence_guide] if phase1 else guides,
+                                              checkpoints.data_sha256 if checkpoints is not None else None)
     if on_start is not None:
         on_start(result)
     saver = Checkpointer(checkpoints, config, cfg.total_steps, start)
@@ -340,14 +342,15 @@ def fit(
                     callback(step, loss)
                 if saver.due(step):
                     saver.save(step, state_now(step), nonfinite_params(optim))
-                if interrupt.requested:
+                if interrupt.requested is not None:
                     raise KeyboardInterrupt
     except KeyboardInterrupt:
         if checkpoints is not None and not in_step and done > 0 and saver.last_step != done:
             # the state after `done` steps is complete: keep it
             saver.save(done, state_now(done), nonfinite_params(optim))
         saved = checkpoints is not None and saver.last_step == done
-        raise TrainingInterrupted(done, cfg.total_steps, saver.last_path, saved) from None
+        raise TrainingInterrupted(done, cfg.total_steps, saver.last_path, saved,
+                                  interrupt.requested or signal.SIGINT) from None
     finally:
         bar.close()
     result.seconds = seconds_before + time.perf_counter() - clock

@@ -9,9 +9,12 @@ NLL, ELBO per example, training time, data provenance and the full config),
 ``OUT/eta_history.csv`` (step, one column per generator) and ``OUT/checkpoints/step-*.pt``
 (every ``--checkpoint-every`` steps, at the last step and on Ctrl-C).
 
-Ctrl-C finishes the current step, saves a checkpoint and prints the command that continues the
-run: the same arguments plus ``--resume OUT``. The resumed run ends where an uninterrupted run
-with the same seed ends; a checkpoint from different settings is refused.
+Ctrl-C (or SIGTERM, SIGHUP) finishes the current step, saves a checkpoint and prints the command
+that continues the run: ``--resume OUT``. The resumed run ends where an uninterrupted run with the
+same seed ends; a checkpoint from different settings or data is refused, except for the learning
+rates (``--resume OUT --lr 0.0005`` goes on at a lower rate, e.g. after a divergence). A folder that
+already holds a run is refused unless ``--resume`` or ``--overwrite`` is given, and one held by
+another process is refused.
 """
 
 from __future__ import annotations
@@ -29,14 +32,11 @@ from inference.checkpoint import (
     CHECKPOINT_DIRNAME,
     list_checkpoints,
 )
-from inference.config import CONFIG_FILENAME, EvalConfig, GuideConfig, RunConfig
-from inference.data import (
-    CorruptDataError,
-    DataConfig,
-    DataNotFoundError,
-    DatasetName,
-)
+from inference.cli import one_line, run_cli
+from inference.config import CONFIG_FILENAME, EvalConfig, GuideConfig, RunConfig, derive
+from inference.data import DataConfig, DatasetName
 from inference.eta_objectives import EtaObjective, EvidenceSchedule
+from inference.run_folder import check_out
 from inference.runner import RunControl, run
 from inference.stopping import TrainingInterrupted
 from inference.svi import TrainConfig
@@ -147,7 +147,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "group may be given")
     g.add_argument("--out", default=None, help="output directory (required unless --resume is given)")
     g.add_argument("--resume", default=None, metavar="DIR",
-                   help="continue the run in DIR from its newest valid checkpoint (pass the run's original arguments)")
+                   help="continue the run in DIR from its newest valid checkpoint, with its settings (config.json); "
+                   "only the learning rates (--lr, --eta-lr, --evidence-lr) may be changed")
+    g.add_argument("--overwrite", action="store_true",
+                   help="replace the run in --out: its files are removed once the new run starts training")
     g.add_argument("--checkpoint-every", type=int, default=100, metavar="N",
                    help="save a checkpoint every N steps (0: only at the end and on Ctrl-C)")
     g.add_argument("--keep-checkpoints", type=int, default=3, metavar="K", help="keep the newest K checkpoints")
@@ -159,8 +162,13 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-RUN_CONTROL = frozenset({"config", "out", "resume", "checkpoint_every", "keep_checkpoints", "threads", "no_progress"})
+RUN_CONTROL = frozenset({"config", "out", "resume", "overwrite", "checkpoint_every", "keep_checkpoints", "threads",
+                         "no_progress"})
 """Flags that say how to run, not what: the only ones that go with ``--config``."""
+
+
+RESUME_OVERRIDES = {"--lr": "lr", "--eta-lr": "eta_lr", "--evidence-lr": "evidence_lr"}
+"""The flags that may change a resumed run (:data:`inference.checkpoint.RESUMABLE_CHANGES`), to TrainConfig fields."""
 
 
 @functools.cache
@@ -194,8 +202,10 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
                              "a setting)")
         return RunConfig.load(args.config)
     saved = Path(args.resume) / CONFIG_FILENAME if getattr(args, "resume", None) is not None else None
-    if saved is not None and not given and saved.is_file():  # `--resume DIR` alone: the run DIR describes
-        return RunConfig.load(saved)
+    if saved is not None and saved.is_file() and set(given) <= set(RESUME_OVERRIDES):
+        # `--resume DIR [--lr X]`: the run DIR describes, at the learning rates given
+        cfg = RunConfig.load(saved)
+        return derive(cfg, train={RESUME_OVERRIDES[flag]: getattr(args, RESUME_OVERRIDES[flag]) for flag in given})
     data = DataConfig(dataset=args.dataset, data_dir=args.data_dir, allow_download=args.download,
                       train_size=args.train_size, test_size=args.test_size, rotation_deg=args.rotation_deg,
                       translation_px=args.translation_px, log_scale=args.log_scale, data_seed=args.data_seed)
@@ -227,6 +237,9 @@ def output_dir(args: argparse.Namespace) -> Path:
     """``--resume DIR`` or ``--out DIR``; both must name the same directory when both are given."""
     if args.resume is None and args.out is None:
         raise ValueError("one of --out DIR or --resume DIR is required")
+    for value in (args.out, args.resume):
+        if value is not None:
+            check_out(value)
     if args.resume is not None and args.out is not None and Path(args.out).resolve() != Path(args.resume).resolve():
         raise ValueError(f"--out {args.out} and --resume {args.resume} name different directories; "
                          "a resumed run continues in its own directory")
@@ -243,7 +256,7 @@ def parse_device(text: str) -> str:
 def control_from_args(args: argparse.Namespace) -> RunControl:
     """The run-control flags as a :class:`RunControl`."""
     return RunControl(output_dir(args), args.resume is not None, args.checkpoint_every, args.keep_checkpoints,
-                      args.threads, not args.no_progress)
+                      args.threads, not args.no_progress, args.overwrite)
 
 
 def main(args: argparse.Namespace) -> dict:
@@ -251,16 +264,13 @@ def main(args: argparse.Namespace) -> dict:
     return run(config_from_args(args), control_from_args(args))
 
 
-def resume_command(argv: list[str], run_dir: str) -> str:
-    """The command line that continues the run: the original arguments plus ``--resume``."""
-    args = list(argv)
-    if not any(a == "--resume" or a.startswith("--resume=") for a in args):
-        args += ["--resume", run_dir]
-    return shlex.join([Path(sys.executable).name, "-m", "inference.train", *args])
+def resume_command(run_dir: str, *extra: str) -> str:
+    """The command line that continues the run in ``run_dir`` (its settings are in its config.json)."""
+    return shlex.join([Path(sys.executable).name, "-m", "inference.train", "--resume", str(run_dir), *extra])
 
 
-def interrupt_message(err: KeyboardInterrupt, args: argparse.Namespace, argv: list[str]) -> str:
-    """One line for Ctrl-C: where training stopped, what was saved, how to continue."""
+def interrupt_message(err: KeyboardInterrupt, args: argparse.Namespace) -> str:
+    """One line for Ctrl-C or a termination signal: where training stopped, what was saved, how to continue."""
     run_dir = args.resume if args.resume is not None else args.out
     if isinstance(err, TrainingInterrupted):
         text = str(err)
@@ -270,45 +280,40 @@ def interrupt_message(err: KeyboardInterrupt, args: argparse.Namespace, argv: li
         has_checkpoint = bool(newest)
         text = "interrupted" + (f"; the newest checkpoint is {newest[-1][1]}" if newest else "; nothing was saved")
     if has_checkpoint:
-        text += f"; continue with: {resume_command(argv, run_dir)}"
+        text += f"; continue with: {resume_command(run_dir)}"
     return text
 
 
-def one_line(err: BaseException) -> str:
-    """The first line of an error message (torch's validation errors append tensor dumps)."""
-    lines = [line for line in str(err).strip().splitlines() if line.strip()]
-    if not lines:
-        return type(err).__name__
-    return lines[0] + (" [...]" if len(lines) > 1 else "")
-
-
-USER_ERRORS = (DataNotFoundError, CorruptDataError, ValueError, FloatingPointError, OSError)
-"""Errors caused by the arguments, the data or the machine, reported in one line (``ValueError`` covers
-bad settings, invalid data and unusable checkpoints; ``FloatingPointError`` a diverged run)."""
+def divergence_message(err: FloatingPointError, args: argparse.Namespace) -> str:
+    """One line for a diverged run, with the command that continues it from the last good checkpoint at half the
+    learning rates."""
+    text = one_line(err)
+    run_dir = args.resume if args.resume is not None else args.out
+    if getattr(err, "last_checkpoint", None) is None or run_dir is None:
+        return text
+    cfg = config_from_args(args).train
+    lower = ["--lr", f"{cfg.lr / 2:g}", "--eta-lr", f"{cfg.eta_lr / 2:g}"]
+    if cfg.evidence_lr is not None:
+        lower += ["--evidence-lr", f"{cfg.evidence_lr / 2:g}"]
+    return f"{text}; e.g.: {resume_command(run_dir, *lower)}"
 
 
 def cli(argv: list[str] | None = None) -> int:
-    """Console entry point: user errors become one-line messages and exit code 2; Ctrl-C exits 130.
+    """Console entry point (:func:`inference.cli.run_cli`): one-line messages for user errors and stop signals.
 
     Returns
     -------
     int
-        0 on success, 2 on a user error, 130 when interrupted (after saving a checkpoint).
+        0 on success, 2 on a user error, 128 + the signal's number when interrupted (after saving a checkpoint):
+        130 for Ctrl-C, 143 for SIGTERM, 129 for SIGHUP.
     """
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.out is None and args.resume is None:
         parser.error("one of --out DIR or --resume DIR is required")
-    try:
-        main(args)
-    except KeyboardInterrupt as err:
-        print(interrupt_message(err, args, argv), file=sys.stderr)
-        return 130
-    except USER_ERRORS as err:
-        print(f"error: {one_line(err)}", file=sys.stderr)
-        return 2
-    return 0
+    return run_cli(main, args, lambda err: interrupt_message(err, args),
+                   lambda err: divergence_message(err, args) if isinstance(err, FloatingPointError) else one_line(err))
 
 
 if __name__ == "__main__":

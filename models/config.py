@@ -123,8 +123,9 @@ class ModelConfig:
             check_positive_int(name, getattr(self, name))
         if len(self.image_shape) != 3 or min(self.image_shape) < 1:
             raise ValueError(f"image_shape must be (C, H, W) with positive sizes, got {self.image_shape}")
-        if not (math.isfinite(self.rff_blur) and self.rff_blur >= 0):
-            raise ValueError(f"rff_blur must be >= 0 and finite, got {self.rff_blur}")
+        if not (math.isfinite(self.rff_blur) and 0 <= self.rff_blur <= max(self.image_shape[1:])):
+            raise ValueError(f"rff_blur must be between 0 and the image's size ({max(self.image_shape[1:])} px: a "
+                             f"wider blur is flat over the image), got {self.rff_blur}")
         for name in ("eta_init", "prior_scale", "rff_scale", "noise_scale"):  # eta is a positive parameter
             check_positive_float(name, getattr(self, name))
 

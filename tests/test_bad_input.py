@@ -145,7 +145,7 @@ def test_bad_sizes_and_names_raise_value_error(make, message):
         (["--hidden", "-8"], "hidden must be a positive integer, got -8"),
         (["--eval-transforms", "-1"], "--eval-transforms, --eval-samples and --elbo-passes must be positive integers"),
         (["--elbo-passes", "0"], "--eval-transforms, --eval-samples and --elbo-passes must be positive integers"),
-        (["--rff-blur", "-1"], "rff_blur must be >= 0 and finite"),
+        (["--rff-blur", "-1"], "rff_blur must be between 0 and the image's size"),
         (["--lr", "nan"], "lr must be > 0 and finite, got nan"),
         (["--eta-lr", "inf"], "eta_lr must be > 0 and finite, got inf"),
         (["--eta-init-deg", "-5"], "eta_init must be > 0 and finite"),

@@ -137,13 +137,13 @@ def test_sweep_summary_picks_the_best_fixed_angle_and_judges_the_gap_by_the_seed
 def test_presets_set_defaults_and_explicit_flags_win():
     args = compare.parse_args(["--preset", "table1", "--out", "x", "--num-steps", "7"])
     assert (args.first_layer, args.rff_scale, args.rff_blur, args.prior_scale) == ("rff", 8.0, 1.0, 4.0)
-    assert args.configs == "" and args.sweep_deg == "5,45,90,135,175" and args.num_steps == 7
+    assert args.configs == "" and args.sweep_deg == (5, 45, 90, 135, 175) and args.num_steps == 7
     planned = compare.plan(args)
     assert [(d, c) for d, c, _, _ in planned[:6]] == [("rotated", n) for n in ("fixed-5", "fixed-45", "fixed-90",
                                                                                "fixed-135", "fixed-175", "learned")]
     assert {d for d, *_ in planned} == {"rotated", "partially-rotated", "regular"} and len(planned) == 18
     plain = compare.parse_args(["--out", "x"])
-    assert plain.first_layer == "relu" and plain.configs == "elbo,map,ml" and plain.sweep_deg == ""
+    assert plain.first_layer == "relu" and plain.configs == "elbo,map,ml" and plain.sweep_deg == ()
     assert [(d, c, s) for d, c, s, _ in compare.plan(plain)] == [("", "elbo", 0), ("", "map", 0), ("", "ml", 0)]
 
 

@@ -56,7 +56,7 @@ def test_summary_gives_mean_and_std_over_seeds_and_no_ratio_at_zero():
 
 def test_bad_arguments_are_one_line_errors(tmp_path):
     for flags, message in ((["--families", "shear"], "unknown or no families"),
-                           (["--rotation-grid", "-5"], "needs extents >= 0")):
+                           (["--rotation-grid", "-5"], "expected distinct finite numbers >= 0")):
         proc = subprocess.run([sys.executable, "-m", "inference.extents", "--out", str(tmp_path), *flags], cwd=ROOT,
                               capture_output=True, text=True, timeout=120)
         assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr

@@ -186,13 +186,23 @@ def test_out_and_resume_must_agree(data_dir, tmp_path, capsys):
     assert info.value.code == 2 and "one of --out DIR or --resume DIR is required" in capsys.readouterr().err
 
 
-def test_fresh_run_clears_checkpoints_of_an_earlier_run(reference, data_dir, tmp_path, capsys):
+def test_a_run_folder_is_refused_unless_resumed_or_overwritten_and_never_mixed(reference, data_dir, tmp_path, capsys):
     out = tmp_path / "reused"
     shutil.copytree(reference, out)
+    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
     capsys.readouterr()
-    assert cli(args_for(data_dir, "--out", str(out), steps=3)) == 0
-    assert "note: removed 3 checkpoint(s) of an earlier run" in capsys.readouterr().err
+    assert cli(args_for(data_dir, "--out", str(out), steps=3)) == 2  # without --overwrite: nothing touched
+    lines = stderr_lines(capsys)
+    assert len(lines) == 1 and "already holds a run" in lines[0] and "--overwrite" in lines[0]
+    assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    (out / "notes.txt").write_text("mine")  # not a run's file: neither counted nor removed
+    assert cli(args_for(data_dir, "--out", str(out), "--overwrite", steps=3)) == 0
+    assert "note: removed the earlier run's" in capsys.readouterr().err
     assert [s for s, _ in list_checkpoints(out / "checkpoints")] == [3]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["config"]["train"]["num_steps"] == 3 and (out / "notes.txt").read_text() == "mine"
+    steps = [int(r.split(",")[0]) for r in (out / "eta_history.csv").read_text().splitlines()[1:]]
+    assert max(steps) == 3  # the history is the new run's alone
 
 
 def test_divergence_names_step_and_kept_checkpoint_in_one_line(data_dir, tmp_path, capsys):

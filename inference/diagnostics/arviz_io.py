@@ -6,7 +6,9 @@ here, so that a move to ArviZ 1.x stays local.
 
 from __future__ import annotations
 
+import os
 import re
+import tempfile
 import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
@@ -14,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import platformdirs
 import pyro.distributions as dist
 import torch
 import xarray as xr
@@ -22,9 +25,33 @@ from inference.draws import GuideDraws, draw_posterior, predictive_outputs
 from models.network import InvariantNet
 from models.priors import EtaPrior
 
-with warnings.catch_warnings():  # ArviZ 0.2x announces its 1.x refactor once a day on import
-    warnings.filterwarnings("ignore", message=r"\s*ArviZ is undergoing a major refactor", category=FutureWarning)
-    import arviz as az
+
+def _import_arviz() -> Any:
+    """``import arviz``. ArviZ 0.2x announces its 1.x refactor once a day on import, and writes a stamp under the
+    user's cache folder for it; where that folder cannot be written (a read-only home, a container), the import
+    fails. Then the stamp goes to a temporary folder (``XDG_CACHE_HOME`` for the import only)."""
+    cache = Path(platformdirs.user_cache_dir("arviz", "arviz"))
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+        writable = os.access(cache, os.W_OK)
+    except OSError:
+        writable = False
+    before = os.environ.get("XDG_CACHE_HOME")
+    with warnings.catch_warnings(), tempfile.TemporaryDirectory() as scratch:
+        warnings.filterwarnings("ignore", message=r"\s*ArviZ is undergoing a major refactor", category=FutureWarning)
+        if not writable:
+            os.environ["XDG_CACHE_HOME"] = scratch
+        try:
+            import arviz
+        finally:
+            if not writable and before is None:
+                del os.environ["XDG_CACHE_HOME"]
+            elif not writable:
+                os.environ["XDG_CACHE_HOME"] = before
+    return arviz
+
+
+az = _import_arviz()
 
 SITE_DIMS: dict[str, tuple[str, ...]] = {
     "W1": ("hidden", "pixel"), "b1": ("hidden",), "W2": ("class", "hidden"), "b2": ("class",),
