@@ -118,8 +118,9 @@ def run(cfg: RunConfig, control: RunControl) -> dict:
     def start(result: FitResult) -> None:  # fit accepted the checkpoint: only now is the run folder written
         out.mkdir(parents=True, exist_ok=True)
         cfg.save(out / CONFIG_FILENAME)  # what this run is, before anything is trained
-        print(f"data: {data.info['dataset']} train={len(train)} test={len(test)} from {data.info['root']}"
-              f"{'' if data.info['full_mnist'] else ' (subset, not full MNIST)'}", file=sys.stderr)
+        part = "" if data.info["full_set"] else f" (a part, not the full {data.info['source']})"
+        print(f"data: {data.info['dataset']} train={len(train)} test={len(test)} from {data.info['root']}{part}",
+              file=sys.stderr)
         announce_start(out, resume_from, skipped)
         history.open(result.eta_history)
 

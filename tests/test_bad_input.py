@@ -21,6 +21,7 @@ from inference.evaluate import accuracy_and_nll
 from inference.svi import TrainConfig, fit
 from inference.train import cli
 from models import InvariantNet, ModelConfig
+from tests.made_data import idx_bytes
 
 IMAGE = (1, 5, 5)
 N = 8
@@ -178,11 +179,6 @@ def test_cli_unknown_names_are_argparse_errors(tmp_path, capsys, flag, value, me
     assert info.value.code == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
-
-
-def idx_bytes(array: torch.Tensor) -> bytes:
-    header = bytes([0, 0, 0x08, array.dim()]) + b"".join(int(s).to_bytes(4, "big") for s in array.shape)
-    return header + array.to(torch.uint8).contiguous().numpy().tobytes()
 
 
 def write_root(root: Path, image_hw: tuple[int, int] = (28, 28), labels: torch.Tensor | None = None) -> Path:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gzip
 from pathlib import Path
 
 import pytest
@@ -14,23 +13,10 @@ from inference.data import (
     DataNotFoundError,
     DatasetName,
     load_datasets,
-    read_idx,
     resolve_data_dir,
 )
-
-
-def idx_bytes(array: torch.Tensor, type_code: int = 0x08) -> bytes:
-    header = bytes([0, 0, type_code, array.dim()]) + b"".join(int(s).to_bytes(4, "big") for s in array.shape)
-    return header + array.to(torch.uint8).contiguous().numpy().tobytes()
-
-
-def write_idx(path: Path, payload: bytes) -> Path:
-    if path.suffix == ".gz":
-        with gzip.open(path, "wb") as f:
-            f.write(payload)
-    else:
-        path.write_bytes(payload)
-    return path
+from inference.sources import Source, read_idx
+from tests.made_data import idx_bytes, write_idx
 
 
 # --------------------------------------------------------------------------- read_idx
@@ -132,7 +118,7 @@ def test_tiny_synthetic_root_loads(tmp_path):
     data = load_datasets(DataConfig(dataset="mnist", data_dir=str(tmp_path)))
     assert data.train.x.shape == (20, 1, 28, 28) and data.test.x.shape == (10, 1, 28, 28)
     assert data.train.x.dtype == torch.float32 and data.train.y.dtype == torch.int64
-    assert data.info["full_mnist"] is False
+    assert data.info["full_set"] is False
 
 
 def test_resolve_data_dir_precedence(monkeypatch, tmp_path):
@@ -147,12 +133,12 @@ def test_resolve_data_dir_precedence(monkeypatch, tmp_path):
 def test_data_config_rejects_nonpositive_sizes(field):
     with pytest.raises(ValueError, match=f"{field} must be a positive integer"):
         DataConfig(**{field: 0})
-    with pytest.raises(ValueError):
-        DataConfig(dataset="fashion-mnist")
+    with pytest.raises(ValueError, match="unknown dataset 'svhn'"):
+        DataConfig(dataset="svhn")
 
 
 # --------------------------------------------------------------------------- real (shared) MNIST subset
-@pytest.mark.parametrize("dataset", list(DatasetName), ids=lambda d: d.value)
+@pytest.mark.parametrize("dataset", [d for d in DatasetName if d.source is Source.MNIST], ids=lambda d: d.value)
 def test_load_datasets_balanced_shapes_and_range(data_dir, dataset):
     data = load_datasets(DataConfig(dataset=dataset, data_dir=str(data_dir), train_size=100, test_size=50))
     for split, n in ((data.train, 100), (data.test, 50)):
@@ -160,10 +146,11 @@ def test_load_datasets_balanced_shapes_and_range(data_dir, dataset):
         assert split.x.dtype == torch.float32 and split.y.dtype == torch.int64
         assert split.x.min() >= 0.0 and split.x.max() <= 1.0
         assert torch.equal(torch.bincount(split.y, minlength=10), torch.full((10,), n // 10))
+        assert not torch.equal(split.y, torch.sort(split.y).values)  # shuffled: the source is stored by class
         assert split.x.is_contiguous()
     assert data.info["train_size"] == 100 and data.info["test_size"] == 50
     assert data.info["dataset"] == dataset.value
-    assert data.info["full_mnist"] is False  # the shared data is a 4000 / 1000 subset
+    assert data.info["full_set"] is False  # the shared data is a 4000 / 1000 subset
     assert data.info["available_train"] < 60000 and data.info["available_test"] < 10000
     assert Path(data.info["root"]) == data_dir.resolve()
 
