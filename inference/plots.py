@@ -84,7 +84,7 @@ def invariant_filters(
 
 def _image_grid(fig: Figure, images: np.ndarray, ncols: int, titles: Sequence[str] | None = None,
                 symmetric: bool = True, cmap: str = "RdBu_r") -> list[Axes]:
-    """Images ``(n, C, H, W)`` in a grid of ``ncols`` columns, one colour scale per image (:func:`_show_image`)."""
+    """Images ``(n, C, H, W)`` in a grid of ``ncols`` columns, one colour scale per image (:func:`show_image`)."""
     n = images.shape[0]
     nrows = max(1, math.ceil(n / ncols))
     axes = fig.subplots(nrows, ncols, squeeze=False)
@@ -94,16 +94,17 @@ def _image_grid(fig: Figure, images: np.ndarray, ncols: int, titles: Sequence[st
         if i >= n:
             ax.set_axis_off()
             continue
-        _show_image(ax, images[i], symmetric, cmap)
+        show_image(ax, images[i], symmetric, cmap)
         if titles is not None:
             ax.set_title(titles[i], fontsize=7)
     return [ax for ax in axes.flat][:n]
 
 
-def _show_image(ax: Axes, img: np.ndarray, symmetric: bool, cmap: str) -> None:
-    """One image ``(C, H, W)``: three channels in colour (RGB; signed values, ``symmetric``, around mid-grey
-    at 0, scaled by the image's largest magnitude), otherwise the channel mean with ``cmap`` (``symmetric``:
-    blue < 0 < red on a scale centred at 0)."""
+def show_image(ax: Axes, img: np.ndarray | torch.Tensor, symmetric: bool = False, cmap: str = "gray") -> None:
+    """Draw one image ``(C, H, W)`` on ``ax``: three channels in colour (RGB; signed values, ``symmetric``, around
+    mid-grey at 0, scaled by the image's largest magnitude), otherwise the channel mean with ``cmap``
+    (``symmetric``: on a scale centred at 0). Pictures of any dataset, MNIST's or CIFAR-10's, go through here."""
+    img = _as_numpy(img)
     if img.shape[0] == 3:
         rgb = np.moveaxis(img, 0, -1)
         if symmetric:
