@@ -305,19 +305,20 @@ def load_datasets(cfg: DataConfig) -> Datasets:
     """
     root = resolve_data_dir(cfg.data_dir)
     source = SOURCES[cfg.dataset.source]
-    raw = load_source(cfg.dataset.source, root, cfg.allow_download)
+    raw = load_source(cfg.dataset.source, root, cfg.allow_download)  # split -> (images, labels)
+    available = (len(raw["train"][1]), len(raw["test"][1]))
     info = {
         "dataset": cfg.dataset.value,
         "source": source.title,
         "root": str(root.resolve()),
-        "available_train": len(raw["train"]),
-        "available_test": len(raw["test"]),
-        "full_set": (len(raw["train"]), len(raw["test"])) == source.full_sizes,
+        "available_train": available[0],
+        "available_test": available[1],
+        "full_set": available == source.full_sizes,
     }
     splits = {}
     for i, (name, size) in enumerate((("train", cfg.train_size), ("test", cfg.test_size))):
         gen = torch.Generator().manual_seed(2 * cfg.data_seed + i)  # one stream per split
-        images, labels = raw[name].images, raw[name].labels
+        images, labels = raw[name]
         if size is not None and size < len(labels):
             idx = balanced_subset(labels, size, gen)
             images, labels = images[idx], labels[idx]

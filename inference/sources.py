@@ -81,15 +81,8 @@ SOURCES: dict[Source, SourceInfo] = {
 }
 
 
-@dataclass
-class RawSplit:
-    """One split as stored: images ``uint8 (N, C, H, W)`` and labels ``int64 (N,)`` in ``[0, 10)``."""
-
-    images: torch.Tensor
-    labels: torch.Tensor
-
-    def __len__(self) -> int:
-        return int(self.labels.shape[0])
+RawSplit = tuple[torch.Tensor, torch.Tensor]
+"""One split as stored: images ``uint8 (N, C, H, W)`` and labels ``int64 (N,)`` in ``[0, 10)``."""
 
 
 def read_idx(path: str | os.PathLike) -> torch.Tensor:
@@ -150,7 +143,7 @@ def load_source(source: Source, root: Path, allow_download: bool = False) -> dic
 
 
 def _check_split(info: SourceInfo, split: str, raw: RawSplit, folder: Path) -> None:
-    x, y = raw.images, raw.labels
+    x, y = raw
     if x.dim() != 4 or y.dim() != 1 or x.shape[0] != y.shape[0]:
         raise CorruptDataError(f"{info.title} {split} images {tuple(x.shape)} and labels {tuple(y.shape)} disagree")
     if x.numel() == 0:
@@ -194,7 +187,7 @@ def _read_idx_pair(info: SourceInfo, folder: Path) -> dict[str, RawSplit]:
         if x.dim() != 3 or y.dim() != 1 or x.shape[0] != y.shape[0]:
             raise CorruptDataError(f"{info.title} {split} images {tuple(x.shape)} and labels {tuple(y.shape)} "
                                    "disagree")
-        splits[split] = RawSplit(x.unsqueeze(1), y.long())  # (N, 1, H, W)
+        splits[split] = (x.unsqueeze(1), y.long())  # (N, 1, H, W)
     return splits
 
 
@@ -228,5 +221,5 @@ def _read_cifar10(root: Path, folder: Path) -> dict[str, RawSplit]:
             raise CorruptDataError(f"cannot read CIFAR-10 {split} batches under {folder}: "
                                    f"{type(err).__name__}: {err}") from None
         images = torch.from_numpy(dataset.data).permute(0, 3, 1, 2)  # HWC -> (N, 3, 32, 32), a view, no copy
-        splits[split] = RawSplit(images, torch.as_tensor(dataset.targets, dtype=torch.long))
+        splits[split] = (images, torch.as_tensor(dataset.targets, dtype=torch.long))
     return splits

@@ -119,7 +119,7 @@ def test_evaluation_rejects_labels_out_of_range():
         (lambda: TrainConfig(lr=float("nan")), "lr must be > 0 and finite, got nan"),
         (lambda: TrainConfig(betas=(0.9, 1.0)), "betas must be two numbers in [0, 1)"),
         (lambda: TrainConfig(seed=-1), "seed must be an integer in [0, 2**32)"),
-        (lambda: DataConfig(dataset="fashion-mnist"), "unknown dataset 'fashion-mnist'; choose from"),
+        (lambda: DataConfig(dataset="svhn"), "unknown dataset 'svhn'; choose from"),
         (lambda: DataConfig(rotation_deg=float("nan")), "rotation_deg must be a number in [0, 360], got nan"),
         (lambda: DataConfig(train_size=-5), "train_size must be a positive integer, got -5"),
         (lambda: make_guide(tiny_model(), "laplace"), "'laplace' is not a valid GuideKind; guides:"),
@@ -168,7 +168,7 @@ def test_cli_bad_numbers_are_one_line_errors(tmp_path, capsys, extra, message):
 @pytest.mark.parametrize(
     ("flag", "value", "message"),
     [
-        ("--dataset", "fashion-mnist", "argument --dataset: invalid DatasetName value: 'fashion-mnist'"),
+        ("--dataset", "svhn", "argument --dataset: invalid DatasetName value: 'svhn'"),
         ("--guide", "laplace", "argument --guide: invalid GuideKind value: 'laplace'"),
         ("--hidden", "ten", "argument --hidden: invalid int value: 'ten'"),
     ],
