@@ -2,14 +2,14 @@
 
 Under the data root (``--data-dir`` > ``$INVW_DATA_DIR`` > ``./data``, :func:`inference.data.resolve_data_dir`):
 
-=============  ==============================  ====================================================
-source         files                           read by
-=============  ==============================  ====================================================
-MNIST          ``MNIST/raw/*-ubyte[.gz]``      :func:`read_idx` (checked idx reader)
-Fashion-MNIST  ``FashionMNIST/raw/*-ubyte[.gz]``  :func:`read_idx`, the same four file names as MNIST
-CIFAR-10       ``cifar-10-batches-py/``        ``torchvision.datasets.CIFAR10`` (``data_batch_1..5``,
-                                               ``test_batch``, ``batches.meta``: pickles)
-=============  ==============================  ====================================================
+=============  =================================  =================================================
+source         files                              read by
+=============  =================================  =================================================
+MNIST          ``MNIST/raw/*-ubyte[.gz]``         :func:`read_idx` (checked idx reader)
+Fashion-MNIST  ``FashionMNIST/raw/*-ubyte[.gz]``  :func:`read_idx`; the same four file names as MNIST
+CIFAR-10       ``cifar-10-batches-py/``           ``torchvision.datasets.CIFAR10`` (``data_batch_1..5``,
+                                                  ``test_batch``, ``batches.meta``: pickles)
+=============  =================================  =================================================
 
 With ``allow_download`` a missing source is fetched by torchvision's own class (``MNIST``, ``FashionMNIST``,
 ``CIFAR10`` with ``download=True``), which puts it in exactly these places. torchvision's ``CIFAR10`` checks the
@@ -136,7 +136,7 @@ def load_source(source: Source, root: Path, allow_download: bool = False) -> dic
             f"{info.title} not found under {folder} (missing {', '.join(missing)}); point --data-dir or "
             f"${DATA_ENV_VAR} at a folder holding {info.folder}, or pass --download to fetch it"
         )
-    splits = _read_cifar10(root, folder) if source is Source.CIFAR10 else _read_idx_pair(info, folder)
+    splits = _read_cifar10(root, folder) if source is Source.CIFAR10 else _read_idx_pair(folder)
     for split, raw in splits.items():
         _check_split(info, split, raw, folder)
     return splits
@@ -179,15 +179,12 @@ def _missing(source: Source, folder: Path) -> list[str]:
     return [name for name in _IDX_FILES.values() if _find_idx(folder, name) is None]
 
 
-def _read_idx_pair(info: SourceInfo, folder: Path) -> dict[str, RawSplit]:
+def _read_idx_pair(folder: Path) -> dict[str, RawSplit]:
     splits = {}
     for split in ("train", "test"):
         x = read_idx(_find_idx(folder, _IDX_FILES[(split, "images")]))  # type: ignore[arg-type]
         y = read_idx(_find_idx(folder, _IDX_FILES[(split, "labels")]))  # type: ignore[arg-type]
-        if x.dim() != 3 or y.dim() != 1 or x.shape[0] != y.shape[0]:
-            raise CorruptDataError(f"{info.title} {split} images {tuple(x.shape)} and labels {tuple(y.shape)} "
-                                   "disagree")
-        splits[split] = (x.unsqueeze(1), y.long())  # (N, 1, H, W)
+        splits[split] = (x.unsqueeze(1), y.long())  # (N, 1, H, W); load_source checks the shapes
     return splits
 
 
@@ -209,10 +206,12 @@ def _read_cifar10(root: Path, folder: Path) -> dict[str, RawSplit]:
     for split, train in (("train", True), ("test", False)):
         try:
             dataset = CIFAR10(str(root), train=train)
-        except RuntimeError:  # "Dataset not found or corrupted": the files are there, so a checksum failed
+        except RuntimeError as err:  # "... not found or corrupted": the files are there, so a checksum failed
             failed = [name for name, md5 in _cifar10_files() if not check_integrity(str(folder / name), md5)]
+            if not failed:
+                raise CorruptDataError(f"cannot read CIFAR-10 {split} batches under {folder}: {err}") from None
             raise CorruptDataError(
-                f"{folder / failed[0] if failed else folder} fails torchvision's md5 check"
+                f"{folder / failed[0]} fails torchvision's md5 check"
                 f"{f' (and {len(failed) - 1} more file(s))' if len(failed) > 1 else ''}: not the published "
                 "CIFAR-10 file (truncated or altered?); delete the folder and pass --download to fetch it again"
             ) from None
