@@ -105,7 +105,7 @@ class DataConfig:
     dataset: DatasetName = DatasetName.ROTATED
     data_dir: str | None = None  # None: $INVW_DATA_DIR, else ./data
     allow_download: bool = False  # let torchvision download the source when it is missing
-    train_size: int | None = None  # None: all training examples (a class-balanced, shuffled subset otherwise)
+    train_size: int | None = None  # None: all training examples (a class-balanced subset in random order otherwise)
     test_size: int | None = None
     rotation_deg: float | None = None  # None: 180 (rotated) or 90 (partially rotated)
     translation_px: float = 8.0
@@ -208,11 +208,10 @@ def resolve_data_dir(data_dir: str | os.PathLike | None) -> Path:
 
 
 def balanced_subset(y: torch.Tensor, size: int, generator: torch.Generator) -> torch.Tensor:
-    """Indices of a class-balanced random subset of ``size`` examples, in random order.
+    """Indices of a class-balanced random subset of ``size`` examples (sorted, the stored order kept).
 
     Every class gets ``size // classes`` examples (the first ``size % classes`` classes one more, as far as
-    they have them), so a small subset of data stored sorted by class still holds every class, and its
-    order does not group them.
+    they have them), so a small subset of data stored sorted by class still holds every class.
     """
     classes = torch.unique(y)
     per_class, extra = divmod(size, len(classes))
@@ -221,8 +220,7 @@ def balanced_subset(y: torch.Tensor, size: int, generator: torch.Generator) -> t
         idx = torch.nonzero(y == c).squeeze(1)
         take = min(per_class + (1 if i < extra else 0), len(idx))
         picks.append(idx[torch.randperm(len(idx), generator=generator)[:take]])
-    chosen = torch.cat(picks)
-    return chosen[torch.randperm(len(chosen), generator=generator)]
+    return torch.sort(torch.cat(picks)).values
 
 
 def one_per_class(split: Split, num: int | None = None) -> Split:
@@ -319,10 +317,12 @@ def load_datasets(cfg: DataConfig) -> Datasets:
     for i, (name, size) in enumerate((("train", cfg.train_size), ("test", cfg.test_size))):
         gen = torch.Generator().manual_seed(2 * cfg.data_seed + i)  # one stream per split
         images, labels = raw[name]
-        if size is not None and size < len(labels):
-            idx = balanced_subset(labels, size, gen)
+        idx = balanced_subset(labels, size, gen) if size is not None and size < len(labels) else None
+        T = transformation_matrices(cfg, len(labels) if idx is None else len(idx), images.shape[-1], gen)
+        if idx is not None:  # the subset in random order, every example keeping the transformation drawn for it
+            order = torch.randperm(len(idx), generator=gen)
+            idx, T = idx[order], None if T is None else T[order]
             images, labels = images[idx], labels[idx]
-        T = transformation_matrices(cfg, len(labels), images.shape[-1], gen)
         splits[name] = Split(float_images(images, T), labels)
         info[f"{name}_size"] = len(labels)
     return Datasets(splits["train"], splits["test"], info)

@@ -12,10 +12,13 @@ from inference.data import (
     DataConfig,
     DataNotFoundError,
     DatasetName,
+    balanced_subset,
     load_datasets,
     resolve_data_dir,
+    transformation_matrices,
 )
 from inference.sources import Source, read_idx
+from models.transforms import warp_images
 from tests.made_data import idx_bytes, write_idx
 
 
@@ -153,6 +156,21 @@ def test_load_datasets_balanced_shapes_and_range(data_dir, dataset):
     assert data.info["full_set"] is False  # the shared data is a 4000 / 1000 subset
     assert data.info["available_train"] < 60000 and data.info["available_test"] < 10000
     assert Path(data.info["root"]) == data_dir.resolve()
+
+
+def test_a_subset_is_shuffled_and_every_example_keeps_its_transformation(data_dir):
+    """The subset and the transformation drawn for each of its examples are those of the stored order; only the
+    order is random (so the picks do not depend on how the subset is ordered)."""
+    cfg = DataConfig(dataset="rotated-mnist", data_dir=str(data_dir), train_size=50, test_size=20)
+    train = load_datasets(cfg).train
+    stored = load_datasets(DataConfig(dataset="mnist", data_dir=str(data_dir))).train
+    gen = torch.Generator().manual_seed(2 * cfg.data_seed)  # the training split's stream
+    idx = balanced_subset(stored.y, 50, gen)
+    expected = warp_images(stored.x[idx], transformation_matrices(cfg, 50, 28, gen)).clamp(0.0, 1.0)
+    same = (train.x.flatten(1)[:, None] == expected.flatten(1)[None]).all(-1)  # (loaded row, expected row)
+    assert torch.equal(same.sum(1), torch.ones(50, dtype=torch.long))
+    assert torch.equal(train.y, stored.y[idx][same.int().argmax(1)])
+    assert not torch.equal(train.y, stored.y[idx])  # not the stored (class) order
 
 
 def test_uneven_subset_sizes_are_as_balanced_as_possible(data_dir):
