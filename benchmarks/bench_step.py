@@ -2,8 +2,9 @@
 
 One run prints, for every configuration, the median time of a full ``pyro.infer.SVI`` step (the
 project's ``make_elbo`` / ``make_optimizer``, the ``hybrid`` guide, ``first_layer_prior=False``,
-MNIST-shaped inputs) in each mode, steps and examples per second, peak memory, the ratio to the
-floor, and an epoch estimate (ceil(60000 / B) steps at the base point: 469 steps of batch 128).
+MNIST-shaped inputs, or those of ``--dataset`` / ``--image-shape``) in each mode, steps and examples per
+second, peak memory, the ratio to the floor, and an epoch estimate (ceil(N / B) steps at the base point, N
+the training set of ``--dataset``: 469 steps of batch 128 for MNIST's 60,000 images, 391 for CIFAR-10's 50,000).
 
 Modes (``--modes``)
 -------------------
@@ -26,6 +27,7 @@ peak resident memory (``ru_maxrss``) can be attributed to it; on CUDA the peak i
     python benchmarks/bench_step.py                      # the full CPU table (a few minutes on 2 cores)
     python benchmarks/bench_step.py --quick              # CI smoke test, seconds
     python benchmarks/bench_step.py --device cuda --batch-sizes 32,128,512,1024,4096
+    python benchmarks/bench_step.py --dataset cifar10 --batch-sizes 128 --particles 1   # 3 x 32 x 32 inputs
 """
 
 from __future__ import annotations
@@ -51,7 +53,7 @@ MODES: dict[str, dict[str, str]] = {
     "inputs": {"transform_mode": "inputs"},
     "floor": {"transform_mode": "identity"},
 }
-EPOCH_EXAMPLES = 60_000  # one rotated-MNIST epoch: ceil(60000 / 128) = 469 steps
+EPOCH_EXAMPLES = 60_000  # one MNIST epoch (the default shapes): ceil(60000 / 128) = 469 steps
 
 
 def _ints(text: str) -> list[int]:
@@ -59,6 +61,13 @@ def _ints(text: str) -> list[int]:
     if not values or min(values) < 1:
         raise argparse.ArgumentTypeError(f"expected comma-separated positive integers, got {text!r}")
     return values
+
+
+def _image_shape(text: str) -> tuple[int, int, int]:
+    values = _ints(text)
+    if len(values) != 3:
+        raise argparse.ArgumentTypeError(f"expected C,H,W, got {text!r}")
+    return (values[0], values[1], values[2])
 
 
 def _modes(text: str) -> list[str]:
@@ -80,6 +89,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--dataset", default=None, help="time steps on this dataset's image shape (e.g. cifar10: "
+                   "3 x 32 x 32) and estimate its epoch (default: MNIST's 1 x 28 x 28 and 60,000 images)")
+    p.add_argument("--image-shape", type=_image_shape, default=None, metavar="C,H,W",
+                   help="input shape (overrides --dataset's; default 1,28,28)")
     p.add_argument("--quick", action="store_true", help="CI smoke setting: tiny sizes, in-process, seconds")
     p.add_argument("--modes", type=_modes, default=["weights", "inputs", "floor"], help=f"any of {list(MODES)}")
     p.add_argument("--batch-sizes", type=_ints, default=[32, 64, 128, 256, 512, 1024], help="batch-size sweep")
@@ -113,7 +126,8 @@ def configurations(args: argparse.Namespace) -> list[dict]:
         if pt not in seen:
             seen.append(pt)
     return [
-        {"mode": m, "B": b, "D": d, "S": s, "K": k, "device": args.device, "threads": args.threads,
+        {"mode": m, "B": b, "D": d, "S": s, "K": k, "image_shape": list(args.image_shape), "device": args.device,
+         "threads": args.threads,
          "repeats": args.repeats, "warmup": args.warmup, "keep_memory": not args.glibc_default}
         for (b, d, s, k) in seen
         for m in args.modes
@@ -141,7 +155,8 @@ def run_config(cfg: dict) -> dict:
     cuda = device.type == "cuda"
     pyro.set_rng_seed(0)
     B, D, S, K = cfg["B"], cfg["D"], cfg["S"], cfg["K"]
-    model = InvariantNet(ModelConfig(hidden=D, num_transforms=S, first_layer_prior=False, **MODES[cfg["mode"]]),
+    model = InvariantNet(ModelConfig(image_shape=tuple(cfg.get("image_shape", (1, 28, 28))), hidden=D,
+                                     num_transforms=S, first_layer_prior=False, **MODES[cfg["mode"]]),
                          num_data=EPOCH_EXAMPLES).to(device)
     guide = make_guide(model, "hybrid")
     train = TrainConfig(num_steps=10_000, batch_size=B, num_particles=K)
@@ -227,15 +242,29 @@ def format_report(results: list[dict], args: argparse.Namespace) -> str:
         cells = [f"B={b}: {sweep[num, b] / sweep[den, b]:.2f}" for b in both]
         if cells:
             lines.append(f"ratio {num}/{den}  " + "  ".join(cells))
-    # epoch estimate: one pass over 60k images at the base point (the paper's: B = 128, S = 32, K = 1, D = 1024)
-    base, steps = (args.base_batch, D0, S0, 1), math.ceil(EPOCH_EXAMPLES / args.base_batch)
+    # epoch estimate: one pass over the training set at the base point (the paper's: B = 128, S = 32, K = 1, D = 1024)
+    base, steps = (args.base_batch, D0, S0, 1), math.ceil(args.epoch_examples / args.base_batch)
     for mode in args.modes:
         sec = {_key(r): r["seconds"] for r in results if r["mode"] == mode}
         if base in sec:
             lines.append(f"epoch estimate [{mode}]: {steps} steps x {sec[base] * 1e3:.0f} ms = "
-                         f"{steps * sec[base]:.0f} s for one {EPOCH_EXAMPLES}-image epoch "
+                         f"{steps * sec[base]:.0f} s for one {args.epoch_examples}-image epoch "
                          f"(B={base[0]}, D={D0}, S={S0}, K=1)")
     return "\n".join(lines)
+
+
+def set_shapes(args: argparse.Namespace) -> None:
+    """``args.image_shape`` and ``args.epoch_examples`` from ``--image-shape`` / ``--dataset`` (default: MNIST's)."""
+    from inference.data import DatasetName
+    from inference.sources import SOURCES
+
+    try:
+        dataset = DatasetName(args.dataset) if args.dataset is not None else None
+    except ValueError:
+        raise SystemExit(f"unknown --dataset {args.dataset!r}; choose from {[d.value for d in DatasetName]}") from None
+    if args.image_shape is None:
+        args.image_shape = dataset.image_shape if dataset is not None else (1, 28, 28)
+    args.epoch_examples = SOURCES[dataset.source].full_sizes[0] if dataset is not None else EPOCH_EXAMPLES
 
 
 def machine_line(args: argparse.Namespace) -> str:
@@ -247,6 +276,7 @@ def machine_line(args: argparse.Namespace) -> str:
     where = torch.cuda.get_device_name(0) if args.device == "cuda" else f"{platform.processor() or platform.machine()}"
     return (f"device={args.device} ({where}), threads={args.threads}, cpus={default_threads()}, "
             f"torch {torch.__version__}, load average at start {load:.2f}, "
+            f"images {'x'.join(map(str, args.image_shape))}, "
             f"repeats={args.repeats} (median), warmup={args.warmup}, "
             f"allocator={'glibc default' if args.glibc_default else 'keep freed memory'}")
 
@@ -270,6 +300,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         args.threads = default_threads()
     if args.threads < 1:
         raise SystemExit(f"--threads must be a positive integer, got {args.threads}")
+    set_shapes(args)
     print(machine_line(args), flush=True)
     if args.device == "cpu" and hasattr(os, "getloadavg") and os.getloadavg()[0] > 0.5:
         print(f"warning: load average {os.getloadavg()[0]:.2f} > 0.5: other processes share the CPU, "

@@ -6,6 +6,7 @@ Usage::
         --configs elbo,map,ml --seeds 0,1,2
     python -m inference.compare --preset table1 --data-dir ../shared/data --out runs/table1 --seeds 0,1,2 --jobs 2
     python -m inference.compare --preset table2 --data-dir ../shared/data --out runs/table2 --seeds 0,1,2 --jobs 2
+    python -m inference.compare --preset table3 --data-dir DATA --out runs/table3    # DATA/cifar-10-batches-py
 
 Every configuration is a run of :func:`inference.train.main` with the shared flags (any flag of
 ``python -m inference.train``) plus a few overrides:
@@ -37,7 +38,8 @@ with a Bayesian output layer, eta_rotate fixed at five angles vs learned, on ful
 regular digits); ``table2``, the paper's Table 2 grid (no invariance, rotation, translation, scale, affine and the
 fixed augmentation on rotated, translated, scaled and regular digits) with the recommended setting for relaxed
 invariance (:data:`inference.calibration.RECOMMENDED`), where the paper's objective learns too little of a partial
-invariance.
+invariance; ``table3``, the paper's Table 3 grid (no invariance against affine on rotated, translated, scaled and
+regular CIFAR-10) with the same setting.
 
 Writes ``OUT/[<dataset>/]<config>/seed-<s>/`` per run and the tables and figure of :mod:`inference.report`
 (``runs.csv``, ``comparison.csv`` with mean and std over seeds, ``comparison.md``, ``comparison.png``).
@@ -53,7 +55,7 @@ from pathlib import Path
 from guides.factory import GuideKind
 from inference import calibration, grid, report, train
 from inference.config import RunConfig, derive
-from inference.data import true_extent
+from inference.data import DatasetName, Variant, true_extent
 from inference.eta_objectives import EtaObjective
 from inference.runner import RunControl
 from models.config import GENERATOR_PRESETS
@@ -69,14 +71,23 @@ NAMED: dict[str, tuple[GuideKind, bool, bool] | None] = {  # configuration -> it
 FAMILIES = ("none", "rotation", "translation", "scale", "affine")
 """``inv-<family>`` configurations: Table 2's rows."""
 
-DATASETS: dict[str, dict] = {  # the paper's datasets (../shared/REFERENCE.md), as DataConfig settings
-    "rotated": {"dataset": train.DatasetName.ROTATED, "rotation_deg": None},  # U[-180, 180] deg
-    "partially-rotated": {"dataset": train.DatasetName.PARTIALLY_ROTATED, "rotation_deg": 90.0},
-    "translated": {"dataset": train.DatasetName.TRANSLATED, "translation_px": 8.0},
-    "scaled": {"dataset": train.DatasetName.SCALED, "log_scale": math.log(2.0)},
-    "regular": {"dataset": train.DatasetName.MNIST},
+PAPER_RANGES: dict[Variant, dict] = {  # the paper's transformation of each variant (../shared/REFERENCE.md)
+    Variant.ROTATED: {"rotation_deg": None},  # U[-180, 180] deg
+    Variant.PARTIALLY_ROTATED: {"rotation_deg": 90.0},
+    Variant.TRANSLATED: {"translation_px": 8.0},
+    Variant.SCALED: {"log_scale": math.log(2.0)},
+    Variant.PLAIN: {},
 }
-"""``--datasets`` labels and the data settings each makes."""
+DATASETS: dict[str, dict] = {
+    **{label: {"dataset": name, **PAPER_RANGES[name.variant]} for label, name in (
+        ("rotated", DatasetName.ROTATED), ("partially-rotated", DatasetName.PARTIALLY_ROTATED),
+        ("translated", DatasetName.TRANSLATED), ("scaled", DatasetName.SCALED), ("regular", DatasetName.MNIST))},
+    **{name.value: {"dataset": name, **PAPER_RANGES[name.variant]} for name in DatasetName},
+}
+"""``--datasets`` labels and the data settings each makes: the MNIST variants by their short names, and every
+dataset by its own name (``rotated-cifar10``, ...), each transformed over the paper's range."""
+TABLE3_DATASETS = ("rotated-cifar10", "translated-cifar10", "scaled-cifar10", "cifar10")
+"""The columns of the paper's Table 3."""
 
 _TABLE1_RFF = {  # see the note above PRESETS
     "first_layer": "rff", "rff_scale": 8.0, "rff_blur": 1.0, "prior_scale": 4.0, "init_scale": 1.0, "lr": 0.03,
@@ -99,6 +110,11 @@ PRESETS: dict[str, dict] = {
     # little of a partial invariance), plus the fixed augmentation at the data's true extent.
     "table2": {"configs": ",".join([*(f"inv-{f}" for f in FAMILIES), "fixed-aug"]),
                "datasets": "rotated,translated,scaled,regular", **calibration.recommended_flags()},
+    # Table 3 of the paper: the same ReLU network on CIFAR-10 (3 x 32 x 32 inputs, so 3-channel first-layer
+    # filters), no invariance against affine, on the rotated, translated, scaled and regular images, with the
+    # recommended setting as in table2.
+    "table3": {"configs": "inv-none,inv-affine", "datasets": ",".join(TABLE3_DATASETS),
+               **calibration.recommended_flags()},
 }
 """Named sets of defaults (``--preset``); flags given on the command line still override them."""
 
@@ -109,7 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.description = __doc__.split("\n\n")[0]
     g = p.add_argument_group("comparison")
     g.add_argument("--preset", choices=sorted(PRESETS), default=None,
-                   help="defaults for a known experiment (table1, table2: the paper's tables); explicit flags "
+                   help="defaults for a known experiment (table1, table2, table3: the paper's tables); explicit flags "
                    "override them")
     g.add_argument("--configs", default="elbo,map,ml",
                    help=f"comma list of {sorted(NAMED)}, inv-<family> ({', '.join(FAMILIES)}) or fixed-aug")
@@ -119,7 +135,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--sweep-generators", default="rotation", type=train.parse_generators,
                    help="generators whose eta is fixed in the sweep (preset or comma list)")
     g.add_argument("--datasets", default="",
-                   help=f"comma list of {sorted(DATASETS)}: every configuration on each (default: --dataset)")
+                   help="comma list of rotated, partially-rotated, translated, scaled, regular (MNIST) or dataset "
+                   "names (rotated-cifar10, ...): every configuration on each, transformed over the paper's range "
+                   "(default: --dataset)")
     g.add_argument("--seeds", type=grid.parse_seeds, default=None, metavar="S1,S2,...",
                    help="one run per configuration and seed, summarised as mean and std (default: --seed)")
     g.add_argument("--jobs", type=int, default=1,

@@ -1,69 +1,98 @@
-"""MNIST variants: reading idx files, one-off fixed-seed transformations, subsetting.
+"""The datasets of the paper: a source (MNIST, Fashion-MNIST, CIFAR-10), a one-off fixed-seed transformation, a subset.
 
-The data root is resolved as ``--data-dir`` > ``$INVW_DATA_DIR`` > ``./data``. Under the root the
-files are laid out as torchvision's ``MNIST`` expects: ``ROOT/MNIST/raw/train-images-idx3-ubyte``
-(plain or ``.gz``). When ``allow_download`` is set and nothing is found, torchvision downloads
-full MNIST there; otherwise a :class:`DataNotFoundError` names the root and the flag.
+The data root is resolved as ``--data-dir`` > ``$INVW_DATA_DIR`` > ``./data``; under it every source sits in
+torchvision's layout (:mod:`inference.sources`: ``MNIST/raw``, ``FashionMNIST/raw``, ``cifar-10-batches-py``).
+When ``allow_download`` is set and the source is missing, torchvision downloads it there; otherwise a
+:class:`DataNotFoundError` names the folder and the flag.
 
-Each variant transforms every example once, with a generator seeded by ``data_seed``
-(REFERENCE.md: "Each transformed once per example with a fixed seed"):
+A dataset's name is its variant and its source, ``<variant>-<source>`` (plain: the source's name alone). Each
+variant transforms every example once, with a generator seeded by ``data_seed`` (REFERENCE.md: "Each
+transformed once per example with a fixed seed"; "rotated/translated/scaled CIFAR-10 likewise"):
 
-=========================  ================================================
-rotated-mnist              rotation ~ U[-rotation, rotation], default 180 deg
-partially-rotated-mnist    rotation ~ U[-90, 90] deg
-translated-mnist           dx, dy ~ U[-translation, translation], default 8 px
-scaled-mnist               exp(s), s ~ U[-log 2, log 2]
-mnist                      untouched
-=========================  ================================================
+==========================  =====================================================  ========================
+variant                     transformation                                         sources
+==========================  =====================================================  ========================
+rotated-                    rotation ~ U[-rotation, rotation], default 180 deg     all three
+partially-rotated-          rotation ~ U[-90, 90] deg                              MNIST
+translated-                 dx, dy ~ U[-translation, translation], default 8 px    all three
+scaled-                     exp(s), s ~ U[-log 2, log 2]                           all three
+(none)                      untouched                                              all three
+==========================  =====================================================  ========================
+
+Memory: the source is read as bytes, subset, and converted to float32 and warped in chunks of
+:data:`CHUNK` images into one preallocated ``(N, C, H, W)`` tensor, so the only whole-set float copy is the
+result (CIFAR-10: 614 MB for the 50,000 training images, 123 MB for the test set).
 """
 
 from __future__ import annotations
 
-import gzip
 import hashlib
 import math
 import numbers
 import os
-import zlib
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
 
 import torch
 
+from inference.sources import DATA_ENV_VAR, SOURCES, Source, load_source
+from inference.sources import CorruptDataError as CorruptDataError  # re-exported: the data errors live here too
+from inference.sources import DataNotFoundError as DataNotFoundError
 from models.config import check_positive_int
 from models.transforms import GENERATOR_NAMES, affine_generators, warp_images
 
-DATA_ENV_VAR = "INVW_DATA_DIR"
-_IDX_DTYPES = {0x08: torch.uint8}
-_FILES = {
-    ("train", "images"): "train-images-idx3-ubyte",
-    ("train", "labels"): "train-labels-idx1-ubyte",
-    ("test", "images"): "t10k-images-idx3-ubyte",
-    ("test", "labels"): "t10k-labels-idx1-ubyte",
-}
-
-
-class DataNotFoundError(FileNotFoundError):
-    """The dataset is not under the data root and downloading was not allowed (or failed)."""
-
-
-class CorruptDataError(ValueError):
-    """An idx file is truncated, has a bad magic number or disagrees with its labels."""
+CHUNK = 4096
+"""Images converted to float and warped at a time (CIFAR-10: 50 MB of float32 and 34 MB of sampling grid)."""
 
 
 class InvalidDataError(ValueError):
     """Images or labels in memory do not fit the model: shape, channels, label range or NaN/inf values."""
 
 
+class Variant(StrEnum):
+    """The one-off transformation of a dataset."""
+
+    PLAIN = "plain"
+    ROTATED = "rotated"
+    PARTIALLY_ROTATED = "partially-rotated"
+    TRANSLATED = "translated"
+    SCALED = "scaled"
+
+
 class DatasetName(StrEnum):
-    """The MNIST variants of REFERENCE.md."""
+    """The datasets of REFERENCE.md: ``<variant>-<source>``, or the source's name for the untouched images."""
 
     MNIST = "mnist"
     ROTATED = "rotated-mnist"
     PARTIALLY_ROTATED = "partially-rotated-mnist"
     TRANSLATED = "translated-mnist"
     SCALED = "scaled-mnist"
+    FASHION_MNIST = "fashion-mnist"
+    ROTATED_FASHION_MNIST = "rotated-fashion-mnist"
+    TRANSLATED_FASHION_MNIST = "translated-fashion-mnist"
+    SCALED_FASHION_MNIST = "scaled-fashion-mnist"
+    CIFAR10 = "cifar10"
+    ROTATED_CIFAR10 = "rotated-cifar10"
+    TRANSLATED_CIFAR10 = "translated-cifar10"
+    SCALED_CIFAR10 = "scaled-cifar10"
+
+    @property
+    def source(self) -> Source:
+        """Where the images come from: the longest source name the dataset's name ends with."""
+        longest_first = sorted(Source, key=len, reverse=True)  # fashion-mnist before mnist
+        return next(s for s in longest_first if self.value == s or self.value.endswith(f"-{s}"))
+
+    @property
+    def variant(self) -> Variant:
+        """The one-off transformation: the name less its source."""
+        prefix = self.value[: -len(self.source)].rstrip("-")
+        return Variant(prefix or Variant.PLAIN)
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        """``(C, H, W)`` of the images."""
+        return SOURCES[self.source].image_shape
 
 
 _TRANSFORM_RANGES = {"rotation_deg": 360.0, "translation_px": 1e6, "log_scale": 10.0}
@@ -76,8 +105,8 @@ class DataConfig:
 
     dataset: DatasetName = DatasetName.ROTATED
     data_dir: str | None = None  # None: $INVW_DATA_DIR, else ./data
-    allow_download: bool = False  # let torchvision download full MNIST when it is missing
-    train_size: int | None = None  # None: all training examples (class-balanced subset otherwise)
+    allow_download: bool = False  # let torchvision download the source when it is missing
+    train_size: int | None = None  # None: all training examples (a class-balanced subset in random order otherwise)
     test_size: int | None = None
     rotation_deg: float | None = None  # None: 180 (rotated) or 90 (partially rotated)
     translation_px: float = 8.0
@@ -100,6 +129,12 @@ class DataConfig:
                 raise ValueError(f"{name} must be a number in [0, {high:g}], got {value!r}")
         check_seed("data_seed", self.data_seed)
 
+    @property
+    def rotation(self) -> float:
+        """The rotation range in radians: ``rotation_deg``, or 180 / 90 degrees by the variant."""
+        default = 90.0 if self.dataset.variant is Variant.PARTIALLY_ROTATED else 180.0
+        return math.radians(self.rotation_deg if self.rotation_deg is not None else default)
+
 
 def check_seed(name: str, value: object) -> int:
     """``value`` as an ``int`` if it is a valid seed, an integer in ``[0, 2**32)`` (numpy's range)."""
@@ -110,7 +145,7 @@ def check_seed(name: str, value: object) -> int:
 
 @dataclass
 class Split:
-    """Images ``x: (N, 1, 28, 28)`` in [0, 1] (float32) and labels ``y: (N,)`` (int64)."""
+    """Images ``x: (N, C, H, W)`` in [0, 1] (float32) and labels ``y: (N,)`` (int64)."""
 
     x: torch.Tensor
     y: torch.Tensor
@@ -122,8 +157,8 @@ class Split:
 def validate_split(split: Split, image_shape: tuple[int, int, int], num_classes: int, name: str = "training") -> None:
     """Check once per dataset that ``split`` fits a model with ``image_shape`` and ``num_classes``.
 
-    One pass over the data (shape, dtype, label range, NaN/inf), so the training loop need not
-    check every minibatch.
+    One pass over the data (shape, dtype, label range, NaN/inf, the last in chunks of :data:`CHUNK` images),
+    so the training loop need not check every minibatch.
 
     Raises
     ------
@@ -154,7 +189,7 @@ def validate_split(split: Split, image_shape: tuple[int, int, int], num_classes:
     low, high = int(y.min()), int(y.max())
     if low < 0 or high >= num_classes:
         raise InvalidDataError(f"{name} labels must lie in [0, {num_classes}), found values from {low} to {high}")
-    bad = int((~torch.isfinite(x)).sum())
+    bad = sum(int((~torch.isfinite(chunk)).sum()) for chunk in x.split(CHUNK))
     if bad:
         raise InvalidDataError(f"{name} images contain {bad} NaN/inf value(s)")
 
@@ -173,76 +208,12 @@ def resolve_data_dir(data_dir: str | os.PathLike | None) -> Path:
     return Path(data_dir or os.environ.get(DATA_ENV_VAR) or "data").expanduser()
 
 
-def read_idx(path: str | os.PathLike) -> torch.Tensor:
-    """Read an idx file (plain or gzip) as a uint8 tensor, checking magic number and size.
-
-    Raises
-    ------
-    CorruptDataError
-        On a bad magic number, an unsupported type, or a file shorter or longer than its header says.
-    """
-    path = Path(path)
-    opener = gzip.open if path.suffix == ".gz" else open
-    try:
-        with opener(path, "rb") as f:
-            raw = f.read()
-    except (OSError, EOFError, zlib.error) as err:  # gzip raises these on truncated, corrupt or non-gzip files
-        raise CorruptDataError(f"cannot read idx file {path}: {err}") from None
-    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_DTYPES:
-        raise CorruptDataError(f"{path} is not an idx file of unsigned bytes (bad magic number)")
-    ndim = raw[3]
-    header = 4 + 4 * ndim
-    if len(raw) < header:
-        raise CorruptDataError(f"{path} is truncated inside its header")
-    shape = tuple(int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
-    expected = header + math.prod(shape)
-    if len(raw) != expected:
-        raise CorruptDataError(f"{path} has {len(raw)} bytes but its header {shape} needs {expected} (truncated?)")
-    if expected == header:  # a zero-sized dimension: torch.frombuffer refuses empty buffers
-        return torch.empty(shape, dtype=torch.uint8)
-    return torch.frombuffer(bytearray(raw[header:]), dtype=torch.uint8).reshape(shape)
-
-
-def _find(raw_dir: Path, name: str) -> Path | None:
-    for candidate in (raw_dir / name, raw_dir / f"{name}.gz"):
-        if candidate.is_file():
-            return candidate
-    return None
-
-
-def load_mnist_raw(root: Path, allow_download: bool = False) -> dict[str, Split]:
-    """Read the four MNIST idx files under ``root/MNIST/raw`` (downloading first if allowed)."""
-    raw_dir = root / "MNIST" / "raw"
-    if any(_find(raw_dir, n) is None for n in _FILES.values()) and allow_download:
-        import torchvision  # imported lazily: only needed for downloading
-
-        try:
-            torchvision.datasets.MNIST(str(root), train=True, download=True)
-            torchvision.datasets.MNIST(str(root), train=False, download=True)
-        except Exception as err:  # noqa: BLE001 - network errors come in many types
-            raise DataNotFoundError(f"MNIST download into {root} failed: {err}") from None
-    missing = [n for n in _FILES.values() if _find(raw_dir, n) is None]
-    if missing:
-        raise DataNotFoundError(
-            f"MNIST not found under {raw_dir} (missing {', '.join(missing)}); point --data-dir or "
-            f"${DATA_ENV_VAR} at a folder holding MNIST/raw, or pass --download to fetch it"
-        )
-    splits = {}
-    for split in ("train", "test"):
-        x = read_idx(_find(raw_dir, _FILES[(split, "images")]))  # type: ignore[arg-type]
-        y = read_idx(_find(raw_dir, _FILES[(split, "labels")]))  # type: ignore[arg-type]
-        if x.dim() != 3 or y.dim() != 1 or x.shape[0] != y.shape[0]:
-            raise CorruptDataError(f"MNIST {split} images {tuple(x.shape)} and labels {tuple(y.shape)} disagree")
-        if x.numel() == 0:
-            raise CorruptDataError(f"MNIST {split} images under {raw_dir} hold no pixels (shape {tuple(x.shape)})")
-        if int(y.max()) > 9:
-            raise CorruptDataError(f"MNIST {split} labels out of range 0..9 (max {int(y.max())})")
-        splits[split] = Split(x.unsqueeze(1).float() / 255.0, y.long())
-    return splits
-
-
 def balanced_subset(y: torch.Tensor, size: int, generator: torch.Generator) -> torch.Tensor:
-    """Indices of a class-balanced random subset of ``size`` examples (sorted, original order kept)."""
+    """Indices of a class-balanced random subset of ``size`` examples (sorted, the stored order kept).
+
+    Every class gets ``size // classes`` examples (the first ``size % classes`` classes one more, as far as
+    they have them), so a small subset of data stored sorted by class still holds every class.
+    """
     classes = torch.unique(y)
     per_class, extra = divmod(size, len(classes))
     picks = []
@@ -253,27 +224,36 @@ def balanced_subset(y: torch.Tensor, size: int, generator: torch.Generator) -> t
     return torch.sort(torch.cat(picks)).values
 
 
+def one_per_class(split: Split, num: int | None = None) -> Split:
+    """The first example of each class, in the order of the classes (the first ``num`` classes): pictures that
+    show every class, whatever order the data is stored in. ``x: (classes, C, H, W)``."""
+    classes = torch.unique(split.y)[:num]
+    idx = torch.stack([torch.nonzero(split.y == c)[0, 0] for c in classes])
+    return Split(split.x[idx], split.y[idx])
+
+
 def pixels_per_unit(image_size: int) -> float:
     """Pixels per unit of the normalised [-1, 1] coordinates of T (``align_corners=True``): ``(size - 1) / 2``."""
     return (image_size - 1) / 2
 
 
-def true_extent(data_cfg: DataConfig, image_size: int = 28,
+def true_extent(data_cfg: DataConfig, image_size: int | None = None,
                 names: tuple[str, ...] = GENERATOR_NAMES) -> dict[str, float]:
     """The extent of the transformation applied to the data, per generator of the basis ``names``, in the units of T.
 
-    rotated: pi (180 deg); partially rotated: pi / 2; translated: 8 px = 8 / 13.5 normalised units on
-    ``translate_x`` and ``translate_y``; scaled: log 2 on ``scale_x`` and ``scale_y`` (the paper's basis)
-    or on ``scale`` (the isotropic basis; ``stretch`` 0); plain MNIST: 0. Generators the data does not
-    use get 0.
+    rotated: pi (180 deg); partially rotated: pi / 2; translated: 8 px on ``translate_x`` and ``translate_y``
+    (8 / 13.5 normalised units on 28-pixel images, 8 / 15.5 on CIFAR-10's 32; ``image_size`` defaults to the
+    dataset's); scaled: log 2 on ``scale_x`` and ``scale_y`` (the paper's basis) or on ``scale`` (the
+    isotropic basis; ``stretch`` 0); untouched data: 0. Generators the data does not use get 0.
     """
     extent = dict.fromkeys(names, 0.0)
-    if data_cfg.dataset in (DatasetName.ROTATED, DatasetName.PARTIALLY_ROTATED):
-        default = 180.0 if data_cfg.dataset is DatasetName.ROTATED else 90.0
-        extent["rotate"] = math.radians(data_cfg.rotation_deg if data_cfg.rotation_deg is not None else default)
-    elif data_cfg.dataset is DatasetName.TRANSLATED:
-        extent["translate_x"] = extent["translate_y"] = data_cfg.translation_px / pixels_per_unit(image_size)
-    elif data_cfg.dataset is DatasetName.SCALED:
+    variant = data_cfg.dataset.variant
+    size = data_cfg.dataset.image_shape[-1] if image_size is None else image_size
+    if variant in (Variant.ROTATED, Variant.PARTIALLY_ROTATED):
+        extent["rotate"] = data_cfg.rotation
+    elif variant is Variant.TRANSLATED:
+        extent["translate_x"] = extent["translate_y"] = data_cfg.translation_px / pixels_per_unit(size)
+    elif variant is Variant.SCALED:
         for name in {"scale_x", "scale_y", "scale"} & set(names):
             extent[name] = float(data_cfg.log_scale)
     return extent
@@ -282,25 +262,35 @@ def true_extent(data_cfg: DataConfig, image_size: int = 28,
 def transformation_matrices(
     cfg: DataConfig, n: int, image_size: int, generator: torch.Generator
 ) -> torch.Tensor | None:
-    """One affine matrix per example for the chosen variant, ``(n, 3, 3)`` (None for plain MNIST).
+    """One affine matrix per example for the chosen variant, ``(n, 3, 3)`` (None for untouched data).
 
     The matrices act on output coordinates, ``x'(p) = x(T p)``, like :func:`models.warp_images`.
     """
     G = affine_generators()
     u = torch.rand(n, 2, generator=generator) * 2 - 1  # U[-1, 1]
-    if cfg.dataset in (DatasetName.ROTATED, DatasetName.PARTIALLY_ROTATED):
-        default = 180.0 if cfg.dataset is DatasetName.ROTATED else 90.0
-        angle = math.radians(cfg.rotation_deg if cfg.rotation_deg is not None else default)
-        A = (u[:, 0] * angle)[:, None, None] * G[2]
-    elif cfg.dataset is DatasetName.TRANSLATED:
+    variant = cfg.dataset.variant
+    if variant in (Variant.ROTATED, Variant.PARTIALLY_ROTATED):
+        A = (u[:, 0] * cfg.rotation)[:, None, None] * G[2]
+    elif variant is Variant.TRANSLATED:
         shift = cfg.translation_px / pixels_per_unit(image_size)  # pixels -> normalised units
         A = (u[:, 0] * shift)[:, None, None] * G[0] + (u[:, 1] * shift)[:, None, None] * G[1]
-    elif cfg.dataset is DatasetName.SCALED:
+    elif variant is Variant.SCALED:
         s = u[:, 0] * cfg.log_scale  # sampling at p / exp(s) magnifies by exp(s)
         A = -s[:, None, None] * (G[3] + G[4])
     else:
         return None
     return torch.linalg.matrix_exp(A)
+
+
+def float_images(images: torch.Tensor, T: torch.Tensor | None) -> torch.Tensor:
+    """Bytes ``uint8 (N, C, H, W)`` as float32 in [0, 1], each warped by its ``T (N, 3, 3)`` (bilinear, zero
+    padding, clamped to [0, 1]) when given; :data:`CHUNK` images at a time into one preallocated result."""
+    out = torch.empty(images.shape, dtype=torch.float32)
+    for start in range(0, len(images), CHUNK):
+        rows = slice(start, start + CHUNK)
+        x = images[rows].float() / 255.0
+        out[rows] = x if T is None else warp_images(x, T[rows]).clamp_(0.0, 1.0)
+    return out
 
 
 def load_datasets(cfg: DataConfig) -> Datasets:
@@ -309,29 +299,33 @@ def load_datasets(cfg: DataConfig) -> Datasets:
     Returns
     -------
     Datasets
-        ``train`` and ``test`` splits of shape ``(N, 1, 28, 28)`` and ``info`` with the root,
-        sizes and whether the full 60k/10k MNIST or a subset was found.
+        ``train`` and ``test`` splits of shape ``(N, C, H, W)`` (``cfg.dataset.image_shape``) and ``info`` with the
+        root, the source, the sizes and whether the whole published dataset (``full_set``) or a part was found.
     """
     root = resolve_data_dir(cfg.data_dir)
-    raw = load_mnist_raw(root, cfg.allow_download)
+    source = SOURCES[cfg.dataset.source]
+    raw = load_source(cfg.dataset.source, root, cfg.allow_download)  # split -> (images, labels)
+    available = (len(raw["train"][1]), len(raw["test"][1]))
     info = {
         "dataset": cfg.dataset.value,
+        "source": source.title,
         "root": str(root.resolve()),
-        "available_train": len(raw["train"]),
-        "available_test": len(raw["test"]),
-        "full_mnist": len(raw["train"]) == 60000 and len(raw["test"]) == 10000,
+        "available_train": available[0],
+        "available_test": available[1],
+        "full_set": available == source.full_sizes,
     }
     splits = {}
     for i, (name, size) in enumerate((("train", cfg.train_size), ("test", cfg.test_size))):
         gen = torch.Generator().manual_seed(2 * cfg.data_seed + i)  # one stream per split
-        split = raw[name]
-        if size is not None and size < len(split):
-            idx = balanced_subset(split.y, size, gen)
-            split = Split(split.x[idx], split.y[idx])
-        T = transformation_matrices(cfg, len(split), split.x.shape[-1], gen)
-        x = split.x if T is None else warp_images(split.x, T).clamp_(0.0, 1.0)
-        splits[name] = Split(x.contiguous(), split.y)
-        info[f"{name}_size"] = len(split)
+        images, labels = raw[name]
+        idx = balanced_subset(labels, size, gen) if size is not None and size < len(labels) else None
+        T = transformation_matrices(cfg, len(labels) if idx is None else len(idx), images.shape[-1], gen)
+        if idx is not None:  # the subset in random order, every example keeping the transformation drawn for it
+            order = torch.randperm(len(idx), generator=gen)
+            idx, T = idx[order], None if T is None else T[order]
+            images, labels = images[idx], labels[idx]
+        splits[name] = Split(float_images(images, T), labels)
+        info[f"{name}_size"] = len(labels)
     info["sha256"] = content_sha256(splits["train"], splits["test"])
     return Datasets(splits["train"], splits["test"], info)
 

@@ -43,7 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--draws", type=int, default=d.draws, help="M draws from the guide for the ArviZ file and LOO")
     p.add_argument("--num-transforms", type=int, default=None,
                    help="S inside the likelihood of each draw (default: the run's evaluation S)")
-    p.add_argument("--test-size", type=int, default=None, help="use the first N test examples (default: all)")
+    p.add_argument("--test-size", type=int, default=None,
+                   help="a class-balanced, shuffled subset of N test examples, drawn with --seed (default: all)")
     p.add_argument("--khat-draws", type=int, default=None,
                    help="importance draws for the guide's PSIS k-hat on the training set (0: skip; default 100 "
                         "with shared eps, 32 with fresh eps, where every draw costs a forward pass over the data)")

@@ -84,7 +84,7 @@ def invariant_filters(
 
 def _image_grid(fig: Figure, images: np.ndarray, ncols: int, titles: Sequence[str] | None = None,
                 symmetric: bool = True, cmap: str = "RdBu_r") -> list[Axes]:
-    """Images ``(n, H, W)`` in a grid of ``ncols`` columns, one colour scale per image."""
+    """Images ``(n, C, H, W)`` in a grid of ``ncols`` columns, one colour scale per image (:func:`show_image`)."""
     n = images.shape[0]
     nrows = max(1, math.ceil(n / ncols))
     axes = fig.subplots(nrows, ncols, squeeze=False)
@@ -94,23 +94,37 @@ def _image_grid(fig: Figure, images: np.ndarray, ncols: int, titles: Sequence[st
         if i >= n:
             ax.set_axis_off()
             continue
-        img = images[i]
-        if symmetric:
-            vmax = float(np.abs(img).max()) or 1.0
-            ax.imshow(img, cmap=cmap, vmin=-vmax, vmax=vmax, interpolation="nearest")
-        else:
-            ax.imshow(img, cmap=cmap, interpolation="nearest")
+        show_image(ax, images[i], symmetric, cmap)
         if titles is not None:
             ax.set_title(titles[i], fontsize=7)
     return [ax for ax in axes.flat][:n]
 
 
+def show_image(ax: Axes, img: np.ndarray | torch.Tensor, symmetric: bool = False, cmap: str = "gray") -> None:
+    """Draw one image ``(C, H, W)`` on ``ax``: three channels in colour (RGB; signed values, ``symmetric``, around
+    mid-grey at 0, scaled by the image's largest magnitude), otherwise the channel mean with ``cmap``
+    (``symmetric``: on a scale centred at 0). Pictures of any dataset, MNIST's or CIFAR-10's, go through here."""
+    img = _as_numpy(img)
+    if img.shape[0] == 3:
+        rgb = np.moveaxis(img, 0, -1)
+        if symmetric:
+            rgb = 0.5 + 0.5 * rgb / (float(np.abs(rgb).max()) or 1.0)
+        ax.imshow(np.clip(rgb, 0.0, 1.0), interpolation="nearest")
+        return
+    img = img.mean(0)
+    if symmetric:
+        vmax = float(np.abs(img).max()) or 1.0
+        ax.imshow(img, cmap=cmap, vmin=-vmax, vmax=vmax, interpolation="nearest")
+    else:
+        ax.imshow(img, cmap=cmap, interpolation="nearest")
+
+
 def _filter_figure(W: np.ndarray, image_shape: tuple[int, int, int], ncols: int, title: str,
                    path: str | Path | None) -> Figure:
-    """Filters ``(F, C*H*W)`` as images, channels averaged, blue < 0 < red with a scale of their own."""
-    C, H, Wd = image_shape
+    """Filters ``(F, C*H*W)`` as images with a scale of their own: in colour for three channels (mid-grey = 0),
+    else blue < 0 < red over the channel mean."""
     fig = new_figure(1.3 * ncols, 1.3 * math.ceil(W.shape[0] / ncols) + 0.5)
-    _image_grid(fig, W.reshape(W.shape[0], C, H, Wd).mean(1), ncols)
+    _image_grid(fig, W.reshape(W.shape[0], *image_shape), ncols)
     fig.suptitle(title)
     return finish(fig, path)
 
@@ -288,14 +302,15 @@ def plot_transformed_digits(
     images: np.ndarray | torch.Tensor, eta: np.ndarray | torch.Tensor, path: str | Path | None = None,
     num_samples: int = 8, seed: int = 0, title: str | None = None, names: Sequence[str] = GENERATOR_NAMES,
 ) -> Figure:
-    """Test digits (first column) and ``num_samples`` warps of each by T ~ the learned distribution.
+    """Test images ``(n, C, H, W)`` (first column; colour for three channels) and ``num_samples`` warps of each
+    by T ~ the learned distribution.
 
     ``names`` is eta's generator basis.
     """
     x = _as_numpy(images)
     warped = transform_samples(x, eta, num_samples, seed, names)
     n = x.shape[0]
-    grid = np.concatenate([x[:, None], warped], axis=1).mean(2)  # (n, 1 + samples, H, W)
+    grid = np.concatenate([x[:, None], warped], axis=1)  # (n, 1 + samples, C, H, W)
     fig = new_figure(1.1 * (num_samples + 1), 1.1 * n + 0.6)
     titles = ["original"] + [f"T{i + 1}" for i in range(num_samples)]
     axes = _image_grid(fig, grid.reshape(-1, *grid.shape[2:]), num_samples + 1,
@@ -304,6 +319,7 @@ def plot_transformed_digits(
     for ax in axes[:: num_samples + 1]:
         for spine in ax.spines.values():
             spine.set_edgecolor("tab:red")
-    fig.suptitle(f"{title + ': ' if title else ''}digits transformed by the learned distribution "
+    fig.suptitle(f"{title + ': ' if title else ''}{'digits' if x.shape[1] == 1 else 'images'} transformed by the "
+                 "learned distribution "
                  f"({_eta_text(eta, names)})")
     return finish(fig, path)

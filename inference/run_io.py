@@ -32,6 +32,7 @@ from inference.data import DataConfig, Datasets, load_datasets, resolve_data_dir
 from inference.data import true_extent as true_extent  # re-exported: it lived here
 from inference.eta_objectives import EtaObjective
 from inference.run_folder import HISTORY_FILENAME, METRICS_FILENAME, MODEL_FILENAME
+from inference.sources import SOURCES
 from inference.state import check_state, load_modules
 from inference.svi import TrainConfig
 from models.config import ModelConfig
@@ -152,7 +153,8 @@ def load_run_data(run: LoadedRun, data_dir: str | Path | None = None) -> Dataset
     candidates = [data_dir] if data_dir is not None else [run.metrics.get("data", {}).get("root"),
                                                           run.data_config.data_dir]
     roots = [c for c in candidates if c]
-    root = next((r for r in roots if (resolve_data_dir(r) / "MNIST" / "raw").is_dir()), roots[0] if roots else None)
+    folder = SOURCES[run.data_config.dataset.source].folder
+    root = next((r for r in roots if (resolve_data_dir(r) / folder).is_dir()), roots[0] if roots else None)
     cfg = dataclasses.replace(run.data_config, data_dir=None if root is None else str(root), allow_download=False)
     return load_datasets(cfg)
 

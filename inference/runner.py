@@ -143,8 +143,9 @@ def _run(cfg: RunConfig, control: RunControl, out: Path) -> dict:
         else:
             announce_resume(resume_from, skipped, cfg)
         cfg.save(out / CONFIG_FILENAME)  # what this run is, before anything is trained
-        print(f"data: {data.info['dataset']} train={len(train)} test={len(test)} from {data.info['root']}"
-              f"{'' if data.info['full_mnist'] else ' (subset, not full MNIST)'}", file=sys.stderr)
+        part = "" if data.info["full_set"] else f" (a part, not the full {data.info['source']})"
+        print(f"data: {data.info['dataset']} train={len(train)} test={len(test)} from {data.info['root']}{part}",
+              file=sys.stderr)
         history.open(result.eta_history)
 
     policy = CheckpointPolicy(out / CHECKPOINT_DIRNAME, control.checkpoint_every, control.keep_checkpoints,

@@ -1,8 +1,11 @@
-"""Train an invariant network on an MNIST variant and write metrics.
+"""Train an invariant network on a variant of MNIST, Fashion-MNIST or CIFAR-10 and write metrics.
 
 Usage::
 
     python -m inference.train --dataset rotated-mnist --out runs/rotated --data-dir ../shared/data
+    python -m inference.train --dataset rotated-cifar10 --out runs/rotated-cifar10 --data-dir DATA
+
+The model's input shape follows the dataset (1 x 28 x 28, or 3 x 32 x 32 for CIFAR-10).
 
 Writes ``OUT/metrics.json`` (learned eta per generator in the units of T, test accuracy, test
 NLL, ELBO per example, training time, data provenance and the full config),
@@ -70,10 +73,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dataset", type=DatasetName, choices=list(DatasetName), default=d.dataset, metavar="NAME",
                    help=f"one of {[x.value for x in DatasetName]}")
     g.add_argument("--data-dir", default=None,
-                   help="data root holding MNIST/raw (default: $INVW_DATA_DIR, else ./data)")
-    g.add_argument("--download", action="store_true", help="let torchvision download MNIST if it is missing")
-    g.add_argument("--train-size", type=int, default=None, help="class-balanced training subset (default: all)")
-    g.add_argument("--test-size", type=int, default=None, help="class-balanced test subset (default: all)")
+                   help="data root holding MNIST/raw, FashionMNIST/raw or cifar-10-batches-py (torchvision's layout; "
+                   "default: $INVW_DATA_DIR, else ./data)")
+    g.add_argument("--download", action="store_true",
+                   help="let torchvision download the dataset's source if it is missing")
+    g.add_argument("--train-size", type=int, default=None,
+                   help="class-balanced, shuffled training subset (default: all)")
+    g.add_argument("--test-size", type=int, default=None, help="class-balanced, shuffled test subset (default: all)")
     g.add_argument("--rotation-deg", type=float, default=None, help="data rotation range U[-a, a] (default 180 / 90)")
     g.add_argument("--translation-px", type=float, default=d.translation_px, help="data translation range in pixels")
     g.add_argument("--log-scale", type=float, default=d.log_scale, help="data scale exp(s), s ~ U[-v, v]")
@@ -213,8 +219,9 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
     first_layer_prior, output_layer_prior = args.first_layer_prior == "on", args.output_layer_prior == "on"
     check_model_fits(GuideKind(args.guide), objective, PriorKind(args.prior), first_layer_prior,
                      output_layer_prior)
-    model = ModelConfig(hidden=args.hidden, first_layer=args.first_layer, rff_scale=args.rff_scale,
-                        rff_blur=args.rff_blur, transform_mode=args.transform_mode, averaging=args.averaging,
+    model = ModelConfig(image_shape=data.dataset.image_shape, hidden=args.hidden, first_layer=args.first_layer,
+                        rff_scale=args.rff_scale, rff_blur=args.rff_blur, transform_mode=args.transform_mode,
+                        averaging=args.averaging,
                         num_transforms=args.num_transforms, generators=args.generators,
                         eta_init=math.radians(args.eta_init_deg), learn_eta=not args.fixed_eta,
                         prior=args.prior, prior_scale=args.prior_scale, eta_prior=args.eta_prior,

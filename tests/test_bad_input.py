@@ -21,6 +21,7 @@ from inference.evaluate import accuracy_and_nll
 from inference.svi import TrainConfig, fit
 from inference.train import cli
 from models import InvariantNet, ModelConfig
+from tests.made_data import idx_bytes
 
 IMAGE = (1, 5, 5)
 N = 8
@@ -118,7 +119,7 @@ def test_evaluation_rejects_labels_out_of_range():
         (lambda: TrainConfig(lr=float("nan")), "lr must be > 0 and finite, got nan"),
         (lambda: TrainConfig(betas=(0.9, 1.0)), "betas must be two numbers in [0, 1)"),
         (lambda: TrainConfig(seed=-1), "seed must be an integer in [0, 2**32)"),
-        (lambda: DataConfig(dataset="fashion-mnist"), "unknown dataset 'fashion-mnist'; choose from"),
+        (lambda: DataConfig(dataset="svhn"), "unknown dataset 'svhn'; choose from"),
         (lambda: DataConfig(rotation_deg=float("nan")), "rotation_deg must be a number in [0, 360], got nan"),
         (lambda: DataConfig(train_size=-5), "train_size must be a positive integer, got -5"),
         (lambda: make_guide(tiny_model(), "laplace"), "'laplace' is not a valid GuideKind; guides:"),
@@ -167,7 +168,7 @@ def test_cli_bad_numbers_are_one_line_errors(tmp_path, capsys, extra, message):
 @pytest.mark.parametrize(
     ("flag", "value", "message"),
     [
-        ("--dataset", "fashion-mnist", "argument --dataset: invalid DatasetName value: 'fashion-mnist'"),
+        ("--dataset", "svhn", "argument --dataset: invalid DatasetName value: 'svhn'"),
         ("--guide", "laplace", "argument --guide: invalid GuideKind value: 'laplace'"),
         ("--hidden", "ten", "argument --hidden: invalid int value: 'ten'"),
     ],
@@ -178,11 +179,6 @@ def test_cli_unknown_names_are_argparse_errors(tmp_path, capsys, flag, value, me
     assert info.value.code == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
-
-
-def idx_bytes(array: torch.Tensor) -> bytes:
-    header = bytes([0, 0, 0x08, array.dim()]) + b"".join(int(s).to_bytes(4, "big") for s in array.shape)
-    return header + array.to(torch.uint8).contiguous().numpy().tobytes()
 
 
 def write_root(root: Path, image_hw: tuple[int, int] = (28, 28), labels: torch.Tensor | None = None) -> Path:

@@ -28,6 +28,18 @@ def test_bench_step_quick_prints_the_table(tmp_path):
     assert all(r["seconds"] > 0 and r["examples_per_s"] > 0 for r in results)
 
 
+def test_bench_step_times_cifar10_shaped_inputs(tmp_path):
+    out = tmp_path / "bench.json"
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--dataset", "cifar10", "--modes", "weights,floor",
+                           "--out", str(out)], capture_output=True, text=True, cwd=REPO_ROOT, timeout=120, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "images 3x32x32" in proc.stdout and "one 50000-image epoch" in proc.stdout  # CIFAR-10's training set
+    assert {tuple(r["image_shape"]) for r in json.loads(out.read_text())["results"]} == {(3, 32, 32)}
+    bad = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--dataset", "svhn"], capture_output=True, text=True,
+                         cwd=REPO_ROOT, timeout=60, check=False)
+    assert bad.returncode != 0 and "unknown --dataset 'svhn'" in bad.stderr
+
+
 def test_bench_step_rejects_unknown_modes():
     proc = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--modes", "weights,nope"], capture_output=True,
                           text=True, cwd=REPO_ROOT, timeout=60, check=False)

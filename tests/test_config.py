@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from inference.checkpoint import load_checkpoint
-from inference.config import CONFIG_FILENAME, EvalConfig, GuideConfig, RunConfig
+from inference.config import CONFIG_FILENAME, EvalConfig, GuideConfig, RunConfig, derive
 from inference.data import DataConfig
 from inference.svi import TrainConfig
 from inference.train import cli
@@ -40,6 +40,18 @@ def test_round_trip_through_json_keeps_every_setting():
         RunConfig.from_dict({**cfg.to_dict(), "model": {**cfg.to_dict()["model"], "width": 3}})
     with pytest.raises(ValueError, match="device must be"):
         RunConfig(device="tpu")
+
+
+def test_the_model_takes_the_images_of_its_dataset():
+    """A model for 28 x 28 digits cannot be paired with CIFAR-10; deriving another dataset carries the shape."""
+    with pytest.raises(ValueError, match=r"image_shape \(1, 28, 28\) does not fit the images of cifar10"):
+        RunConfig(data=DataConfig(dataset="cifar10"))
+    cifar = RunConfig(data=DataConfig(dataset="cifar10"), model=ModelConfig(image_shape=(3, 32, 32)))
+    back = derive(cifar, data={"dataset": "translated-mnist"})
+    assert back.model.image_shape == (1, 28, 28) and back.data.dataset.value == "translated-mnist"
+    assert derive(back, data={"dataset": "scaled-cifar10"}, model={"hidden": 8}).model.image_shape == (3, 32, 32)
+    with pytest.raises(ValueError, match="does not fit"):  # a shape given with the change is kept, and checked
+        derive(back, data={"dataset": "cifar10"}, model={"image_shape": (1, 28, 28)})
 
 
 def test_config_json_reruns_a_run_exactly_and_is_the_only_definition(tmp_path, data_dir, capsys):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gzip
 from pathlib import Path
 
 import pytest
@@ -13,24 +12,14 @@ from inference.data import (
     DataConfig,
     DataNotFoundError,
     DatasetName,
+    balanced_subset,
     load_datasets,
-    read_idx,
     resolve_data_dir,
+    transformation_matrices,
 )
-
-
-def idx_bytes(array: torch.Tensor, type_code: int = 0x08) -> bytes:
-    header = bytes([0, 0, type_code, array.dim()]) + b"".join(int(s).to_bytes(4, "big") for s in array.shape)
-    return header + array.to(torch.uint8).contiguous().numpy().tobytes()
-
-
-def write_idx(path: Path, payload: bytes) -> Path:
-    if path.suffix == ".gz":
-        with gzip.open(path, "wb") as f:
-            f.write(payload)
-    else:
-        path.write_bytes(payload)
-    return path
+from inference.sources import Source, read_idx
+from models.transforms import warp_images
+from tests.made_data import idx_bytes, write_idx
 
 
 # --------------------------------------------------------------------------- read_idx
@@ -132,7 +121,7 @@ def test_tiny_synthetic_root_loads(tmp_path):
     data = load_datasets(DataConfig(dataset="mnist", data_dir=str(tmp_path)))
     assert data.train.x.shape == (20, 1, 28, 28) and data.test.x.shape == (10, 1, 28, 28)
     assert data.train.x.dtype == torch.float32 and data.train.y.dtype == torch.int64
-    assert data.info["full_mnist"] is False
+    assert data.info["full_set"] is False
 
 
 def test_resolve_data_dir_precedence(monkeypatch, tmp_path):
@@ -147,12 +136,12 @@ def test_resolve_data_dir_precedence(monkeypatch, tmp_path):
 def test_data_config_rejects_nonpositive_sizes(field):
     with pytest.raises(ValueError, match=f"{field} must be a positive integer"):
         DataConfig(**{field: 0})
-    with pytest.raises(ValueError):
-        DataConfig(dataset="fashion-mnist")
+    with pytest.raises(ValueError, match="unknown dataset 'svhn'"):
+        DataConfig(dataset="svhn")
 
 
 # --------------------------------------------------------------------------- real (shared) MNIST subset
-@pytest.mark.parametrize("dataset", list(DatasetName), ids=lambda d: d.value)
+@pytest.mark.parametrize("dataset", [d for d in DatasetName if d.source is Source.MNIST], ids=lambda d: d.value)
 def test_load_datasets_balanced_shapes_and_range(data_dir, dataset):
     data = load_datasets(DataConfig(dataset=dataset, data_dir=str(data_dir), train_size=100, test_size=50))
     for split, n in ((data.train, 100), (data.test, 50)):
@@ -160,12 +149,28 @@ def test_load_datasets_balanced_shapes_and_range(data_dir, dataset):
         assert split.x.dtype == torch.float32 and split.y.dtype == torch.int64
         assert split.x.min() >= 0.0 and split.x.max() <= 1.0
         assert torch.equal(torch.bincount(split.y, minlength=10), torch.full((10,), n // 10))
+        assert not torch.equal(split.y, torch.sort(split.y).values)  # shuffled: the source is stored by class
         assert split.x.is_contiguous()
     assert data.info["train_size"] == 100 and data.info["test_size"] == 50
     assert data.info["dataset"] == dataset.value
-    assert data.info["full_mnist"] is False  # the shared data is a 4000 / 1000 subset
+    assert data.info["full_set"] is False  # the shared data is a 4000 / 1000 subset
     assert data.info["available_train"] < 60000 and data.info["available_test"] < 10000
     assert Path(data.info["root"]) == data_dir.resolve()
+
+
+def test_a_subset_is_shuffled_and_every_example_keeps_its_transformation(data_dir):
+    """The subset and the transformation drawn for each of its examples are those of the stored order; only the
+    order is random (so the picks do not depend on how the subset is ordered)."""
+    cfg = DataConfig(dataset="rotated-mnist", data_dir=str(data_dir), train_size=50, test_size=20)
+    train = load_datasets(cfg).train
+    stored = load_datasets(DataConfig(dataset="mnist", data_dir=str(data_dir))).train
+    gen = torch.Generator().manual_seed(2 * cfg.data_seed)  # the training split's stream
+    idx = balanced_subset(stored.y, 50, gen)
+    expected = warp_images(stored.x[idx], transformation_matrices(cfg, 50, 28, gen)).clamp(0.0, 1.0)
+    same = (train.x.flatten(1)[:, None] == expected.flatten(1)[None]).all(-1)  # (loaded row, expected row)
+    assert torch.equal(same.sum(1), torch.ones(50, dtype=torch.long))
+    assert torch.equal(train.y, stored.y[idx][same.int().argmax(1)])
+    assert not torch.equal(train.y, stored.y[idx])  # not the stored (class) order
 
 
 def test_uneven_subset_sizes_are_as_balanced_as_possible(data_dir):

@@ -323,6 +323,16 @@ def test_load_run_restores_the_fitted_parameters(tiny_runs):
     assert true_extent(run.data_config)["rotate"] == pytest.approx(math.pi)
 
 
+def test_diagnose_test_size_takes_a_class_balanced_subset(tiny_runs):
+    from inference.diagnostics.runs import DiagnoseOptions, eval_splits
+
+    run = load_run(tiny_runs[0])
+    _, test = eval_splits(run, DiagnoseOptions(test_size=10))
+    assert torch.equal(torch.bincount(test.y, minlength=10), torch.ones(10, dtype=torch.long))
+    _, again = eval_splits(load_run(tiny_runs[1]), DiagnoseOptions(test_size=10))
+    assert torch.equal(again.x, test.x)  # the same examples for every run on the same data (--compare)
+
+
 def test_load_run_errors_are_one_line(tiny_runs, tmp_path):
     with pytest.raises(RunError, match="does not exist"):
         load_run(tmp_path / "nothing")

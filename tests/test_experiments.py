@@ -175,6 +175,24 @@ def test_table2_plan_is_the_papers_grid_with_the_fixed_augmentation_at_the_true_
         compare.plan(compare.parse_args(["--out", "x", "--configs", "inv-colour"]))
 
 
+def test_table3_plan_is_the_papers_cifar10_grid_on_3_channel_inputs():
+    planned = compare.plan(compare.parse_args(["--preset", "table3", "--out", "x"]))
+    assert [(d, c) for d, c, _, _ in planned] == [(d, c) for d in ("rotated-cifar10", "translated-cifar10",
+                                                                   "scaled-cifar10", "cifar10")
+                                                  for c in ("inv-none", "inv-affine")]
+    runs = {(d, c): cfg for d, c, _, cfg in planned}
+    assert all(cfg.model.image_shape == (3, 32, 32) for cfg in runs.values())
+    assert runs["translated-cifar10", "inv-affine"].data.translation_px == 8.0
+    assert runs["scaled-cifar10", "inv-affine"].data.log_scale == pytest.approx(math.log(2))
+    assert runs["rotated-cifar10", "inv-affine"].data.rotation == pytest.approx(math.pi)
+    plain = runs["cifar10", "inv-none"]
+    assert plain.model.generators == () and plain.train.eta_objective == "elbo"
+    affine = runs["rotated-cifar10", "inv-affine"]
+    assert len(affine.model.generators) == 6 and affine.train.eta_objective == "evidence"  # the recommended setting
+    aug = compare.plan(compare.parse_args(["--out", "x", "--datasets", "translated-cifar10", "--configs", "fixed-aug"]))
+    assert aug[0][3].model.eta_init == pytest.approx(8 / 15.5)  # 8 px on 32-pixel sides
+
+
 @pytest.mark.parametrize("workers", [1, 2])
 def test_grid_resumes_a_run_interrupted_part_way_and_trains_a_shared_folder_once(tmp_path, data_dir, workers):
     """A folder with checkpoints but no metrics.json continues from its newest checkpoint (in this process or

@@ -131,6 +131,25 @@ def test_warped_linear_rotation_by_quarter_turns_is_rot90(angle, k):
     torch.testing.assert_close(warped_linear(x, filt, T, (C, H, H))[0], x @ rotated.T, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("warp", [warp_filters, warp_filters_gather], ids=["reference", "gather"])
+@pytest.mark.parametrize("k", [1, 2, 3, -1])
+def test_quarter_turns_of_three_channel_filters_are_rot90_per_channel(warp, k):
+    """3-channel (CIFAR-shaped) filters: a turn by k * 90 degrees warps every channel of every filter alike, exactly
+    as ``torch.rot90`` does per channel; one transform per sample, shared by the D filters and their channels."""
+    C, H, D = 3, 32, 5
+    filt = torch.rand(D, C * H * H, generator=torch.Generator().manual_seed(k % 4))
+    rotate = GENERATOR_NAMES.index("rotate")
+    eta = torch.zeros(K, dtype=torch.float64)
+    eta[rotate] = math.pi / 2
+    eps = torch.zeros(2, K, dtype=torch.float64)
+    eps[:, rotate] = torch.tensor([float(k), 0.0])  # sample 0: k quarter turns; sample 1: the identity
+    T = affine_matrices(eta, eps, affine_generators(dtype=torch.float64)).float()
+    out = warp(filt, T, (C, H, H)).reshape(2, D, C, H, H)
+    expected = torch.rot90(filt.reshape(D, C, H, H), k, dims=(-2, -1))
+    torch.testing.assert_close(out[0], expected, atol=1e-5, rtol=0)
+    torch.testing.assert_close(out[1], filt.reshape(D, C, H, H), atol=1e-5, rtol=0)
+
+
 @pytest.mark.parametrize("transpose_b", [False, True])
 def test_matmul2d_onednn_equals_mm(monkeypatch, transpose_b):
     """Above the size threshold float32 CPU GEMMs may go through oneDNN: same values, same gradients."""

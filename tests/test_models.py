@@ -286,11 +286,13 @@ def _rotation_eps(rot_eps: list[float], device) -> torch.Tensor:
     ],
     ids=["rot90-eta-pi/2", "rot90-eta-pi", "shift-1px"],
 )
+@pytest.mark.parametrize("channels", [1, 3], ids=["1-channel", "3-channel"])
 def test_input_mode_equals_weight_mode_for_pixel_permutations(
-    device, first_layer, averaging, generators, eta_init, gen_eps
+    device, first_layer, averaging, generators, eta_init, gen_eps, channels
 ):
-    """(W1 o T) x == W1 (T^-1 x) exactly when every sampled T permutes pixel centres."""
-    shape = (1, 7, 7)
+    """(W1 o T) x == W1 (T^-1 x) exactly when every sampled T permutes pixel centres (on 3-channel images too: every
+    channel of a filter moves with the same T)."""
+    shape = (channels, 7, 7)
     common = dict(image_shape=shape, hidden=D, num_transforms=len(gen_eps), generators=generators,
                   eta_init=eta_init, learn_eta=False, first_layer=first_layer, averaging=averaging)
     pyro.set_rng_seed(1)

@@ -55,6 +55,19 @@ def test_filter_bank_draws_one_28x28_image_per_filter(tmp_path):
     assert vmin == pytest.approx(-vmax)  # a symmetric colour scale: white is 0
 
 
+def test_three_channel_filters_are_drawn_in_colour_around_grey():
+    """3 x 32 x 32 filters are RGB pictures: each channel is its own colour, 0 is mid-grey, the scale the filter's."""
+    W1 = np.random.default_rng(1).normal(size=(10, 3 * 32 * 32))
+    fig = plots.plot_filter_bank(W1, image_shape=(3, 32, 32), num_filters=4, ncols=4)
+    rgb = image_axes(fig)[2].images[0].get_array()
+    assert rgb.shape == (32, 32, 3)
+    filt = W1[2].reshape(3, 32, 32)
+    np.testing.assert_allclose(rgb, np.moveaxis(0.5 + 0.5 * filt / np.abs(filt).max(), 0, -1))
+    inv = plots.plot_invariant_filters(W1, eta_with(rotate=math.pi), image_shape=(3, 32, 32), num_filters=4,
+                                       num_samples=8)
+    assert image_axes(inv)[0].images[0].get_array().shape == (32, 32, 3)
+
+
 def test_invariant_filters_under_full_rotation_are_rotation_symmetric():
     """Averaged over rotations in [-pi, pi], a filter is (nearly) unchanged by a quarter turn."""
     yy, xx = np.mgrid[-1:1:28j, -1:1:28j]
@@ -149,6 +162,18 @@ def test_transformed_digits_grid(tmp_path):
     axes = image_axes(fig)
     assert len(axes) == 2 * 5 and axes[0].get_title() == "original"
     np.testing.assert_allclose(axes[0].images[0].get_array(), x[0, 0].numpy())
+
+
+def test_transformed_colour_images_keep_their_colours(tmp_path):
+    x = torch.zeros(2, 3, 32, 32)
+    x[:, 0, 8:24, 8:24] = 1.0  # a red square
+    fig = plots.plot_transformed_digits(x, eta_with(rotate=math.pi), tmp_path / "images.png", num_samples=3)
+    assert_png(tmp_path / "images.png")
+    axes = image_axes(fig)
+    assert len(axes) == 2 * 4
+    np.testing.assert_allclose(axes[0].images[0].get_array(), np.moveaxis(x[0].numpy(), 0, -1))
+    warped = np.asarray(axes[1].images[0].get_array())
+    assert warped.shape == (32, 32, 3) and warped[..., 1:].max() == 0 and warped[..., 0].max() > 0.9  # red only
 
 
 # --------------------------------------------------------------------------- ArviZ plots through the adapter

@@ -22,7 +22,8 @@ from hypothesis import strategies as st
 from pyro import poutine
 
 from guides import GuideKind, InitLoc, make_guide
-from inference.data import CorruptDataError, DataConfig, DataNotFoundError, DatasetName, load_datasets, read_idx
+from inference.data import CorruptDataError, DataConfig, DataNotFoundError, DatasetName, load_datasets
+from inference.sources import read_idx
 from inference.train import cli
 from models import InvariantNet, ModelConfig
 

@@ -89,7 +89,7 @@ def test_tiny_training_run_writes_metrics(tiny_run, data_dir):
     assert cfg["guide"]["kind"] == "hybrid" and cfg["device"] == "cpu"
     data = metrics["data"]
     assert data["train_size"] == 200 and data["test_size"] == 100
-    assert data["full_mnist"] is False
+    assert data["full_set"] is False and data["source"] == "MNIST"
     assert Path(data["root"]) == data_dir.resolve()
 
     # the summary printed on stdout is valid JSON with the headline numbers

@@ -18,9 +18,10 @@ from typing import Any
 
 import numpy as np
 import pyro
+import torch
 
 from inference import diagnostics, plots
-from inference.data import Split
+from inference.data import Split, balanced_subset, one_per_class
 from inference.diagnostics import figures
 from inference.diagnostics.nuts import fit_reference_guide, reference_model
 from inference.draws import site_kinds
@@ -42,7 +43,7 @@ class DiagnoseOptions:
     khat_draws: int | None = None  # None: 100 when the features can be shared, else 32 (see --khat-draws)
     khat_eps: str = "auto"
     num_filters: int = 32
-    num_digits: int = 6
+    num_digits: int = 10  # test examples in the transformed-examples figure, one per class
     data_dir: str | None = None
     seed: int = 0
 
@@ -69,11 +70,13 @@ def _shared_eps(run: LoadedRun, choice: str) -> bool:
 
 
 def eval_splits(run: LoadedRun, opts: DiagnoseOptions) -> tuple[Split, Split]:
-    """The run's training set and its test set (the first ``opts.test_size`` examples)."""
+    """The run's training set and its test set (a class-balanced, shuffled subset of ``opts.test_size`` examples,
+    the same for every run on the same test set)."""
     data = load_run_data(run, opts.data_dir)
     test = data.test
-    if opts.test_size is not None:
-        test = Split(test.x[: opts.test_size], test.y[: opts.test_size])
+    if opts.test_size is not None and opts.test_size < len(test):
+        idx = balanced_subset(test.y, opts.test_size, torch.Generator().manual_seed(opts.seed))
+        test = Split(test.x[idx], test.y[idx])
     return data.train, test
 
 
@@ -135,8 +138,8 @@ def write_figures(run: LoadedRun, idata: Any, test: Split, fig_dir: Path, opts: 
     if run.model.likelihood.has_classes:
         plots.plot_reliability(diagnostics.class_probabilities(idata), diagnostics.observed(idata),
                                out("reliability"), title=f"{name}: reliability, {opts.draws} guide draws")
-    plots.plot_transformed_digits(test.x[: opts.num_digits], eta, out("transformed_digits"), seed=opts.seed,
-                                  title=name, names=cfg.generator_names)
+    plots.plot_transformed_digits(one_per_class(test, opts.num_digits).x, eta, out("transformed_digits"),
+                                  seed=opts.seed, title=name, names=cfg.generator_names)
     if "W2" in idata.posterior:
         figures.plot_weight_forest(idata, out("forest_W2"))
     if "eta" in idata.posterior:
