@@ -136,6 +136,21 @@ class SequentialEvidenceLoss:
             return self.elbo.differentiable_loss(*hide_eta(model, guide), x, y)
 
 
+def reported_guide(objective: Callable, model: InvariantNet, guide: Callable
+                   ) -> tuple[Callable, contextlib.AbstractContextManager]:
+    """The guide whose ELBO a training step's loss reports, and the model context that ELBO is taken in.
+
+    The loss of every objective is one guide's negative ELBO: ``guide``'s (``elbo``, ``heldout``: on the
+    fitting part, ``evidence`` joint: the predicting guide at the held eta), or on the sequential schedule the
+    evidence guide's in phase 1 and, in phase 2, the predicting guide's with W1's prior masked.
+    """
+    if isinstance(objective, SequentialEvidenceLoss):
+        if not objective.predicting:
+            return objective.evidence_guide, contextlib.nullcontext()
+        return guide, model.first_layer_prior_masked()
+    return guide, contextlib.nullcontext()
+
+
 def split_holdout(data: Split, fraction: float, seed: int) -> tuple[Split, Split]:
     """Split ``data`` into a fitting part A and a held-out part B of about ``fraction * N`` examples.
 

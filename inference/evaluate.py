@@ -7,10 +7,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-from pyro import poutine
 
 from inference.data import Split
 from inference.draws import draw_posterior, predictive_outputs
+from inference.elbo_terms import trace_terms
 from inference.svi import TrainConfig, make_elbo
 from models.config import check_positive_int
 from models.network import InvariantNet
@@ -110,27 +110,20 @@ def elbo_terms(
     """The two terms of one ELBO / N pass: ``(expected log-likelihood / N, KL / N)``.
 
     ELBO = E_q[log p(y | x, theta, eta)] - KL(q(theta) || p(theta)) (the paper's Eq. 6 with the
-    multi-sample likelihood), each estimated with one draw of theta and eps per minibatch, so that
-    ``loglik - kl`` equals :func:`elbo_per_example` under the same random numbers. "KL" is
-    E_q[log q - log p] over every latent site (eps cancels: q(eps) = p(eps)); for point estimates
-    it is -log p(theta), and 0 for parameters without a prior (maximum likelihood).
+    multi-sample likelihood), each estimated with one draw of theta and eps per minibatch
+    (:func:`inference.elbo_terms.trace_terms`), so that ``loglik - kl`` equals :func:`elbo_per_example`
+    under the same random numbers. "KL" is E_q[log q - log p] over every latent site (eps cancels:
+    q(eps) = p(eps)); for point estimates it is -log p(theta), and 0 for parameters without a prior
+    (maximum likelihood).
     """
     n = len(data)
     loglik, kl = 0.0, 0.0
     for xb, yb in zip(torch.split(data.x, batch_size), torch.split(data.y, batch_size), strict=True):
-        guide_trace = poutine.trace(guide).get_trace(xb, yb)
-        model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(xb, yb)
-        model_trace.compute_log_prob()
-        guide_trace.compute_log_prob()
+        batch_loglik, batch_kl = trace_terms(model, guide, xb, yb)
         weight = len(yb) / n  # each minibatch's likelihood is scaled by N / B; its KL counts B / N of once
-        loglik += model_trace.nodes["obs"]["log_prob_sum"].item() * weight
-        kl += (_latent_log_prob(guide_trace) - _latent_log_prob(model_trace)) * weight
+        loglik += batch_loglik * weight
+        kl += batch_kl * weight
     return loglik / n, kl / n
-
-
-def _latent_log_prob(trace: poutine.Trace) -> float:
-    return sum(site["log_prob_sum"].item() for site in trace.nodes.values()
-               if site["type"] == "sample" and not site["is_observed"])
 
 
 @dataclass(frozen=True)

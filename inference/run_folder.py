@@ -31,8 +31,11 @@ except ImportError:  # pragma: no cover - Windows
     fcntl = None  # type: ignore[assignment]
 
 METRICS_FILENAME, HISTORY_FILENAME, MODEL_FILENAME = "metrics.json", "eta_history.csv", "model.pt"
-RUN_FILES = (CONFIG_FILENAME, METRICS_FILENAME, HISTORY_FILENAME, MODEL_FILENAME, CHECKPOINT_DIRNAME, "diagnostics")
-"""What a run writes into its folder (``diagnostics/`` by ``inference.diagnose``)."""
+ELBO_HISTORY_FILENAME, TENSORBOARD_DIRNAME = "elbo_history.csv", "tensorboard"
+RUN_FILES = (CONFIG_FILENAME, METRICS_FILENAME, HISTORY_FILENAME, ELBO_HISTORY_FILENAME, MODEL_FILENAME,
+             CHECKPOINT_DIRNAME, TENSORBOARD_DIRNAME, "diagnostics")
+"""What a run writes into its folder (``diagnostics/`` by ``inference.diagnose``, ``tensorboard/`` with
+``--tensorboard``)."""
 
 
 class RunFolderError(ValueError):

@@ -3,7 +3,8 @@ r"""Train one run: a :class:`~inference.config.RunConfig` into a folder, resumab
 :func:`run` is what ``python -m inference.train`` (and every grid of :mod:`inference.grid`) does with a run:
 load the data, build the model and guides, train with :func:`inference.svi.fit` (checkpoints stamped with
 :meth:`RunConfig.training_dict`; resume from the newest one with :class:`RunControl`\ ``(resume=True)``), and
-write ``config.json`` (once training may start), ``eta_history.csv`` (streamed while training), ``model.pt``
+write ``config.json`` (once training may start), ``eta_history.csv`` and ``elbo_history.csv`` (streamed while
+training; :mod:`inference.history`, with TensorBoard events on request), ``model.pt``
 (:func:`inference.run_io.export_model`) and ``metrics.json``: eta (per generator, units of T), test accuracy and
 NLL of the M-draw posterior predictive and of one draw, the ELBO with its terms, timings, data provenance and
 the config.
@@ -11,11 +12,10 @@ the config.
 
 from __future__ import annotations
 
-import csv
 import json
 import sys
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,8 +35,17 @@ from inference.config import CONFIG_FILENAME, RunConfig
 from inference.data import Split, load_datasets, validate_split
 from inference.eta_objectives import EtaObjective, eta_dict, eta_interval, split_holdout
 from inference.evaluate import accuracy_and_nll, average_draws, elbo_estimate, predictive_draws
+from inference.history import TrainingRecord, require_tensorboard
 from inference.limits import check_memory, check_threads
-from inference.run_folder import HISTORY_FILENAME, METRICS_FILENAME, MODEL_FILENAME, claim, clear
+from inference.run_folder import (
+    ELBO_HISTORY_FILENAME,
+    HISTORY_FILENAME,
+    METRICS_FILENAME,
+    MODEL_FILENAME,
+    TENSORBOARD_DIRNAME,
+    claim,
+    clear,
+)
 from inference.run_io import build_model, export_model
 from inference.state import CheckpointPolicy, FitResult
 from inference.svi import fit
@@ -53,33 +62,10 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-class EtaHistoryWriter:
-    """Streams the eta rows that :func:`fit` records to a CSV while training, so a run can be watched."""
-
-    def __init__(self, path: Path, names: Iterable[str]) -> None:
-        self.path, self.names, self.file = path, list(names), None
-
-    def open(self, rows: Iterable[Mapping] = ()) -> None:
-        """Start the file afresh with ``rows`` already recorded (a resumed run's history up to its checkpoint)."""
-        self.file = open(self.path, "w", newline="")
-        self.writer = csv.DictWriter(self.file, fieldnames=["step", *self.names])
-        self.writer.writeheader()
-        self.writer.writerows(rows)
-        self.file.flush()
-
-    def __call__(self, row: Mapping) -> None:
-        self.writer.writerow(row)
-        self.file.flush()
-
-    def close(self) -> None:
-        if self.file is not None:
-            self.file.close()
-
-
 @dataclass(frozen=True)
 class RunControl:
     """How (not what) to run: where, whether to resume or replace the run there, checkpointing, CPU threads,
-    the progress bar."""
+    the progress bar, TensorBoard logging (``RUN/tensorboard/``; needs the optional ``tensorboard`` package)."""
 
     out: Path
     resume: bool = False
@@ -88,16 +74,20 @@ class RunControl:
     threads: int | None = None
     progress: bool = True
     overwrite: bool = False
+    tensorboard: bool = False
 
     def __post_init__(self) -> None:
         if self.checkpoint_every < 0 or self.keep_checkpoints < 1:
             raise ValueError("--checkpoint-every must be >= 0 and --keep-checkpoints >= 1")
         check_threads(self.threads)
+        if self.tensorboard:
+            require_tensorboard()  # before any data is loaded
 
 
 def run(cfg: RunConfig, control: RunControl) -> dict:
     """Train the run ``cfg`` describes into ``control.out`` (resuming from its newest checkpoint when
-    ``control.resume``), evaluate it and write ``config.json``, ``metrics.json`` and ``eta_history.csv``.
+    ``control.resume``), evaluate it and write ``config.json``, ``metrics.json``, ``eta_history.csv`` and
+    ``elbo_history.csv``.
 
     The folder is held (:func:`inference.run_folder.claim`) from start to end: another process cannot write it, and
     a run already there is continued (``resume``), replaced (``overwrite``: its files are removed once training
@@ -133,7 +123,8 @@ def _run(cfg: RunConfig, control: RunControl, out: Path) -> dict:
         heldout.x, heldout.y = heldout.x.to(device), heldout.y.to(device)
     train.x, train.y, test.x, test.y = (t.to(device) for t in (train.x, train.y, test.x, test.y))
     model, guide, evidence_guide = build_model(cfg, len(train), device)
-    history = EtaHistoryWriter(out / HISTORY_FILENAME, cfg.model.generator_names)
+    history = TrainingRecord(out / HISTORY_FILENAME, out / ELBO_HISTORY_FILENAME, cfg.model.generator_names,
+                             out / TENSORBOARD_DIRNAME if control.tensorboard else None)
 
     def start(result: FitResult) -> None:  # fit accepted the checkpoint: only now is the run folder written
         if resume_from is None:
@@ -146,7 +137,7 @@ def _run(cfg: RunConfig, control: RunControl, out: Path) -> dict:
         part = "" if data.info["full_set"] else f" (a part, not the full {data.info['source']})"
         print(f"data: {data.info['dataset']} train={len(train)} test={len(test)} from {data.info['root']}{part}",
               file=sys.stderr)
-        history.open(result.eta_history)
+        history.open(result)
 
     policy = CheckpointPolicy(out / CHECKPOINT_DIRNAME, control.checkpoint_every, control.keep_checkpoints,
                               config=cfg.training_dict(), data_sha256=data.info["sha256"])

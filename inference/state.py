@@ -36,11 +36,13 @@ from models.network import InvariantNet
 
 @dataclass
 class FitResult:
-    """What :func:`fit` returns: the loss per step and eta's trajectory."""
+    """What :func:`fit` returns: the loss per step, eta's trajectory and the ELBO's terms at the logged steps."""
 
     losses: list[float] = field(default_factory=list)  # -ELBO / N per step (minibatch estimate)
     eta_history: list[dict[str, float]] = field(default_factory=list)  # {"step": t, name: eta}
     seconds: float = 0.0
+    # {"step": t, "elbo", "expected_loglik", "kl"} per example, one extra draw on step t's minibatch
+    elbo_history: list[dict[str, float]] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -108,11 +110,12 @@ def capture_training_state(step: int, result: FitResult, optim: ParamAdam, model
     return {"step": int(step), "num_data": model.num_data, "model": copy(model),
             "guides": [copy(guide) for guide in guides], "optimizer": optim.state_dict(), "rng": get_rng_state(),
             "losses": list(result.losses), "eta_history": [dict(row) for row in result.eta_history],
-            "seconds": float(result.seconds)}
+            "seconds": float(result.seconds), "elbo_history": [dict(row) for row in result.elbo_history]}
 
 
 STATE_KEYS = ("step", "num_data", "model", "guides", "optimizer", "rng", "losses", "eta_history", "seconds")
-"""What :func:`capture_training_state` records."""
+"""What a checkpoint must hold to be resumed (:func:`capture_training_state` also records ``elbo_history``, which
+checkpoints from before it was recorded lack: a run resumed from one has the terms of the later steps only)."""
 
 
 def check_state(checkpoint: Checkpoint, keys: Sequence[str] = STATE_KEYS) -> dict[str, Any]:
@@ -168,7 +171,8 @@ def restore_training_state(start: Checkpoint, config: Mapping, model: InvariantN
         raise IncompatibleCheckpointError(str(err)) from None
     set_rng_state(state["rng"])
     history = [dict(row) for row in state["eta_history"]]
-    return int(state["step"]), FitResult(list(state["losses"]), history, float(state["seconds"]))
+    terms = [dict(row) for row in state.get("elbo_history", [])]
+    return int(state["step"]), FitResult(list(state["losses"]), history, float(state["seconds"]), terms)
 
 
 class Checkpointer:

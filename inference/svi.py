@@ -8,6 +8,10 @@ estimated on minibatches with ``Trace_ELBO(num_particles=K)``; eta is a paramete
 the guide's parameters by :class:`inference.optim.ParamAdam` (Adam per parameter, eta with its own learning
 rate, cosine annealing to 0). What eta maximises is :mod:`inference.eta_objectives`'s choice.
 
+Every ``log_every`` steps :func:`fit` records eta and the ELBO's two terms, expected log-likelihood and KL per
+example (:mod:`inference.elbo_terms`: one more draw on that step's minibatch, with random numbers of its own, so
+recording leaves the training's random stream, and so its result, unchanged).
+
 Reliability (:mod:`inference.state`, :mod:`inference.stopping`): :func:`fit` can save checkpoints and resume
 from one, ending exactly where an uninterrupted run with the same seed ends; a NaN/inf loss or parameter stops it
 with a :class:`~inference.stopping.NonFiniteError` naming the step and the last good checkpoint.
@@ -32,6 +36,7 @@ from guides.meanfield import EVIDENCE_GUIDE_NAME
 from inference.checkpoint import Checkpoint
 from inference.cpu import tune_for_training
 from inference.data import Split, check_seed, validate_split
+from inference.elbo_terms import logged_terms
 from inference.eta_objectives import (
     EtaObjective,
     EvidenceEtaLoss,
@@ -40,6 +45,7 @@ from inference.eta_objectives import (
     SequentialEvidenceLoss,
     eta_dict,
     eta_held,
+    reported_guide,
 )
 from inference.optim import ParamAdam, svi_step
 from inference.state import Checkpointer, CheckpointPolicy, FitResult, capture_training_state, restore_training_state
@@ -205,13 +211,20 @@ def _train_step(objective: Callable, model: InvariantNet, guide: Callable, optim
 
 
 def _record(
-    result: FitResult, model: InvariantNet, guide: Callable, step: int, loss: float, cfg: TrainConfig
-) -> dict | None:
+    result: FitResult, objective: Callable, model: InvariantNet, guide: Callable, step: int, loss: float,
+    batch: tuple[torch.Tensor, ...], cfg: TrainConfig,
+) -> tuple[dict, dict] | None:
+    """Append the step's loss; at a logged step also eta and the ELBO's terms (one more draw of the guide whose ELBO
+    the loss is, on the step's minibatch, after the update, with random numbers of its own)."""
     result.losses.append(loss)
     if step % cfg.log_every == 0 or step == 1 or step == cfg.total_steps:
-        eta = eta_dict(model, guide)
-        result.eta_history.append({"step": step, **eta})
-        return eta
+        eta = {"step": step, **eta_dict(model, guide)}
+        reported, context = reported_guide(objective, model, guide)
+        with context:
+            terms = {"step": step, **logged_terms(model, reported, batch[0], batch[1], model.num_data)}
+        result.eta_history.append(eta)
+        result.elbo_history.append(terms)
+        return eta, terms
     return None
 
 
@@ -221,7 +234,7 @@ def fit(
     data: Split,
     cfg: TrainConfig,
     callback: Callable[[int, float], None] | None = None,
-    on_record: Callable[[dict], None] | None = None,
+    on_record: Callable[[dict, dict], None] | None = None,
     progress: bool = True,
     *,
     on_start: Callable[[FitResult], None] | None = None,
@@ -246,8 +259,9 @@ def fit(
     callback : callable, optional
         Called as ``callback(step, loss)`` after every step.
     on_record : callable, optional
-        Called with each row ``{"step": t, <generator>: eta}`` as it is added to ``eta_history``
-        (every ``cfg.log_every`` steps, the first and the last), e.g. to stream it to a file.
+        Called as ``on_record(eta_row, elbo_row)`` with the rows ``{"step": t, <generator>: eta}`` and
+        ``{"step": t, "elbo", "expected_loglik", "kl"}`` as they are added to ``eta_history`` and
+        ``elbo_history`` (every ``cfg.log_every`` steps, the first and the last), e.g. to stream them to files.
     progress : bool
         Show a tqdm progress bar.
     on_start : callable, optional
@@ -269,7 +283,8 @@ def fit(
     Returns
     -------
     FitResult
-        Losses and eta history of the whole run, including the steps before ``start``.
+        Losses, eta history and the ELBO's terms at the logged steps of the whole run, including the steps before
+        ``start`` (the terms only where ``start``'s checkpoint has them).
 
     Raises
     ------
@@ -332,12 +347,12 @@ def fit(
                     objective.predicting = step > cfg.num_steps
                 with eta_held(model, guide, evidence_guide) if step <= cfg.eta_burnin else contextlib.nullcontext():
                     loss = _train_step(objective, model, guide, optim, batch, len(data), step, saver.last_path)
-                eta = _record(result, model, guide, step, loss, cfg)
+                rows = _record(result, objective, model, guide, step, loss, batch, cfg)
                 done, in_step = step, False
-                if eta is not None:
-                    bar.set_postfix(elbo=f"{-loss:.3f}", eta_rot=f"{eta['rotate']:.2f}")
+                if rows is not None:
+                    bar.set_postfix(elbo=f"{-loss:.3f}", eta_rot=f"{rows[0]['rotate']:.2f}")
                     if on_record is not None:
-                        on_record(result.eta_history[-1])
+                        on_record(*rows)
                 if callback is not None:
                     callback(step, loss)
                 if saver.due(step):

@@ -9,7 +9,8 @@ The model's input shape follows the dataset (1 x 28 x 28, or 3 x 32 x 32 for CIF
 
 Writes ``OUT/metrics.json`` (learned eta per generator in the units of T, test accuracy, test
 NLL, ELBO per example, training time, data provenance and the full config),
-``OUT/eta_history.csv`` (step, one column per generator) and ``OUT/checkpoints/step-*.pt``
+``OUT/eta_history.csv`` (step, one column per generator), ``OUT/elbo_history.csv`` (the ELBO / N and its
+terms, expected log-likelihood and KL, at the same steps), ``OUT/checkpoints/step-*.pt``
 (every ``--checkpoint-every`` steps, at the last step and on Ctrl-C).
 
 Ctrl-C (or SIGTERM, SIGHUP) finishes the current step, saves a checkpoint and prints the command
@@ -165,11 +166,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="where to train; cuda:N picks one of several GPUs (compare / extents --jobs: one per worker)")
     g.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    g.add_argument("--tensorboard", action="store_true",
+                   help="also log the ELBO's terms and eta of every logged step to OUT/tensorboard/ (needs the "
+                        "optional tensorboard package; view with: tensorboard --logdir OUT)")
     return p
 
 
 RUN_CONTROL = frozenset({"config", "out", "resume", "overwrite", "checkpoint_every", "keep_checkpoints", "threads",
-                         "no_progress"})
+                         "no_progress", "tensorboard"})
 """Flags that say how to run, not what: the only ones that go with ``--config``."""
 
 
@@ -263,7 +267,7 @@ def parse_device(text: str) -> str:
 def control_from_args(args: argparse.Namespace) -> RunControl:
     """The run-control flags as a :class:`RunControl`."""
     return RunControl(output_dir(args), args.resume is not None, args.checkpoint_every, args.keep_checkpoints,
-                      args.threads, not args.no_progress, args.overwrite)
+                      args.threads, not args.no_progress, args.overwrite, args.tensorboard)
 
 
 def main(args: argparse.Namespace) -> dict:

@@ -66,6 +66,9 @@ def assert_same_run(result: FitResult, reference: FitResult) -> None:
     assert [r["step"] for r in result.eta_history] == [r["step"] for r in reference.eta_history]
     for got, want in zip(result.eta_history, reference.eta_history, strict=True):
         assert got == pytest.approx(want, abs=TOL, rel=0)
+    assert [r["step"] for r in result.elbo_history] == [r["step"] for r in reference.eta_history]
+    for got, want in zip(result.elbo_history, reference.elbo_history, strict=True):
+        assert got == pytest.approx(want, abs=TOL, rel=0)
 
 
 CFG = TrainConfig(num_steps=10, batch_size=5, num_particles=2, log_every=2)
@@ -219,7 +222,7 @@ def test_same_seed_same_trajectory(kind):
     model, guide, data = build(kind)
     second = fit(model, guide, data, CFG, progress=False)
     assert first.losses == second.losses  # bit-identical on the CPU
-    assert first.eta_history == second.eta_history
+    assert first.eta_history == second.eta_history and first.elbo_history == second.elbo_history
     assert max_abs_diff(first_params, params_now(model, guide)) == 0.0
     model, guide, data = build(kind, seed=1)
     assert fit(model, guide, data, CFG, progress=False).losses != first.losses
@@ -432,7 +435,7 @@ def test_checkpoint_files_are_plain_state_dicts_loaded_with_weights_only(tmp_pat
     assert set(plain) == {"step", "fingerprint", "config", "data_sha256", "state"} and plain["step"] == 2
     state = plain["state"]
     assert set(state) == {"step", "num_data", "model", "guides", "optimizer", "rng", "losses", "eta_history",
-                          "seconds"}
+                          "seconds", "elbo_history"}
     assert set(state["model"]) == set(model.state_dict()) and "W1" in state["model"]  # the RFF buffers are saved
     assert torch.equal(state["model"]["W1"], model.W1)
     (saved_guide,) = state["guides"]

@@ -14,7 +14,15 @@ from pyro import poutine
 from guides.factory import eta_guide_of, make_evidence_guide, make_guide
 from guides.meanfield import EVIDENCE_GUIDE_NAME
 from inference.data import Split
-from inference.eta_objectives import EvidenceEtaLoss, HeldOutEtaLoss, eta_dict, heldout_loglik, split_holdout
+from inference.eta_objectives import (
+    EvidenceEtaLoss,
+    HeldOutEtaLoss,
+    SequentialEvidenceLoss,
+    eta_dict,
+    heldout_loglik,
+    reported_guide,
+    split_holdout,
+)
 from inference.optim import named_params
 from inference.svi import TrainConfig, fit, make_elbo
 from models import InvariantNet, ModelConfig
@@ -206,6 +214,7 @@ def test_evidence_fit_trains_both_guides_and_resumes_exactly(tmp_path, schedule,
     assert run(tmp_path / "b", stop_at=stop_at) is None
     resumed, params_b = run(tmp_path / "b")
     assert resumed.eta_history == full.eta_history
+    assert resumed.elbo_history == full.elbo_history
     for name, value in params.items():
         torch.testing.assert_close(params_b[name], value, rtol=0, atol=0, msg=name)
 
@@ -314,3 +323,23 @@ def test_sequential_predicting_phase_leaves_out_the_first_layer_prior():
     masked.compute_log_prob()
     assert trace.nodes["W1"]["log_prob_sum"] != 0 and masked.nodes["W1"]["log_prob_sum"] == 0
     assert model.config.first_layer_prior  # the evidence guide, outside the block, keeps it
+
+
+def test_the_recorded_elbo_terms_are_those_of_the_guide_whose_elbo_the_loss_is():
+    """Sequential schedule: phase 1 reports the evidence guide's ELBO; phase 2 the predicting guide's, W1's prior
+    masked; the other objectives report the guide's own."""
+    x, y = batch(8, 0)
+    model = tiny_model(first_layer_prior=True)
+    guide = make_guide(model, "hybrid")
+    evidence = make_evidence_guide(model, "hybrid", predicting_guide=guide)
+    guide(x, y)
+    loss = SequentialEvidenceLoss(make_elbo(TrainConfig()), evidence)
+    assert reported_guide(loss, model, guide)[0] is evidence
+    loss.predicting = True
+    reported, context = reported_guide(loss, model, guide)
+    with context:
+        masked = poutine.trace(poutine.replay(model, trace=poutine.trace(guide).get_trace(x, y))).get_trace(x, y)
+    masked.compute_log_prob()
+    assert reported is guide and masked.nodes["W1"]["log_prob_sum"] == 0
+    assert reported_guide(make_elbo(TrainConfig()), model, guide)[0] is guide
+    assert reported_guide(EvidenceEtaLoss(make_elbo(TrainConfig()), evidence), model, guide)[0] is guide

@@ -68,6 +68,42 @@ def test_fit_records_losses_and_eta_history(device):
     assert result.eta_history[-1] == {"step": 5, **eta_dict(model)}
     assert result.eta_history[0]["rotate"] != result.eta_history[-1]["rotate"]  # eta is learned
     assert result.seconds > 0
+    assert [h["step"] for h in result.elbo_history] == [1, 2, 4, 5]
+    for row in result.elbo_history:
+        assert set(row) == {"step", "elbo", "expected_loglik", "kl"}
+        assert row["elbo"] == pytest.approx(row["expected_loglik"] - row["kl"], abs=1e-9)
+        assert row["expected_loglik"] < 0 < row["kl"]
+
+
+def test_recording_the_elbo_terms_leaves_the_training_unchanged(device):
+    """The terms are drawn with random numbers of their own: logging every step or almost never trains the same."""
+    runs = []
+    for log_every in (1, 100):
+        pyro.set_rng_seed(0)
+        model, data = tiny(device)
+        guide = make_guide(model, "hybrid")
+        result = fit(model, guide, data, TrainConfig(num_steps=6, batch_size=4, log_every=log_every), progress=False)
+        runs.append((result, {k: v.detach().clone() for k, v in named_params(model, guide).items()}))
+    (every, params_every), (rarely, params_rarely) = runs
+    assert len(every.elbo_history) == 6 and len(rarely.elbo_history) == 2
+    assert every.losses == rarely.losses
+    assert all(torch.equal(params_every[k], params_rarely[k]) for k in params_every)
+    assert every.elbo_history[-1] == rarely.elbo_history[-1]  # the same draw at the same step
+
+
+def test_recorded_terms_of_a_deterministic_model_are_its_exact_minibatch_objective(device):
+    """Maximum likelihood without transformations: no randomness, no KL; the recorded ELBO is the log-likelihood
+    of the step's minibatch scaled to N, the same number Trace_ELBO gives after the step."""
+    model, data = tiny(device, generators=(), first_layer_prior=False, output_layer_prior=False)
+    guide = make_guide(model, "ml")
+    cfg = TrainConfig(num_steps=3, batch_size=4, log_every=1)
+    result = fit(model, guide, data, cfg, progress=False)
+    batches = minibatches(len(data), cfg.batch_size, torch.Generator().manual_seed(cfg.seed))
+    for row in result.elbo_history:
+        idx = next(batches).to(device)
+        assert row["kl"] == 0.0
+    exact = -make_elbo(cfg).loss(model, guide, data.x[idx], data.y[idx]) / len(data)
+    assert result.elbo_history[-1]["elbo"] == pytest.approx(exact, rel=1e-6)
 
 
 def test_cosine_schedule_reaches_zero_after_num_steps(device):

@@ -118,6 +118,16 @@ def test_eta_history_ends_with_the_final_eta(tiny_run):
     assert last == pytest.approx(metrics["eta"])
 
 
+def test_elbo_history_has_the_terms_at_the_logged_steps(tiny_run):
+    proc, out = tiny_run
+    assert proc.returncode == 0, proc.stderr
+    columns, rows = read_history(out / "elbo_history.csv")
+    assert columns == ["step", "elbo", "expected_loglik", "kl"]
+    assert [int(r["step"]) for r in rows] == [1, 3]
+    for r in rows:
+        assert float(r["elbo"]) == pytest.approx(float(r["expected_loglik"]) - float(r["kl"]), abs=1e-9)
+
+
 def test_in_process_run_with_other_options(data_dir, tmp_path):
     """cli() in-process (warnings are errors here): meanfield guide, RFF, inputs mode, logits, fixed rotation eta.
 
