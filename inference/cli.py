@@ -1,5 +1,6 @@
-"""What every command-line tool does with its errors: a user error is one line and exit code 2, a stop signal
-(Ctrl-C, SIGTERM, SIGHUP) one line and exit code 128 + its number; a bug keeps its traceback."""
+"""What every command-line tool shares: its errors (a user error is one line and exit code 2, a stop signal
+(Ctrl-C, SIGTERM, SIGHUP) one line and exit code 128 + its number; a bug keeps its traceback) and, for the tools
+that draw, the figure flags ``--format png|pdf|svg`` and ``--dpi``."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from collections.abc import Callable
 from typing import Any
 
 from inference.data import CorruptDataError, DataNotFoundError
+from inference.plots.style import DPI, FORMATS, FigureFormat
 from inference.stopping import stop_signals_raise
 
 USER_ERRORS = (DataNotFoundError, CorruptDataError, ValueError, FloatingPointError, OSError)
@@ -40,3 +42,16 @@ def run_cli(main: Callable[[argparse.Namespace], Any], args: argparse.Namespace,
         print(f"error: {error(err)}", file=sys.stderr)
         return 2
     return 0
+
+
+def add_figure_flags(parser: argparse.ArgumentParser) -> None:
+    """``--format`` and ``--dpi`` (:class:`~inference.plots.style.FigureFormat`) in a group of their own."""
+    g = parser.add_argument_group("figures")
+    g.add_argument("--format", choices=FORMATS, default="png", dest="figure_format",
+                   help="file format of every figure (pdf and svg: vector graphics, text kept as text)")
+    g.add_argument("--dpi", type=int, default=DPI, help="resolution of PNG figures (and of images inside PDF / SVG)")
+
+
+def figure_format(args: argparse.Namespace) -> FigureFormat:
+    """The :class:`~inference.plots.style.FigureFormat` of the flags of :func:`add_figure_flags`."""
+    return FigureFormat(args.figure_format, args.dpi)

@@ -1,19 +1,23 @@
-"""Diagnose a finished run: the ArviZ file, LOO / WAIC, the guide's k-hat and the paper's figures.
+"""Diagnose a finished run: the ArviZ file, LOO / WAIC on the training data, the test data's elpd, the guide's k-hat
+and the paper's figures.
 
 Usage::
 
     python -m inference.diagnose RUN_DIR                                   # writes RUN_DIR/diagnostics/
-    python -m inference.diagnose RUN_DIR --compare OTHER_RUN_DIR           # + PSIS-LOO comparison of the two
+    python -m inference.diagnose RUN_DIR --compare OTHER_RUN_DIR           # + the comparison of the two
+    python -m inference.diagnose RUN_DIR --format pdf                      # every figure as PDF
     python -m inference.diagnose --nuts-reference OUT --data-dir ../shared/data   # small NUTS reference
 
 For a run directory of ``python -m inference.train`` it writes to ``--out`` (default ``RUN_DIR/diagnostics``):
 
-* ``inference_data.nc``: the ArviZ InferenceData (:func:`inference.diagnostics.to_inference_data`);
-* ``summary.json``: test accuracy / NLL of the draws, PSIS-LOO and WAIC with Pareto-k counts, the guide's
-  PSIS k-hat, the comparison with ``--compare`` runs, timings;
-* ``figures/``: ``filters.png``, ``invariant_filters.png``, ``eta_trajectories.png``, ``elbo.png``,
-  ``reliability.png``, ``transformed_digits.png``, ``forest_W2.png``, ``pareto_k.png``, and
-  ``eta_posterior.png`` (full Bayes) and ``loo_comparison.png`` (with ``--compare``) where they apply.
+* ``inference_data.nc``: the ArviZ InferenceData (:func:`inference.diagnostics.to_inference_data`): the training
+  data as observed data with their log-likelihood, the test data as predictions;
+* ``summary.json``: ``loo_train`` and ``waic_train`` (PSIS-LOO and WAIC of the training examples, Pareto-k counts in
+  ArviZ's categories), ``elpd_test`` (the direct elpd of the held-out test examples), ``predictive_test`` (their
+  accuracy and NLL), the guide's PSIS k-hat, ``rotation_sweep``, the comparison with ``--compare`` runs, timings;
+* ``figures/`` (or ``--figures-dir``), in ``--format`` png, pdf or svg: ``filters``, ``invariant_filters``,
+  ``eta_trajectories``, ``elbo``, ``reliability``, ``transformed_digits``, ``pareto_k``, ``rotation_uncertainty``,
+  and ``eta_posterior`` (full Bayes) and ``loo_comparison`` (with ``--compare``) where they apply.
 
 ``--nuts-reference OUT`` instead fits the small classifier of :mod:`inference.diagnostics.nuts` with NUTS and with a
 mean-field guide, and writes R-hat, ESS, the trace plot and the guide's moments beside NUTS's.
@@ -27,9 +31,16 @@ from pathlib import Path
 
 import torch
 
-from inference.cli import run_cli
+from inference.cli import add_figure_flags, figure_format, run_cli
 from inference.diagnostics.nuts import reference_data
-from inference.diagnostics.runs import DiagnoseOptions, diagnose_run, nuts_reference_run, to_json
+from inference.diagnostics.runs import (
+    FRESH_DRAWS,
+    SHARED_DRAWS,
+    DiagnoseOptions,
+    diagnose_run,
+    nuts_reference_run,
+    to_json,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -38,9 +49,14 @@ def build_parser() -> argparse.ArgumentParser:
     d = DiagnoseOptions()
     p.add_argument("run_dir", nargs="?", default=None, help="output directory of inference.train (with checkpoints)")
     p.add_argument("--out", default=None, help="where to write (default RUN_DIR/diagnostics, or the NUTS folder)")
+    p.add_argument("--figures-dir", default=None, metavar="DIR",
+                   help="where to write the figures (default OUT/figures)")
     p.add_argument("--compare", action="append", default=[], metavar="RUN_DIR",
-                   help="another run on the same data (e.g. --generators none) to compare by PSIS-LOO; repeatable")
-    p.add_argument("--draws", type=int, default=d.draws, help="M draws from the guide for the ArviZ file and LOO")
+                   help="another run on the same data (e.g. --generators none) to compare by PSIS-LOO on the training "
+                        "data and by the test data's elpd; repeatable")
+    p.add_argument("--draws", type=int, default=None,
+                   help=f"M draws from the guide for the ArviZ file, LOO and the test predictive (default "
+                        f"{SHARED_DRAWS} with shared eps, where the features are computed once, else {FRESH_DRAWS})")
     p.add_argument("--num-transforms", type=int, default=None,
                    help="S inside the likelihood of each draw (default: the run's evaluation S)")
     p.add_argument("--test-size", type=int, default=None,
@@ -48,15 +64,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--khat-draws", type=int, default=None,
                    help="importance draws for the guide's PSIS k-hat on the training set (0: skip; default 100 "
                         "with shared eps, 32 with fresh eps, where every draw costs a forward pass over the data)")
-    p.add_argument("--khat-eps", choices=["auto", "shared", "fresh"], default=d.khat_eps,
-                   help="eps of the k-hat draws: fresh per draw (exact extended-space weights) or one shared eps "
-                        "(k-hat against p(theta | y, eps_0); features computed once); auto: shared when the first "
-                        "layer and eta are point estimates")
+    p.add_argument("--eps", "--khat-eps", choices=["auto", "shared", "fresh"], default=d.eps, dest="eps",
+                   help="eps of the draws from q (InferenceData, LOO, k-hat): fresh per draw (for the k-hat the exact "
+                        "extended-space weights) or one shared eps (the likelihood at one fixed set of S "
+                        "transformations; features computed once); auto: shared when the first layer and eta are "
+                        "point estimates")
+    p.add_argument("--rotation-examples", type=int, default=d.rotation_examples,
+                   help="upright test examples (class-balanced) rotated by every angle for the rotation figure")
+    p.add_argument("--rotation-step", type=float, default=d.rotation_step,
+                   help="degrees between the input rotations of the rotation figure, from -180 to 180")
     p.add_argument("--num-filters", type=int, default=d.num_filters, help="filters in the filter figures")
     p.add_argument("--data-dir", default=None, help="data root (default: the one recorded by the run)")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--threads", type=int, default=1,
                    help="torch CPU threads (1: on a shared machine more threads oversubscribe the cores, slower)")
+    add_figure_flags(p)
     g = p.add_argument_group("NUTS reference (instead of RUN_DIR)")
     g.add_argument("--nuts-reference", default=None, metavar="OUT", help="run the small NUTS reference into OUT")
     g.add_argument("--nuts-chains", type=int, default=2)
@@ -71,13 +93,15 @@ def _check_args(args: argparse.Namespace) -> None:
     if (args.run_dir is None) == (args.nuts_reference is None):
         raise ValueError("give either RUN_DIR or --nuts-reference OUT")
     for name in ("draws", "nuts_chains", "nuts_warmup", "nuts_samples", "num_filters", "num_transforms", "test_size",
-                 "threads"):
+                 "threads", "rotation_examples"):
         if getattr(args, name) is not None and getattr(args, name) < 1:  # None: the default
             raise ValueError(f"--{name.replace('_', '-')} must be a positive integer")
     if args.khat_draws is not None and args.khat_draws < 0:
         raise ValueError("--khat-draws must be >= 0")
-    if args.draws < 4:
+    if args.draws is not None and args.draws < 4:
         raise ValueError("--draws must be at least 4 for PSIS-LOO")
+    if not 0 < args.rotation_step <= 180:
+        raise ValueError("--rotation-step must lie in (0, 180] degrees")
 
 
 def main(args: argparse.Namespace) -> dict:
@@ -88,10 +112,13 @@ def main(args: argparse.Namespace) -> dict:
     if args.nuts_reference is not None:
         out = Path(args.out or args.nuts_reference)
         data = reference_data(args.data_dir, synthetic=args.synthetic, seed=args.seed)
-        return nuts_reference_run(out, data, args.nuts_chains, args.nuts_warmup, args.nuts_samples, seed=args.seed)
+        return nuts_reference_run(out, data, args.nuts_chains, args.nuts_warmup, args.nuts_samples, seed=args.seed,
+                                  fmt=figure_format(args))
     opts = DiagnoseOptions(draws=args.draws, num_transforms=args.num_transforms, test_size=args.test_size,
-                           khat_draws=args.khat_draws, khat_eps=args.khat_eps, num_filters=args.num_filters,
-                           data_dir=args.data_dir, seed=args.seed)
+                           khat_draws=args.khat_draws, eps=args.eps, num_filters=args.num_filters,
+                           rotation_examples=args.rotation_examples, rotation_step=args.rotation_step,
+                           data_dir=args.data_dir, seed=args.seed, figures=figure_format(args),
+                           figures_dir=args.figures_dir)
     out = Path(args.out) if args.out else Path(args.run_dir) / "diagnostics"
     return diagnose_run(args.run_dir, out, opts, list(args.compare))
 
@@ -112,12 +139,12 @@ def _headline(summary: dict) -> dict:
     """The few numbers printed on the console."""
     if "max_rhat" in summary:
         return {k: summary[k] for k in ("max_rhat", "min_ess_bulk", "min_ess_tail", "divergences", "seconds")}
-    head = {"predictive": summary.get("predictive"),
-            "elpd_loo": round(summary["loo"]["elpd_loo"], 1), "elpd_test": round(summary["loo"]["elpd_test"], 1),
-            "pareto_k": summary["loo"]["pareto_k"], "guide_khat": summary.get("guide_khat", {}).get("khat"),
-            "seconds": summary["seconds"]["total"]}
+    head = {"predictive_test": summary.get("predictive_test"),
+            "elpd_loo_train": round(summary["loo_train"]["elpd_loo"], 1),
+            "elpd_test": round(summary["elpd_test"]["elpd"], 1), "pareto_k_train": summary["loo_train"]["pareto_k"],
+            "guide_khat": summary.get("guide_khat", {}).get("khat"), "seconds": summary["seconds"]["total"]}
     if "comparison" in summary:
-        head["preferred_by_loo"] = summary["comparison"]["preferred_by_loo"]
+        head["preferred_by_loo_train"] = summary["comparison"]["preferred_by_loo_train"]
     return head
 
 

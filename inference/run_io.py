@@ -144,18 +144,20 @@ def load_run(run_dir: str | Path, device: str | torch.device = "cpu") -> LoadedR
     return LoadedRun(run_dir, metrics, config, model, guide, checkpoint)
 
 
-def load_run_data(run: LoadedRun, data_dir: str | Path | None = None) -> Datasets:
+def load_run_data(run: LoadedRun, data_dir: str | Path | None = None, **changes: object) -> Datasets:
     """The run's training and test sets, rebuilt from its data config (same subsets, same transformations).
 
     ``data_dir`` overrides the root; otherwise the absolute root recorded in ``metrics.json`` is tried,
-    then the configured ``data_dir`` (relative paths are relative to where training ran).
+    then the configured ``data_dir`` (relative paths are relative to where training ran). ``changes`` replace
+    fields of the data config (e.g. ``dataset=`` the untransformed source, for upright test images).
     """
     candidates = [data_dir] if data_dir is not None else [run.metrics.get("data", {}).get("root"),
                                                           run.data_config.data_dir]
     roots = [c for c in candidates if c]
     folder = SOURCES[run.data_config.dataset.source].folder
     root = next((r for r in roots if (resolve_data_dir(r) / folder).is_dir()), roots[0] if roots else None)
-    cfg = dataclasses.replace(run.data_config, data_dir=None if root is None else str(root), allow_download=False)
+    cfg = dataclasses.replace(run.data_config, data_dir=None if root is None else str(root), allow_download=False,
+                              **changes)
     return load_datasets(cfg)
 
 

@@ -98,11 +98,18 @@ def test_shared_features_path_equals_the_model_trace():
 
 
 # --------------------------------------------------------------------------- InferenceData
+N_TEST = 10
+TERMS = [{"step": 1, "elbo": -3.0, "expected_loglik": -2.0, "kl": 1.0},
+         {"step": 10, "elbo": -2.5, "expected_loglik": -1.7, "kl": 0.8}]
+
+
 @pytest.fixture
 def idata_hybrid():
     model, guide, x, y = tiny("hybrid")
+    x_test, y_test = torch.rand(N_TEST, 1, 28, 28), torch.randint(0, 10, (N_TEST,))
     history = ([1, 10, 20], torch.rand(3, len(GENERATOR_NAMES)))
-    idata = dg.to_inference_data(model, guide, x, y, num_draws=M, eta_history=history, losses=[3.0, 2.0, 1.5],
+    idata = dg.to_inference_data(model, guide, x, y, test=(x_test, y_test), num_draws=M, eta_history=history,
+                                 losses=[3.0, 2.0, 1.5], elbo_history=TERMS,
                                  eta_true={g: (math.pi if g == "rotate" else 0.0) for g in GENERATOR_NAMES},
                                  attrs={"run_dir": "/tmp/run", "flag": True})
     return model, idata, x, y, history
@@ -125,15 +132,23 @@ def test_inference_data_groups_dims_and_coords(idata_hybrid):
     assert (idata.log_likelihood["y"].values <= 0).all()
     np.testing.assert_array_equal(idata.observed_data["y"].values, y.numpy())
     assert idata.posterior_predictive["y"].shape == (1, M, N)
-    assert idata.predictions["log_probs"].dims == ("chain", "draw", "obs", "class")
-    np.testing.assert_allclose(np.exp(idata.predictions["log_probs"].values).sum(-1), 1.0, rtol=1e-5)
+    pred = idata.predictions
+    assert pred["log_probs"].dims == ("chain", "draw", "test_obs", "class") and pred["log_probs"].shape[2] == N_TEST
+    np.testing.assert_allclose(np.exp(pred["log_probs"].values).sum(-1), 1.0, rtol=1e-5)
+    y_test = dg.test_labels(idata)
+    assert y_test.shape == (N_TEST,) and pred["log_lik"].dims == ("chain", "draw", "test_obs")
+    picked = np.take_along_axis(pred["log_probs"].values, y_test[None, None, :, None], -1)[..., 0]
+    np.testing.assert_allclose(pred["log_lik"].values, picked, rtol=1e-5)  # log p(y_test | x_test, theta_m)
     train = idata[dg.TRAINING_GROUP]
     assert train["eta"].dims == ("step", "generator") and list(train["step"].values) == history[0]
     np.testing.assert_allclose(train["elbo"].values, [-3.0, -2.0, -1.5])
+    assert list(train["logged_step"].values) == [1, 10]
+    np.testing.assert_allclose(train["kl"].values, [1.0, 0.8])
+    np.testing.assert_allclose(dg.training_history(idata)["expected_loglik"], [-2.0, -1.7])
     assert idata.constant_data["eta_true"].sel(generator="rotate") == pytest.approx(math.pi)
     assert "R-hat and ESS do not apply" in post.attrs["inference"]
     assert post.attrs["point_estimate_sites"] == "W1,b1"
-    assert "PSIS-LOO / WAIC on variational draws" in idata.log_likelihood.attrs["note"]
+    assert "training examples" in idata.log_likelihood.attrs["note"] and "held-out" in pred.attrs["note"]
     assert post.attrs["flag"] == 1 and post.attrs["run_dir"] == "/tmp/run"
 
 
@@ -161,6 +176,22 @@ def test_load_of_a_missing_file_names_it(tmp_path):
         dg.load_inference_data(tmp_path / "missing.nc")
 
 
+def test_shared_eps_is_one_eps_for_every_draw_and_the_likelihood_is_the_models():
+    model, guide, x, y = tiny("hybrid")
+    idata = dg.to_inference_data(model, guide, x, y, num_draws=M, shared_eps=True)
+    eps = idata.posterior["eps"].values[0]  # (M, S, K)
+    assert (eps == eps[:1]).all() and idata.posterior.attrs["shared_eps"] == 1
+    values = {"W1": torch.as_tensor(idata[dg.POINT_GROUP]["W1"].values),
+              "b1": torch.as_tensor(idata[dg.POINT_GROUP]["b1"].values), "eps": torch.as_tensor(eps[0])}
+    for m in (0, M - 1):
+        values.update(W2=torch.as_tensor(idata.posterior["W2"].values[0, m]),
+                      b2=torch.as_tensor(idata.posterior["b2"].values[0, m]))
+        with torch.no_grad():
+            trace = poutine.trace(poutine.condition(model, data=values)).get_trace(x, y, S)
+        expected = trace.nodes["obs"]["fn"].log_prob(y)
+        np.testing.assert_allclose(idata.log_likelihood["y"].values[0, m], expected.numpy(), rtol=1e-4, atol=1e-5)
+
+
 def test_full_bayes_eta_is_in_the_posterior():
     model, guide, x, y = tiny("hybrid", eta_prior="uniform")
     idata = dg.to_inference_data(model, guide, x, y, num_draws=M)
@@ -181,18 +212,25 @@ def test_large_sites_keep_only_their_moments():
 
 
 # --------------------------------------------------------------------------- LOO, WAIC, comparison
-def test_loo_waic_and_comparison_prefer_the_better_model(idata_hybrid):
+def test_loo_is_on_the_training_data_and_the_test_elpd_is_apart(idata_hybrid):
     _, idata, *_ = idata_hybrid
     worse = idata.copy()
     worse.log_likelihood["y"] = worse.log_likelihood["y"] - 1.0
+    worse.predictions["log_lik"] = worse.predictions["log_lik"] - 1.0
     loo = dg.loo_summary(idata)
-    assert loo["n_obs"] == N and loo["n_draws"] == M
-    counts = loo["pareto_k"]
-    assert counts["k<=0.5"] + counts["0.5<k<=0.7"] + counts["0.7<k<=1"] + counts["k>1"] == N
+    assert loo["n_obs"] == N and loo["n_draws"] == M and loo["per_example"] == pytest.approx(loo["elpd_loo"] / N)
+    assert sum(loo["pareto_k"].values()) == N
     assert loo["good_k"] == pytest.approx(min(1 - 1 / math.log10(M), 0.7))
-    assert loo["elpd_loo"] <= loo["elpd_test"] + 1e-9  # PSIS-LOO reweights towards the low-likelihood draws
-    assert "variational draws" in loo["note"]
-    assert dg.loo_summary(worse)["elpd_test"] == pytest.approx(loo["elpd_test"] - N, abs=1e-3)
+    ll = idata.log_likelihood["y"].values[0].astype(np.float64)  # (M, N)
+    lppd = float((np.logaddexp.reduce(ll, axis=0) - math.log(M)).sum())
+    assert loo["elpd_loo"] <= lppd + 1e-9  # leaving an example out can only cost: p_loo >= 0
+    assert "training examples" in loo["note"]
+    test = dg.test_summary(idata)
+    ll_test = idata.predictions["log_lik"].values[0].astype(np.float64)  # (M, N_TEST)
+    assert test["elpd"] == pytest.approx(float((np.logaddexp.reduce(ll_test, axis=0) - math.log(M)).sum()))
+    assert test["n_obs"] == N_TEST and test["per_example"] == pytest.approx(test["elpd"] / N_TEST)
+    assert dg.test_summary(worse)["elpd"] == pytest.approx(test["elpd"] - N_TEST, abs=1e-3)
+    assert dg.loo_summary(worse)["elpd_loo"] == pytest.approx(loo["elpd_loo"] - N, abs=1e-3)
     assert math.isfinite(dg.waic_summary(idata)["elpd_waic"])
     table, _ = dg.compare_models({"better": idata, "worse": worse})
     assert list(table.index) == ["better", "worse"]
@@ -358,41 +396,66 @@ def test_diagnose_without_checkpoints_is_a_one_line_error(tiny_runs, tmp_path, c
 def test_diagnose_argument_errors_are_one_line(capsys):
     assert diagnose_cli([]) == 2
     assert diagnose_cli(["somewhere", "--draws", "2"]) == 2
+    assert diagnose_cli(["somewhere", "--dpi", "5"]) == 2
+    assert diagnose_cli(["somewhere", "--rotation-step", "0"]) == 2
     lines = capsys.readouterr().err.strip().splitlines()
     assert lines == ["error: give either RUN_DIR or --nuts-reference OUT",
-                     "error: --draws must be at least 4 for PSIS-LOO"]
+                     "error: --draws must be at least 4 for PSIS-LOO",
+                     "error: --dpi must be an integer in [20, 1200], got 5",
+                     "error: --rotation-step must lie in (0, 180] degrees"]
+    with pytest.raises(SystemExit) as stop:
+        diagnose_cli(["somewhere", "--format", "jpg"])  # not a choice: argparse's usage error
+    assert stop.value.code == 2
 
 
 def test_diagnose_cli_in_a_subprocess_writes_the_file_and_figures(tiny_runs, tmp_path):
-    out = tmp_path / "diag"
+    out, figs = tmp_path / "diag", tmp_path / "figs"
     env = {k: v for k, v in os.environ.items() if k != "INVW_DATA_DIR"}
     proc = subprocess.run(
         [sys.executable, "-W", "error", "-m", "inference.diagnose", str(tiny_runs[0]), "--out", str(out),
-         "--compare", str(tiny_runs[1]), "--draws", "6", "--khat-draws", "20", "--num-filters", "8"],
+         "--compare", str(tiny_runs[1]), "--draws", "6", "--khat-draws", "20", "--num-filters", "8",
+         "--rotation-examples", "10", "--rotation-step", "90", "--format", "pdf", "--figures-dir", str(figs)],
         cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=240,
     )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith(f"wrote {out}")
     idata = dg.load_inference_data(out / "inference_data.nc")
-    assert idata.log_likelihood["y"].shape == (1, 6, 30)
+    assert idata.log_likelihood["y"].shape == (1, 6, 60)  # LOO over the 60 training examples
+    assert idata.predictions["log_lik"].shape == (1, 6, 30)  # the 30 test examples apart
     summary = json.loads((out / "summary.json").read_text())
     assert summary["guide_khat"]["num_draws"] == 20 and summary["guide_khat"]["shared_eps"] is True
-    assert sum(v for k, v in summary["loo"]["pareto_k"].items() if k != "k<=good_k") == 30
-    assert set(summary["comparison"]["table"]) == {"invariant", "eta0"}
+    assert summary["shared_eps"] is True and summary["draws"] == 6
+    assert summary["loo_train"]["n_obs"] == 60 and sum(summary["loo_train"]["pareto_k"].values()) == 60
+    assert summary["elpd_test"]["n_obs"] == 30 and summary["predictive_test"]["n_obs"] == 30
+    assert summary["elpd_test"]["elpd"] == pytest.approx(dg.elpd_test(idata)[0])
+    assert set(summary["comparison"]["table_loo_train"]) == {"invariant", "eta0"}
+    assert set(summary["rotation_sweep"]) == {"invariant", "eta0"}
+    assert summary["rotation_sweep"]["invariant"]["angles_deg"] == [-180.0, -90.0, 0.0, 90.0, 180.0]
     for name in ("filters", "invariant_filters", "eta_trajectories", "elbo", "reliability", "transformed_digits",
-                 "forest_W2", "pareto_k", "loo_comparison"):
+                 "pareto_k", "loo_comparison", "rotation_uncertainty"):
         path = Path(summary["figures"][name])
-        assert path.is_file() and path.stat().st_size > 5000, name
-        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert path.parent == figs and path.suffix == ".pdf", name
+        assert path.read_bytes()[:5] == b"%PDF-", name
     assert summary["figures"]["eta_posterior"].startswith("skipped")
+    assert not list(figs.glob("*.png")) and not (out / "figures").exists()
     assert (out / "loo_comparison.csv").is_file() and (out / "inference_data-eta0.nc").is_file()
 
 
+def test_diagnose_draws_follow_the_eps_policy(tiny_runs):
+    from inference.diagnostics.runs import FRESH_DRAWS, SHARED_DRAWS, DiagnoseOptions, num_draws, shared_eps
+
+    run = load_run(tiny_runs[0])  # hybrid guide: W1 and eta are point estimates
+    assert shared_eps(run, "auto") and not shared_eps(run, "fresh")
+    assert num_draws(run, DiagnoseOptions()) == SHARED_DRAWS
+    assert num_draws(run, DiagnoseOptions(eps="fresh")) == FRESH_DRAWS
+    assert num_draws(run, DiagnoseOptions(draws=7)) == 7
+
+
 def test_phase_marks_follow_the_training_schedule():
-    from inference.diagnostics.runs import _phase_marks
+    from inference.diagnostics.run_figures import phase_marks
     from inference.svi import TrainConfig
 
-    assert _phase_marks(TrainConfig()) == {}
-    marks = _phase_marks(TrainConfig(num_steps=50, eta_objective="evidence", evidence_schedule="sequential",
+    assert phase_marks(TrainConfig()) == {}
+    marks = phase_marks(TrainConfig(num_steps=50, eta_objective="evidence", evidence_schedule="sequential",
                                      eta_burnin=10))
     assert sorted(marks.values()) == [10, 50]

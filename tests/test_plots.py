@@ -38,8 +38,8 @@ def idata():
     model = InvariantNet(ModelConfig(hidden=8, num_transforms=3, first_layer_prior=False), num_data=20)
     guide = make_guide(model, "hybrid")
     x, y = torch.rand(20, 1, 28, 28), torch.randint(0, 10, (20,))
-    return dg.to_inference_data(model, guide, x, y, num_draws=8, eta_history=([1, 5, 9], torch.rand(3, K)),
-                                losses=list(np.linspace(5, 2, 30)))
+    return dg.to_inference_data(model, guide, x, y, test=(x[:10], y[:10]), num_draws=8,
+                                eta_history=([1, 5, 9], torch.rand(3, K)), losses=list(np.linspace(5, 2, 30)))
 
 
 # --------------------------------------------------------------------------- filters
@@ -50,9 +50,10 @@ def test_filter_bank_draws_one_28x28_image_per_filter(tmp_path):
     axes = image_axes(fig)
     assert len(axes) == 12
     assert axes[0].images[0].get_array().shape == (28, 28)
-    np.testing.assert_allclose(axes[3].images[0].get_array(), W1[3].reshape(28, 28))
-    vmin, vmax = axes[0].images[0].get_clim()
-    assert vmin == pytest.approx(-vmax)  # a symmetric colour scale: white is 0
+    np.testing.assert_allclose(axes[3].images[0].get_array(), W1[3].reshape(28, 28) / np.abs(W1[3]).max())
+    assert all(ax.images[0].get_clim() == (-1.0, 1.0) for ax in axes)  # one scale: w / max |w|, white is 0
+    (key,) = [ax for ax in fig.axes if ax.get_label() == "<colorbar>"]  # one colour key for all of them
+    assert "max |w|" in key.get_ylabel()
 
 
 def test_three_channel_filters_are_drawn_in_colour_around_grey():
@@ -92,34 +93,55 @@ def test_invariant_filters_accept_eta_draws_and_write_a_figure(tmp_path):
     assert plots.invariant_filters(W1, draws, num_samples=16).shape == (8, 784)
     fig = plots.plot_invariant_filters(W1, eta_with(rotate=1.0), tmp_path / "inv.png", num_filters=8, title="run")
     assert_png(tmp_path / "inv.png")
-    assert len(image_axes(fig)) == 8 and "rotate 1.00" in fig.get_suptitle() and fig.get_suptitle().startswith("run")
+    title = fig.get_suptitle()
+    assert len(image_axes(fig)) == 8 and "rotate 1.00 rad (57 deg)" in title and title.startswith("run")
+    assert "not its filters" in title  # what the network computes is said, not implied
 
 
 # --------------------------------------------------------------------------- curves
-def test_eta_trajectories_one_line_per_generator_and_true_extent_dashed(tmp_path):
+def test_eta_trajectories_in_degrees_pixels_and_coefficients_one_panel_each(tmp_path):
     steps = np.arange(0, 101, 10)
-    eta = np.outer(np.linspace(0.1, 3.0, len(steps)), eta_with(rotate=1.0, shear=0.01) + 0.01)
-    fig = plots.plot_eta_trajectories(steps, eta, {"rotate": math.pi, "shear": 0.0}, tmp_path / "eta.png")
+    eta = np.outer(np.linspace(0.1, 3.0, len(steps)), eta_with(rotate=1.0, translate_x=0.1, shear=0.01) + 0.01)
+    fig = plots.plot_eta_trajectories(steps, eta, {"rotate": math.pi, "translate_x": 8 / 13.5}, tmp_path / "eta.png")
     assert_png(tmp_path / "eta.png")
-    ax = fig.axes[0]
-    solid = [line for line in ax.lines if line.get_linestyle() == "-"]
-    dashed = [line for line in ax.lines if line.get_linestyle() == "--"]
-    assert len(solid) == K and len(dashed) == 1  # a zero true extent is not drawn
-    assert dashed[0].get_ydata()[0] == pytest.approx(math.pi)
-    assert ax.get_ylim()[0] == 0 and ax.get_ylim()[1] > math.pi
-    assert ax.get_xlim()[0] <= 0 and ax.get_xlim()[1] >= 100
-    assert ax.get_xlabel() == "SVI step"
+    rot, trans, rest = fig.axes
+    assert rot.get_ylabel() == "eta_rotate (degrees)" and trans.get_ylabel() == "eta (pixels)"
+    assert "coefficient" in rest.get_ylabel()
+    solid = {line.get_label(): line for ax in fig.axes for line in ax.lines if line.get_linestyle() == "-"}
+    assert set(solid) == set(GENERATOR_NAMES)
+    np.testing.assert_allclose(solid["rotate"].get_ydata(), np.degrees(eta[:, 2]))
+    np.testing.assert_allclose(solid["translate_x"].get_ydata(), eta[:, 0] * 13.5)  # pixels on 28-pixel images
+    np.testing.assert_allclose(solid["shear"].get_ydata(), eta[:, 5])
+    dashed = [line for ax in fig.axes for line in ax.lines if line.get_linestyle() == "--"]
+    assert sorted(line.get_ydata()[0] for line in dashed) == pytest.approx([8.0, 180.0])  # true extents
+    (circle,) = [line for line in rot.lines if line.get_linestyle() == "-."]
+    assert circle.get_ydata()[0] == 180 and "full circle" in circle.get_label()
+    assert all(ax.get_xlabel() == "SVI step" and ax.get_ylim()[0] == 0 for ax in fig.axes)
 
 
-def test_elbo_curve_and_moving_average(tmp_path):
+def test_eta_trajectories_draw_only_the_panels_of_the_basis():
+    fig = plots.plot_eta_trajectories([1, 2], np.ones((2, 1)), names=("rotate",))
+    assert len(fig.axes) == 1 and fig.axes[0].get_title() == "rotation"
+
+
+def test_elbo_curve_moving_average_and_its_two_terms(tmp_path):
     elbo = -5 + np.log1p(np.arange(200)) + np.random.default_rng(0).normal(0, 0.1, 200)
     fig = plots.plot_elbo(np.arange(1, 201), elbo, tmp_path / "elbo.png", final_elbo=0.2, window=10)
     assert_png(tmp_path / "elbo.png")
     ax = fig.axes[0]
     assert len(ax.lines) == 2 and len(ax.collections) == 1  # raw, smoothed, final point
     lo, hi = ax.get_ylim()
-    assert lo < np.percentile(elbo, 5) and hi > elbo.max()
+    assert lo < elbo.min() and hi > elbo.max()  # every step is shown, the first ones too
     np.testing.assert_allclose(plots.moving_average(np.array([1.0, 3.0, 5.0, 7.0]), 2), [1.0, 2.0, 4.0, 6.0])
+    terms = {"step": np.array([1, 100, 200]), "expected_loglik": np.array([-3.0, -1.0, -0.5]),
+             "kl": np.array([4.0, 2.5, 2.0])}
+    fig = plots.plot_elbo(np.arange(1, 201), elbo, final_elbo=-2.4, terms=terms,
+                          final_terms={"expected_loglik": -0.4, "kl": 2.0}, final_step=150)
+    top, loglik, kl = fig.axes
+    np.testing.assert_allclose(loglik.lines[0].get_ydata(), terms["expected_loglik"])
+    np.testing.assert_allclose(kl.lines[0].get_ydata(), terms["kl"])
+    assert "log-likelihood" in loglik.get_ylabel() and "KL" in kl.get_ylabel() and kl.get_xlabel() == "SVI step"
+    assert [tuple(c.get_offsets()[0]) for c in (top.collections[0], kl.collections[0])] == [(150, -2.4), (150, 2.0)]
 
 
 # --------------------------------------------------------------------------- calibration
@@ -143,7 +165,7 @@ def test_reliability_diagram_axes(tmp_path):
     top, bottom = fig.axes
     assert top.get_xlim() == (0.0, 1.0) and top.get_ylim() == (0.0, 1.0)
     assert len(top.patches) == 10 and sum(p.get_height() for p in bottom.patches) == pytest.approx(300)
-    assert "ECE" in top.get_title()
+    assert f"expected calibration error {plots.reliability_bins(probs, y)['ece']:.3f}" in top.get_title()
 
 
 # --------------------------------------------------------------------------- transformed digits
@@ -154,14 +176,26 @@ def test_transform_samples_shapes_and_identity():
     np.testing.assert_allclose(plots.transform_samples(x, np.zeros(K), 2)[:, 1], x.numpy(), atol=1e-5)
 
 
-def test_transformed_digits_grid(tmp_path):
+def test_transformed_digits_grid_is_labelled_with_the_sampled_transformations(tmp_path):
     x = torch.zeros(2, 1, 28, 28)
     x[:, :, 5:23, 12:16] = 1.0  # a vertical bar
-    fig = plots.plot_transformed_digits(x, eta_with(rotate=math.pi), tmp_path / "digits.png", num_samples=4)
+    eta = eta_with(rotate=math.pi)
+    fig = plots.plot_transformed_digits(x, eta, tmp_path / "digits.png", num_samples=4, seed=3, labels=[0, 7])
     assert_png(tmp_path / "digits.png")
     axes = image_axes(fig)
-    assert len(axes) == 2 * 5 and axes[0].get_title() == "original"
+    assert len(axes) == 2 * 5 and axes[0].get_title() == "original" and axes[5].get_ylabel() == "class 7"
     np.testing.assert_allclose(axes[0].images[0].get_array(), x[0, 0].numpy())
+    T = plots.sample_transforms(eta, 8, seed=3)  # the same draws: the angle of each T is its label
+    angles = np.degrees(np.arctan2(T[:, 1, 0].numpy(), T[:, 0, 0].numpy()))
+    shown = [ax.get_title() for i, ax in enumerate(axes) if i % 5]
+    assert shown == [f"{a:+.0f}°" for a in angles]
+    np.testing.assert_allclose(axes[1].images[0].get_array(), plots.transform_samples(x, eta, 4, seed=3)[0, 0, 0])
+
+
+def test_sampled_translations_are_labelled_in_pixels_and_scales_as_factors():
+    labels = plots.images.coefficient_labels(np.array([[0.1, 0.0, 0.5, 0.2, 0.0, 0.0]]), GENERATOR_NAMES,
+                                             [True, False, True, True, False, False], 28)
+    assert labels == ["x +1.4px +29°\nscale_x ×1.22"]
 
 
 def test_transformed_colour_images_keep_their_colours(tmp_path):
@@ -177,13 +211,10 @@ def test_transformed_colour_images_keep_their_colours(tmp_path):
 
 
 # --------------------------------------------------------------------------- ArviZ plots through the adapter
-def test_weight_forest_of_selected_units(idata, tmp_path):
+def test_top_hidden_units_rank_by_the_output_weights(idata):
+    W2 = idata.posterior["W2"].mean(("chain", "draw")).values
     hidden = figures.top_hidden_units(idata, 2)
-    assert len(hidden) == 2
-    fig = figures.plot_weight_forest(idata, tmp_path / "forest.png", hidden=hidden)
-    assert_png(tmp_path / "forest.png")
-    labels = [t.get_text() for t in fig.axes[0].get_yticklabels()]
-    assert len(labels) == 10 * 2 and any(str(hidden[0]) in label for label in labels)
+    assert hidden == list(np.argsort(-np.linalg.norm(W2, axis=0))[:2])
 
 
 def test_eta_posterior_only_under_full_bayes(idata, tmp_path):
@@ -208,17 +239,26 @@ def test_trace_plot_of_an_mcmc_posterior(tmp_path):
     assert fig.axes[1].get_xlim()[1] >= 49  # the trace runs over the draws
 
 
-def test_pareto_k_and_loo_comparison_figures(idata, tmp_path):
-    k = dg.pointwise_pareto_k(idata)
-    fig = figures.plot_pareto_k(k, tmp_path / "k.png", good_k=0.3)
+def test_pareto_k_in_arviz_categories_and_loo_comparison_figures(idata, tmp_path):
+    k, good_k = dg.pointwise_pareto_k(idata)
+    assert good_k == pytest.approx(min(1 - 1 / math.log10(8), 0.7))
+    made = np.array([0.1, 0.2, 0.5, 0.9, 1.5])
+    fig = figures.plot_pareto_k(made, tmp_path / "k.png", good_k=0.4, num_draws=8)
     assert_png(tmp_path / "k.png")
-    assert len(fig.axes[0].collections[0].get_offsets()) == k.size
+    ax = fig.axes[0]
+    assert [len(c.get_offsets()) for c in ax.collections] == [2, 2, 1]  # good, bad, very bad
+    labels = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert labels[0].startswith("k <= 0.40") and labels[0].endswith("2 of 5")
+    assert "min(1 - 1/log10 M, 0.7)" in labels[-1] and "M = 8" in labels[-1]
+    assert "more --draws" in ax.get_title()  # 8 draws are too few for a verdict, and the figure says so
     worse = idata.copy()
     worse.log_likelihood["y"] = worse.log_likelihood["y"] - 0.5
     table, _ = dg.compare_models({"a": idata, "b": worse})
-    fig = figures.plot_loo_comparison(table, tmp_path / "loo.png", elpd_test={"a": -40.0, "b": -50.0})
+    fig = figures.plot_loo_comparison(table, tmp_path / "loo.png", elpd_test={"a": (-40.0, 2.0), "b": (-50.0, 3.0)})
     assert_png(tmp_path / "loo.png")
-    assert [t.get_text() for t in fig.axes[0].get_yticklabels()] == ["a", "b"]
+    train, test = fig.axes
+    assert [t.get_text() for t in train.get_yticklabels()] == ["a", "b"]
+    assert "training" in train.get_xlabel() and "test" in test.get_xlabel()
 
 
 def test_reference_comparison_scatter(tmp_path):
@@ -236,7 +276,47 @@ def test_eta_trajectories_mark_the_burn_in_and_the_predicting_phase(tmp_path):
     steps = np.arange(0, 40, 10)
     eta = np.full((4, 6), 0.1)
     fig = plots.plot_eta_trajectories(steps, eta, names=ISOTROPIC_NAMES, marks={"burn-in ends": 10, "phase 2": 20})
+    labels = [line.get_label() for ax in fig.axes for line in ax.get_lines() if not line.get_label().startswith("_")]
+    assert [n for n in labels if n in ISOTROPIC_NAMES] == ["rotate", "translate_x", "translate_y", "scale", "stretch",
+                                                          "shear"]
+    for ax in fig.axes:  # the marks on every panel, named once
+        assert sorted(line.get_xdata()[0] for line in ax.get_lines() if line.get_linestyle() == ":") == [10, 20]
+    assert {t.get_text() for t in fig.axes[0].texts} == {"burn-in ends", "phase 2"}
+
+
+# --------------------------------------------------------------------------- format and style
+@pytest.mark.parametrize(("fmt", "magic"), [("png", PNG), ("pdf", b"%PDF-"), ("svg", b"<?xml")])
+def test_every_format_is_written_by_its_suffix_and_the_same_figure_gives_the_same_file(tmp_path, fmt, magic):
+    W1 = np.random.default_rng(0).normal(size=(4, 784))
+    paths = [plots.FigureFormat(fmt).save(plots.plot_filter_bank(W1, num_filters=4), tmp_path / str(i), "filters")
+             for i in range(2)]
+    assert paths[0] == tmp_path / "0" / f"filters.{fmt}"
+    data = [p.read_bytes() for p in paths]
+    assert data[0].startswith(magic) and data[0] == data[1]  # no time stamp in the file
+
+
+def test_dpi_sets_the_png_resolution(tmp_path):
+    fig = plots.plot_eta_trajectories([1, 2], np.ones((2, 1)), names=("rotate",))
+    sizes = []
+    for dpi in (50, 100):
+        path = plots.FigureFormat("png", dpi).save(fig, tmp_path, f"eta-{dpi}")
+        sizes.append(int.from_bytes(path.read_bytes()[16:20], "big"))  # the PNG header's width in pixels
+    assert sizes[1] == pytest.approx(2 * sizes[0], abs=2)
+
+
+def test_figure_format_refuses_unknown_formats_and_resolutions():
+    with pytest.raises(ValueError, match="unknown figure format"):
+        plots.FigureFormat("jpg")
+    with pytest.raises(ValueError, match="--dpi"):
+        plots.FigureFormat("png", 5)
+
+
+def test_figures_share_one_style_and_leave_the_global_settings_alone():
+    import matplotlib
+
+    before = dict(matplotlib.rcParams)
+    fig = plots.plot_eta_trajectories([1, 2], np.ones((2, 1)), names=("rotate",))
     ax = fig.axes[0]
-    assert [line.get_label() for line in ax.get_lines()[:6]] == list(ISOTROPIC_NAMES)
-    assert sorted(line.get_xdata()[0] for line in ax.get_lines()[6:]) == [10, 20]  # two vertical marks
-    assert {t.get_text() for t in ax.texts} == {"burn-in ends", "phase 2"}
+    assert ax.xaxis.label.get_fontsize() == plots.STYLE["axes.labelsize"]
+    assert fig._suptitle.get_fontsize() == plots.STYLE["figure.titlesize"]
+    assert dict(matplotlib.rcParams) == before

@@ -10,8 +10,9 @@
 * :mod:`~inference.diagnostics.runs`: diagnose a finished run folder (``python -m inference.diagnose`` is its CLI).
 
 Honesty notes, also written into the groups' attributes: the draws are independent draws from q stored as one
-chain, so R-hat and ESS say nothing about them (k-hat is the diagnostic that applies); LOO is PSIS-LOO on
-variational draws over held-out examples, pessimistic next to the direct held-out ``elpd_test``.
+chain, so R-hat and ESS say nothing about them (k-hat is the diagnostic that applies); LOO is PSIS-LOO on the
+training data with q standing in for the posterior, and the held-out test data are scored apart, directly
+(``elpd_test``).
 """
 
 from inference.diagnostics.arviz_io import (
@@ -19,6 +20,7 @@ from inference.diagnostics.arviz_io import (
     MOMENTS_GROUP,
     POINT_GROUP,
     SITE_DIMS,
+    TEST_NOTE,
     TRAINING_GROUP,
     VI_NOTE,
     az,
@@ -27,6 +29,8 @@ from inference.diagnostics.arviz_io import (
     load_inference_data,
     observed,
     save_inference_data,
+    site_mean,
+    test_labels,
     to_inference_data,
     training_history,
     w1_mean,
@@ -40,6 +44,7 @@ from inference.diagnostics.criteria import (
     pareto_k_counts,
     pointwise_pareto_k,
     psis_khat,
+    test_summary,
     waic_summary,
 )
 from inference.diagnostics.nuts import (
@@ -52,9 +57,10 @@ from inference.diagnostics.nuts import (
 )
 
 __all__ = [
-    "LOO_NOTE", "MOMENTS_GROUP", "POINT_GROUP", "SITE_DIMS", "TRAINING_GROUP", "VI_NOTE", "KhatResult", "az",
-    "class_probabilities", "compare_models", "compare_with_reference", "elpd_test", "eta_values", "guide_khat",
+    "LOO_NOTE", "MOMENTS_GROUP", "POINT_GROUP", "SITE_DIMS", "TEST_NOTE", "TRAINING_GROUP", "VI_NOTE", "KhatResult",
+    "az", "class_probabilities", "compare_models", "compare_with_reference", "elpd_test", "eta_values", "guide_khat",
     "guide_draws_to_inference_data", "load_inference_data", "loo_summary", "num_divergences", "nuts_reference",
     "observed", "pareto_k_counts", "pointwise_pareto_k", "psis_khat", "reference_summary", "save_inference_data",
-    "summary_rhat_ess", "to_inference_data", "training_history", "w1_mean", "waic_summary",
+    "site_mean", "summary_rhat_ess", "test_labels", "test_summary", "to_inference_data", "training_history", "w1_mean",
+    "waic_summary",
 ]

@@ -63,11 +63,14 @@ POINT_GROUP, MOMENTS_GROUP, TRAINING_GROUP = "point_estimates", "posterior_momen
 
 VI_NOTE = ("independent draws from the variational distribution q (pyro.infer.Predictive with the guide), "
            "stored as one chain: R-hat and ESS do not apply to them; use the guide's PSIS k-hat")
-LOO_NOTE = ("PSIS-LOO / WAIC on variational draws over held-out test examples: the importance weights reweight "
-            "draws from q (not MCMC draws), and the test examples were never in the fit, so leaving one out "
-            "removes information q never had and elpd_loo is pessimistic; elpd_test, the direct held-out "
-            "estimate sum_n log mean_m p(y_n | x_n, theta_m), is the one to quote; Pareto-k flags examples "
-            "where the reweighting is unreliable")
+LOO_NOTE = ("PSIS-LOO / WAIC over the training examples (log_likelihood, observed_data): the expected log "
+            "predictive density of an example left out of the fit, estimated by reweighting draws from q (not MCMC "
+            "draws) by 1 / p(y_n | theta_m), q standing in for the posterior; Pareto k flags examples where the "
+            "reweighting is unreliable (ArviZ's threshold min(1 - 1/log10 M, 0.7) for M draws). The held-out test "
+            "examples are scored apart, directly: elpd_test = sum_n log mean_m p(y_n | x_n, theta_m) (predictions)")
+TEST_NOTE = ("held-out test examples (never in the fit): per-draw log p(y_n | x_n, theta_m) and class "
+             "log-probabilities; elpd_test = sum_n log mean_m p(y_n | x_n, theta_m) is the direct estimate of the "
+             "test elpd")
 
 _KNOWN_WARNINGS = (  # ArviZ's and pandas' warnings that the summaries report as flags instead
     (UserWarning, r"Estimated shape parameter of Pareto distribution is greater than"),
@@ -116,25 +119,35 @@ def _attr_value(value: Any) -> Any:
 
 # --------------------------------------------------------------------------- building
 def to_inference_data(
-    model: InvariantNet, guide: Callable, x: torch.Tensor, y: torch.Tensor, *, num_draws: int = 20,
-    num_transforms: int | None = None, batch_size: int = 250, max_site_elements: int = 4_000_000,
+    model: InvariantNet, guide: Callable, x: torch.Tensor, y: torch.Tensor, *,
+    test: tuple[torch.Tensor, torch.Tensor] | None = None, num_draws: int = 20, num_transforms: int | None = None,
+    shared_eps: bool = False, batch_size: int = 250, max_site_elements: int = 8_000_000,
     eta_history: tuple[Sequence[int], torch.Tensor] | None = None, losses: Sequence[float] | None = None,
-    eta_true: Mapping[str, float] | None = None, attrs: Mapping[str, Any] | None = None,
+    elbo_history: Sequence[Mapping[str, float]] | None = None, eta_true: Mapping[str, float] | None = None,
+    attrs: Mapping[str, Any] | None = None,
 ) -> az.InferenceData:
-    """The fitted model and guide as an ``arviz.InferenceData``.
+    """The fitted model and guide as an ``arviz.InferenceData``, in ArviZ's layout: the training data are the
+    observed data (for PSIS-LOO), the held-out test data are predictions.
 
     Parameters
     ----------
     model, guide : the fitted model and guide.
     x, y : torch.Tensor
-        Test images ``(N, C, H, W)`` and labels ``(N,)``: ``log_likelihood`` and ``posterior_predictive``
-        have dims ``(chain=1, draw=M, obs=N)``.
+        Training images ``(N, C, H, W)`` and labels ``(N,)``, the data the guide was fitted to:
+        ``log_likelihood`` and ``posterior_predictive`` have dims ``(chain=1, draw=M, obs=N)``.
+    test : (x, y), optional
+        Held-out images ``(N_test, C, H, W)`` and labels: group ``predictions`` (per-draw class log-probabilities
+        ``(chain, draw, test_obs, class)``, per-draw log-likelihood ``log_lik``, a sampled label ``y``) and
+        ``predictions_constant_data`` (the labels, ``y_test``).
     num_draws : int
         M draws from the guide (:func:`inference.draws.draw_posterior`, eps included).
     num_transforms : int, optional
         S transformation samples inside each draw's likelihood (default: the model's).
+    shared_eps : bool
+        One eps ``(S, K)`` (the first draw's) for every draw: the likelihood at one fixed set of S transformations,
+        so that with a point-estimated first layer and eta the features are computed once and M can be large.
     batch_size : int
-        Test examples per forward pass.
+        Examples per forward pass.
     max_site_elements : int
         A random site with more numbers than this over all draws (M * size; W1 of the paper's network under
         a Gaussian guide) keeps only its mean and std over the draws, in group ``posterior_moments``.
@@ -142,6 +155,9 @@ def to_inference_data(
         ``(T,)`` steps and ``(T, K)`` eta from training: group ``training``, dims ``(step, generator)``.
     losses : sequence of float, optional
         -ELBO / N per step: ``training.elbo`` with dim ``iteration`` (the ELBO, sign flipped).
+    elbo_history : sequence of mapping, optional
+        The ELBO's terms at the logged steps (``{"step", "elbo", "expected_loglik", "kl"}`` rows):
+        ``training.logged_elbo``, ``training.expected_loglik``, ``training.kl`` with dim ``logged_step``.
     eta_true : mapping, optional
         True extent of the data's transformations per generator: ``constant_data.eta_true``.
     attrs : mapping, optional
@@ -151,20 +167,29 @@ def to_inference_data(
     -------
     arviz.InferenceData
         Groups ``posterior``, ``posterior_predictive``, ``log_likelihood`` (log (1/S) sum_s p(y_n | f_s(x_n;
-        theta_m))), ``observed_data``, ``predictions`` (class log-probabilities ``(chain, draw, obs, class)``),
-        ``point_estimates`` (Delta sites of the guide, eta under empirical Bayes), and when they apply
-        ``constant_data``, ``training``, ``posterior_moments``.
+        theta_m)) of the training data), ``observed_data``, ``point_estimates`` (Delta sites of the guide, eta under
+        empirical Bayes), and when they apply ``predictions``, ``predictions_constant_data``, ``constant_data``,
+        ``training``, ``posterior_moments``.
     """
     start = time.perf_counter()
     draws = draw_posterior(model, guide, num_draws, num_transforms)
-    log_lik, log_probs = predictive_outputs(model, draws, x, y, batch_size)
+    if shared_eps:
+        draws.eps = draws.eps[:1]
+    log_lik, train_out = predictive_outputs(model, draws, x, y, batch_size)
+    held_out = predictive_outputs(model, draws, test[0], test[1], batch_size) if test is not None else None
     posterior, moments, point = _site_groups(model, draws, max_site_elements)
-    idata = _from_dict(model, posterior, log_lik, log_probs, y, eta_true)
-    idata.posterior.attrs.update(inference=VI_NOTE, point_estimate_sites=",".join(draws.point) or "none",
-                                 eps="transformation noise of each draw, drawn from its prior (q(eps) = p(eps))")
-    idata.log_likelihood.attrs.update(note=LOO_NOTE, definition="log (1/S) sum_s p(y_n | f_s(x_n; theta_m))")
+    idata = _from_dict(model, posterior, (log_lik, train_out), y, held_out, None if test is None else test[1],
+                       eta_true)
+    idata.posterior.attrs.update(
+        inference=VI_NOTE, point_estimate_sites=",".join(draws.point) or "none",
+        eps=("one eps shared by every draw (the likelihood at one fixed set of S transformations)" if shared_eps
+             else "transformation noise of each draw, drawn from its prior (q(eps) = p(eps))"))
+    idata.log_likelihood.attrs.update(note=LOO_NOTE, data="training examples",
+                                      definition="log (1/S) sum_s p(y_n | f_s(x_n; theta_m))")
+    if test is not None:
+        idata.predictions.attrs.update(note=TEST_NOTE, data="held-out test examples")
     common = {"guide_draws": int(log_lik.shape[0]), "num_transforms": int(draws.eps.shape[-2]),
-              "likelihood": model.config.likelihood.value,
+              "shared_eps": int(shared_eps), "likelihood": model.config.likelihood.value,
               "eta_treatment": "empirical Bayes (pyro.param)" if model.config.eta_prior is EtaPrior.NONE
               else "full Bayes (sample site)", **{k: _attr_value(v) for k, v in (attrs or {}).items()}}
     coords = coords_of(model, len(y))
@@ -178,35 +203,52 @@ def to_inference_data(
     if moments:
         extra[MOMENTS_GROUP] = dataset(moments, "mean and std over the guide draws of sites too large to store "
                                                 "every draw of")
-    if eta_history is not None or losses is not None:
-        extra[TRAINING_GROUP] = _training_dataset(eta_history, losses, common, model.generator_names)
+    if eta_history is not None or losses is not None or elbo_history:
+        extra[TRAINING_GROUP] = _training_dataset(eta_history, losses, elbo_history, common, model.generator_names)
     idata.add_groups(extra)
     for group in idata.groups():
         idata[group].attrs.update(common, seconds_to_build=round(time.perf_counter() - start, 2))
     return idata
 
 
+def _replicate(model: InvariantNet, outputs: torch.Tensor) -> torch.Tensor:
+    """One label per draw and example from per-draw outputs ``(M, N, classes)``: sampled from the class
+    log-probabilities, or the predictive mean plus the model's noise (Gaussian likelihood)."""
+    if model.likelihood.has_classes:
+        return dist.Categorical(logits=outputs).sample()  # (M, N)
+    return outputs + model.config.noise_scale * torch.randn_like(outputs)  # (M, N, outputs)
+
+
 def _from_dict(
-    model: InvariantNet, posterior: dict, log_lik: torch.Tensor, log_probs: torch.Tensor, y: torch.Tensor,
+    model: InvariantNet, posterior: dict, train: tuple[torch.Tensor, torch.Tensor], y: torch.Tensor,
+    held_out: tuple[torch.Tensor, torch.Tensor] | None, y_test: torch.Tensor | None,
     eta_true: Mapping[str, float] | None,
 ) -> az.InferenceData:
-    """ArviZ's groups: ``posterior``, ``posterior_predictive`` (a replicate y per draw), ``log_likelihood``
-    ``(M, N)``, ``predictions`` (class log-probabilities ``(M, N, classes)``), ``observed_data``, ``constant_data``."""
+    """ArviZ's groups: ``posterior``; ``log_likelihood`` ``(M, N)`` and ``posterior_predictive`` (a replicate y per
+    draw) of the training data from ``train`` (per-draw log-likelihood and outputs ``(M, N, classes)``);
+    ``observed_data``, ``constant_data``; with ``held_out`` (the same for the test set), ``predictions`` and
+    ``predictions_constant_data``."""
+    log_lik, train_out = train
     categorical = model.likelihood.has_classes
-    if categorical:
-        y_rep = dist.Categorical(logits=log_probs).sample()  # (M, N)
-    else:
-        y_rep = log_probs + model.config.noise_scale * torch.randn_like(log_probs)  # (M, N, outputs)
-    coords = coords_of(model, len(y))
+    obs_dims = ["obs"] if categorical else ["obs", "class"]
+    coords = {**coords_of(model, len(y)), "test_obs": np.arange(0 if y_test is None else len(y_test))}
     dims = {name: list(d) for name, d in SITE_DIMS.items()}
-    dims.update(y=["obs"] if categorical else ["obs", "class"], log_probs=["obs", "class"], eta_true=["generator"])
+    dims.update(y=obs_dims, eta_true=["generator"])
+    predictions, pred_dims = None, {}
+    if held_out is not None:
+        test_lik, test_out = held_out
+        predictions = {"y": to_numpy(_replicate(model, test_out))[None], "log_lik": to_numpy(test_lik)[None]}
+        pred_dims = {"y": ["test_obs"] if categorical else ["test_obs", "class"], "log_lik": ["test_obs"]}
+        if categorical:
+            predictions["log_probs"], pred_dims["log_probs"] = to_numpy(test_out)[None], ["test_obs", "class"]
     return az.from_dict(
-        posterior=posterior, posterior_predictive={"y": to_numpy(y_rep)[None]},
-        log_likelihood={"y": to_numpy(log_lik)[None]},
-        predictions={"log_probs": to_numpy(log_probs)[None]} if categorical else None,
-        observed_data={"y": to_numpy(y)},
+        posterior=posterior, posterior_predictive={"y": to_numpy(_replicate(model, train_out))[None]},
+        log_likelihood={"y": to_numpy(log_lik)[None]}, observed_data={"y": to_numpy(y)},
+        predictions=predictions,
+        predictions_constant_data={"y_test": to_numpy(y_test)} if y_test is not None else None,
         constant_data={"eta_true": [float(eta_true[g]) for g in model.generator_names]} if eta_true else None,
-        coords=coords, dims=dims, pred_dims={"log_probs": ["obs", "class"]}, pred_coords=coords,
+        coords=coords, dims={**dims, "y_test": ["test_obs"]}, pred_dims={**pred_dims, "y_test": ["test_obs"]},
+        pred_coords=coords,
     )
 
 
@@ -219,7 +261,8 @@ def _site_groups(model: InvariantNet, draws: GuideDraws, max_site_elements: int)
             moments[f"{name}_std"] = (SITE_DIMS[name], to_numpy(value.std(0)))
         else:
             posterior[name] = to_numpy(value)[None]
-    posterior["eps"] = to_numpy(draws.eps)[None]  # q(eps) = p(eps); the only randomness left under a MAP guide
+    M = draws.num_draws  # eps (M, S, K), or one shared eps (1, S, K) stored with every draw
+    posterior["eps"] = to_numpy(draws.eps.expand(M, *draws.eps.shape[1:]))[None]  # q(eps) = p(eps)
     point = {name: (SITE_DIMS[name], to_numpy(value)) for name, value in draws.point.items()}
     if model.config.eta_prior is EtaPrior.NONE:
         point["eta"] = (("generator",), to_numpy(model.eta_effective))
@@ -227,8 +270,8 @@ def _site_groups(model: InvariantNet, draws: GuideDraws, max_site_elements: int)
 
 
 def _training_dataset(
-    eta_history: tuple[Sequence[int], torch.Tensor] | None, losses: Sequence[float] | None, attrs: Mapping,
-    names: Sequence[str],
+    eta_history: tuple[Sequence[int], torch.Tensor] | None, losses: Sequence[float] | None,
+    elbo_history: Sequence[Mapping[str, float]] | None, attrs: Mapping, names: Sequence[str],
 ) -> xr.Dataset:
     data, coords = {}, {"generator": list(names)}
     if eta_history is not None:
@@ -238,7 +281,13 @@ def _training_dataset(
     if losses is not None:
         data["elbo"] = (("iteration",), -np.asarray(losses, dtype=np.float64))
         coords["iteration"] = np.arange(1, len(losses) + 1)
-    return xr.Dataset(data, coords=coords, attrs={**attrs, "elbo": "-loss per step: minibatch ELBO estimate / N"})
+    if elbo_history:
+        coords["logged_step"] = np.asarray([int(r["step"]) for r in elbo_history], dtype=np.int64)
+        for key, name in (("elbo", "logged_elbo"), ("expected_loglik", "expected_loglik"), ("kl", "kl")):
+            data[name] = (("logged_step",), np.asarray([float(r[key]) for r in elbo_history]))
+    return xr.Dataset(data, coords=coords, attrs={
+        **attrs, "elbo": "-loss per step: minibatch ELBO estimate / N",
+        "logged_elbo": "ELBO / N = expected_loglik - kl per example, one more draw on the logged step's minibatch"})
 
 
 def save_inference_data(idata: az.InferenceData, path: str | Path) -> Path:
@@ -259,15 +308,21 @@ def load_inference_data(path: str | Path) -> az.InferenceData:
 
 
 # --------------------------------------------------------------------------- reading
+def site_mean(idata: az.InferenceData, name: str) -> np.ndarray | None:
+    """Posterior mean (or point estimate) of site ``name`` over the draws, wherever ``idata`` keeps it; None if it
+    has no such site (W1 of a random-feature first layer)."""
+    if POINT_GROUP in idata.groups() and name in idata[POINT_GROUP]:
+        return idata[POINT_GROUP][name].values
+    if name in idata.posterior:
+        return idata.posterior[name].mean(("chain", "draw")).values
+    if MOMENTS_GROUP in idata.groups() and f"{name}_mean" in idata[MOMENTS_GROUP]:
+        return idata[MOMENTS_GROUP][f"{name}_mean"].values
+    return None
+
+
 def w1_mean(idata: az.InferenceData) -> np.ndarray | None:
     """Posterior mean (or point estimate) of W1, ``(hidden, pixel)``; None for an RFF first layer."""
-    if POINT_GROUP in idata.groups() and "W1" in idata[POINT_GROUP]:
-        return idata[POINT_GROUP]["W1"].values
-    if "W1" in idata.posterior:
-        return idata.posterior["W1"].mean(("chain", "draw")).values
-    if MOMENTS_GROUP in idata.groups() and "W1_mean" in idata[MOMENTS_GROUP]:
-        return idata[MOMENTS_GROUP]["W1_mean"].values
-    return None
+    return site_mean(idata, "W1")
 
 
 def eta_values(idata: az.InferenceData) -> np.ndarray:
@@ -278,17 +333,24 @@ def eta_values(idata: az.InferenceData) -> np.ndarray:
 
 
 def class_probabilities(idata: az.InferenceData) -> np.ndarray:
-    """Posterior predictive class probabilities ``(obs, class)``: the mean over draws of p(y | x, theta_m)."""
-    return np.exp(idata.predictions["log_probs"].values).mean(axis=(0, 1))  # from (chain, draw, obs, class)
+    """Posterior predictive class probabilities of the test examples ``(test_obs, class)``: the mean over draws of
+    p(y | x, theta_m)."""
+    return np.exp(idata.predictions["log_probs"].values).mean(axis=(0, 1))  # from (chain, draw, test_obs, class)
 
 
 def observed(idata: az.InferenceData) -> np.ndarray:
-    """The observed labels ``(obs,)``."""
+    """The observed (training) labels ``(obs,)``."""
     return idata.observed_data["y"].values
 
 
+def test_labels(idata: az.InferenceData) -> np.ndarray:
+    """The held-out test labels ``(test_obs,)``."""
+    return idata.predictions_constant_data["y_test"].values
+
+
 def training_history(idata: az.InferenceData) -> dict[str, np.ndarray]:
-    """``{"step", "eta" (T, K), "iteration", "elbo"}`` from the ``training`` group (what it holds)."""
+    """``{"step", "eta" (T, K), "iteration", "elbo", "logged_step", "logged_elbo", "expected_loglik", "kl"}`` from the
+    ``training`` group (what it holds)."""
     if TRAINING_GROUP not in idata.groups():
         return {}
     ds, out = idata[TRAINING_GROUP], {}
@@ -296,4 +358,6 @@ def training_history(idata: az.InferenceData) -> dict[str, np.ndarray]:
         out.update(step=ds["step"].values, eta=ds["eta"].values)
     if "elbo" in ds:
         out.update(iteration=ds["iteration"].values, elbo=ds["elbo"].values)
+    if "kl" in ds:
+        out.update({k: ds[k].values for k in ("logged_step", "logged_elbo", "expected_loglik", "kl")})
     return out

@@ -1,10 +1,13 @@
-"""Posterior figures, drawn with ArviZ where it has the plot, headless like :mod:`inference.plots`: each takes an
-``arviz.InferenceData`` (or a table made from one) and an optional output path, and returns the ``Figure``.
+"""Posterior figures, drawn with ArviZ where it has the plot, headless and in the style of :mod:`inference.plots`:
+each takes an ``arviz.InferenceData`` (or numbers or a table made from one) and an optional output path, and returns
+the ``Figure``.
 
-* :func:`plot_weight_forest`: HDIs of q(W2) for the hidden units that matter most (:func:`top_hidden_units`);
-* :func:`plot_eta_posterior`: q(eta) under full Bayes, or the point value under empirical Bayes;
+* :func:`plot_eta_posterior`: q(eta) under full Bayes;
 * :func:`plot_trace`, :func:`plot_reference_comparison`: a NUTS reference and the guide beside it;
-* :func:`plot_pareto_k`, :func:`plot_loo_comparison`: PSIS-LOO diagnostics and model comparison.
+* :func:`plot_pareto_k`, :func:`plot_loo_comparison`: PSIS-LOO diagnostics on the training data and model
+  comparison, with the held-out test elpd apart.
+
+:func:`top_hidden_units` ranks hidden units by the size of their output weights (the filters worth drawing).
 """
 
 from __future__ import annotations
@@ -17,8 +20,8 @@ from typing import Any
 import numpy as np
 from matplotlib.figure import Figure
 
-from inference.diagnostics.arviz_io import az
-from inference.plots import finish, new_figure
+from inference.diagnostics.arviz_io import az, site_mean
+from inference.plots import finish, new_figure, styled
 
 
 class _ArvizPlotWarnings(warnings.catch_warnings):
@@ -31,27 +34,13 @@ class _ArvizPlotWarnings(warnings.catch_warnings):
                                 category=DeprecationWarning)
 
 
-def top_hidden_units(idata: Any, num: int = 4) -> list[int]:
-    """Hidden units whose output weights W2 have the largest posterior-mean norm."""
-    W2 = idata.posterior["W2"].mean(("chain", "draw")).values  # (class, hidden)
-    return [int(i) for i in np.argsort(-np.linalg.norm(W2, axis=0))[:num]]
+def top_hidden_units(idata: Any, num: int = 4) -> list[int] | None:
+    """Hidden units whose output weights W2 have the largest posterior-mean norm (None without W2 in ``idata``)."""
+    W2 = site_mean(idata, "W2")  # (class, hidden)
+    return None if W2 is None else [int(i) for i in np.argsort(-np.linalg.norm(W2, axis=0))[:num]]
 
 
-def plot_weight_forest(
-    idata: Any, path: str | Path | None = None, hidden: Sequence[int] | None = None, num_hidden: int = 3,
-) -> Figure:
-    """ArviZ forest plot (94% HDI of the guide draws) of W2 for a few hidden units, every class."""
-    hidden = list(hidden) if hidden is not None else top_hidden_units(idata, num_hidden)
-    rows = len(hidden) * idata.posterior.sizes["class"]
-    fig = new_figure(6, 0.25 * rows + 1.5)
-    ax = fig.subplots()
-    with _ArvizPlotWarnings():
-        az.plot_forest(idata, var_names=["W2"], coords={"hidden": hidden}, combined=True, ax=ax)
-    ax.set_title(f"q(W2) for hidden units {hidden}: 94% HDI of {idata.posterior.sizes['draw']} guide draws")
-    ax.set_xlabel("weight")
-    return finish(fig, path)
-
-
+@styled
 def plot_eta_posterior(idata: Any, path: str | Path | None = None,
                        true_extent: Mapping[str, float] | None = None) -> Figure:
     """ArviZ posterior plot of q(eta) per generator (full Bayes only), the true extent as reference value.
@@ -73,6 +62,7 @@ def plot_eta_posterior(idata: Any, path: str | Path | None = None,
     return finish(fig, path)
 
 
+@styled
 def plot_trace(idata: Any, path: str | Path | None = None, var_names: Sequence[str] = ("W2", "b2"),
                title: str = "NUTS reference: trace") -> Figure:
     """ArviZ trace plot (densities per chain, traces) of an MCMC posterior."""
@@ -84,22 +74,34 @@ def plot_trace(idata: Any, path: str | Path | None = None, var_names: Sequence[s
     return finish(fig, path)
 
 
-def plot_pareto_k(k: np.ndarray, path: str | Path | None = None, good_k: float = 0.7,
-                  title: str = "PSIS-LOO Pareto k per test example (variational draws)") -> Figure:
-    """Pareto k of each observation, with the 0.5 / 0.7 / good_k thresholds."""
+@styled
+def plot_pareto_k(k: np.ndarray, path: str | Path | None = None, good_k: float = 0.7, num_draws: int | None = None,
+                  title: str = "PSIS-LOO Pareto k per training example") -> Figure:
+    """Pareto k of each observation ``(N,)`` in ArviZ's categories for this many draws: good (``k <= good_k``,
+    ArviZ's threshold min(1 - 1/log10 M, 0.7)), bad (up to 1) and very bad (above 1), each colour explained."""
     k = np.asarray(k, dtype=float)
-    fig = new_figure(7, 3.5)
+    fig = new_figure(7.5, 3.8)
     ax = fig.subplots()
-    ax.scatter(np.arange(len(k)), np.clip(k, -0.5, 2.0), s=6, c=np.where(k > 0.7, "tab:red", "tab:blue"))
-    for value, style in ((0.5, ":"), (0.7, "--"), (good_k, "-.")):
-        ax.axhline(value, color="k", ls=style, lw=0.8, label=f"k = {value:.2f}")
-    ax.set_xlabel("test example")
+    idx = np.arange(len(k))
+    shown = np.clip(k, -0.5, 2.0)
+    bins = ((k <= good_k, "tab:blue", f"k <= {good_k:.2f}: leaving the example out is estimated reliably"),
+            ((k > good_k) & (k <= 1), "tab:orange", f"{good_k:.2f} < k <= 1: unreliable (biased, noisy)"),
+            (k > 1, "tab:red", "k > 1: unusable (the importance ratios have no finite mean)"))
+    for mask, color, text in bins:
+        ax.scatter(idx[mask], shown[mask], s=5, color=color, label=f"{text}: {int(mask.sum())} of {len(k)}")
+    draws = f" for M = {num_draws} draws" if num_draws else ""
+    ax.axhline(good_k, color="k", ls="--", lw=0.8, label=f"ArviZ's threshold{draws}: min(1 - 1/log10 M, 0.7)")
+    ax.axhline(1.0, color="k", ls=":", lw=0.8)
+    ax.set_xlabel("training example")
     ax.set_ylabel("Pareto k (clipped to [-0.5, 2])")
-    ax.set_title(title)
-    ax.legend(fontsize=7)
+    ax.set_title(title + (f"\nM = {num_draws} draws from q: below 100 draws the threshold is strict and k itself "
+                          "noisy; rerun with more --draws" if num_draws and num_draws < 100 else ""))
+    ax.legend(loc="upper left", fontsize=7)
+    ax.set_ylim(-0.55, 2.25)
     return finish(fig, path)
 
 
+@styled
 def plot_reference_comparison(table: Any, path: str | Path | None = None,
                               title: str = "guide against the NUTS reference") -> Figure:
     """Posterior means and standard deviations of the guide against NUTS (from
@@ -122,23 +124,26 @@ def plot_reference_comparison(table: Any, path: str | Path | None = None,
     return finish(fig, path)
 
 
+@styled
 def plot_loo_comparison(table: Any, path: str | Path | None = None,
-                        title: str = "PSIS-LOO on variational draws (test set)",
-                        elpd_test: Mapping[str, float] | None = None) -> Figure:
-    """elpd_loo +- se of each model (ArviZ's comparison table), and the direct held-out elpd if given."""
-    fig = new_figure(7, 1.2 + 0.7 * len(table))
-    ax = fig.subplots()
+                        title: str = "model comparison: PSIS-LOO on the training data, elpd of the test data",
+                        elpd_test: Mapping[str, tuple[float, float]] | None = None) -> Figure:
+    """Left: elpd_loo +- se of each model on the training data (ArviZ's comparison table, best first). Right, given
+    ``elpd_test`` (name -> (elpd, se)): the direct elpd of the held-out test data, a different set and size."""
     names = list(table.index)
     col = "elpd_loo" if "elpd_loo" in table else "elpd_waic"
+    fig = new_figure(9 if elpd_test else 5.5, 1.6 + 0.6 * len(names))
+    axes = fig.subplots(1, 2 if elpd_test else 1, sharey=True, squeeze=False)[0]
     y = np.arange(len(names))
-    ax.errorbar(table[col], y, xerr=table["se"], fmt="o", color="tab:blue", capsize=4, label=f"{col} +- se")
+    axes[0].errorbar(table[col], y, xerr=table["se"], fmt="o", color="tab:blue", capsize=4)
+    axes[0].set(xlabel=f"{col} (nats, training data) +- se", title="PSIS-LOO, training data")
     if elpd_test:
-        ax.scatter([elpd_test[n] for n in names], y + 0.15, marker="s", color="tab:red",
-                   label="direct held-out elpd")
-    ax.set_yticks(y, names)
-    ax.set_ylim(-0.7, len(names) - 0.3)
-    ax.set_xlabel("expected log predictive density (nats, test set)")
-    ax.set_title(title, fontsize=10)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+        test = np.array([elpd_test[n] for n in names], dtype=float)
+        axes[1].errorbar(test[:, 0], y, xerr=test[:, 1], fmt="s", color="tab:red", capsize=4)
+        axes[1].set(xlabel="elpd_test (nats, held-out test data) +- se", title="direct estimate, test data")
+    axes[0].set_yticks(y, names)
+    axes[0].set_ylim(len(names) - 0.5, -0.5)  # best first, at the top
+    for ax in axes:
+        ax.grid(alpha=0.3)
+    fig.suptitle(title)
     return finish(fig, path)

@@ -1,9 +1,14 @@
 """Diagnose one finished run (the library behind ``python -m inference.diagnose``).
 
 :func:`diagnose_run` rebuilds a run folder of ``python -m inference.train``, draws M times from its guide and writes
-``inference_data.nc`` (:func:`inference.diagnostics.to_inference_data`), ``summary.json`` (test accuracy / NLL of
-the draws, PSIS-LOO and WAIC with Pareto-k counts, the guide's PSIS k-hat, ``--compare`` results, timings) and the
-figures; :func:`nuts_reference_run` fits the small NUTS reference of :mod:`inference.diagnostics.nuts`.
+``inference_data.nc`` (:func:`inference.diagnostics.to_inference_data`: the training data as observed data, the
+test data as predictions), ``summary.json`` and the figures (:mod:`inference.diagnostics.run_figures`).
+``summary.json`` keeps the training and the test data apart: ``loo_train`` and ``waic_train`` (PSIS-LOO and WAIC
+of the training examples, Pareto-k counts in ArviZ's categories), ``elpd_test`` (the direct elpd of the held-out
+test examples) and ``predictive_test`` (their accuracy and NLL); then the guide's PSIS k-hat (on the training
+data), ``rotation_sweep`` (accuracy and entropies against the rotation of upright test examples), the
+``--compare`` results and timings. :func:`nuts_reference_run` fits the small NUTS reference of
+:mod:`inference.diagnostics.nuts`.
 """
 
 from __future__ import annotations
@@ -11,7 +16,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
 from typing import Any
@@ -20,53 +25,65 @@ import numpy as np
 import pyro
 import torch
 
-from inference import diagnostics, plots
-from inference.data import Split, balanced_subset, one_per_class
+from inference import diagnostics
+from inference.data import DatasetName, Split, balanced_subset
 from inference.diagnostics import figures
 from inference.diagnostics.nuts import fit_reference_guide, reference_model
-from inference.draws import site_kinds
+from inference.diagnostics.run_figures import run_label, write_figures, write_rotation_figure
+from inference.draws import draw_posterior, site_kinds
+from inference.plots import FigureFormat
 from inference.run_io import LoadedRun, load_run, load_run_data, read_eta_history, true_extent
-from inference.svi import TrainConfig
+from inference.uncertainty import RotationSweep, rotation_sweep
 from models.config import FirstLayer
 from models.priors import EtaPrior
 
 IDATA_FILE, SUMMARY_FILE, FIGURES_DIR = "inference_data.nc", "summary.json", "figures"
+
+SHARED_DRAWS, FRESH_DRAWS = 500, 32
+"""Default M: with one eps shared by every draw and a point-estimated first layer the features are computed once,
+and 500 draws put ArviZ's Pareto-k threshold at 0.63 (enough for a verdict on most examples); where every draw
+needs its own pass through the first layer, 32."""
 
 
 @dataclass(frozen=True)
 class DiagnoseOptions:
     """Settings of :func:`diagnose_run` (see the CLI's help)."""
 
-    draws: int = 32
+    draws: int | None = None  # None: SHARED_DRAWS with shared eps, else FRESH_DRAWS
     num_transforms: int | None = None
     test_size: int | None = None
     khat_draws: int | None = None  # None: 100 when the features can be shared, else 32 (see --khat-draws)
-    khat_eps: str = "auto"
+    eps: str = "auto"  # eps of the draws from q: auto, shared or fresh (see --eps)
     num_filters: int = 32
-    num_digits: int = 10  # test examples in the transformed-examples figure, one per class
+    rotation_examples: int = 100  # upright test examples in the rotation sweep (class-balanced)
+    rotation_step: float = 15.0  # degrees between the sweep's input rotations, from -180 to 180
+    rotation_draws: int = 100  # at most this many of the draws in the rotation sweep
     data_dir: str | None = None
     seed: int = 0
+    figures: FigureFormat = field(default_factory=FigureFormat)
+    figures_dir: str | None = None  # None: OUT/figures
 
 
 # --------------------------------------------------------------------------- one run
-def _phase_marks(cfg: TrainConfig) -> dict[str, int]:
-    """Steps worth marking on eta's trajectory: the end of its burn-in, the start of the predicting phase."""
-    marks = {"burn-in ends": cfg.eta_burnin} if cfg.eta_burnin else {}
-    if cfg.sequential:
-        marks["predicting guide starts (eta fixed)"] = cfg.num_steps
-    return marks
-
-
 def _eval_transforms(run: LoadedRun) -> int:
     return int(run.metrics["config"].get("eval", {}).get("num_transforms", run.model_config.num_transforms))
 
 
-def _shared_eps(run: LoadedRun, choice: str) -> bool:
+def shared_eps(run: LoadedRun, choice: str) -> bool:
+    """Whether the run's draws share one eps: ``choice`` (``shared``, ``fresh``) or, for ``auto``, when the first
+    layer and eta are point estimates (or fixed), so that sharing eps lets the features be computed once."""
     if choice != "auto":
         return choice == "shared"
     kinds = site_kinds(run.model, run.guide)
     first_layer_fixed = run.model_config.first_layer is FirstLayer.RFF or kinds.get("W1") == "point"
     return first_layer_fixed and run.model_config.eta_prior is EtaPrior.NONE
+
+
+def num_draws(run: LoadedRun, opts: DiagnoseOptions) -> int:
+    """M: ``opts.draws``, else :data:`SHARED_DRAWS` or :data:`FRESH_DRAWS` by :func:`shared_eps`."""
+    if opts.draws is not None:
+        return opts.draws
+    return SHARED_DRAWS if shared_eps(run, opts.eps) else FRESH_DRAWS
 
 
 def eval_splits(run: LoadedRun, opts: DiagnoseOptions) -> tuple[Split, Split]:
@@ -80,76 +97,67 @@ def eval_splits(run: LoadedRun, opts: DiagnoseOptions) -> tuple[Split, Split]:
     return data.train, test
 
 
-def run_inference_data(run: LoadedRun, test: Split, opts: DiagnoseOptions) -> Any:
-    """The run's InferenceData on ``test`` (guide draws, log-likelihood, training history)."""
+def upright_examples(run: LoadedRun, opts: DiagnoseOptions) -> Split:
+    """``opts.rotation_examples`` class-balanced test examples of the run's source, untransformed (the same for
+    every run on the same source)."""
+    source = DatasetName(run.data_config.dataset.source.value)
+    test = load_run_data(run, opts.data_dir, dataset=source, train_size=10, test_size=None).test
+    idx = balanced_subset(test.y, min(opts.rotation_examples, len(test)), torch.Generator().manual_seed(opts.seed))
+    return Split(test.x[idx], test.y[idx])
+
+
+def run_inference_data(run: LoadedRun, train: Split, test: Split, opts: DiagnoseOptions) -> Any:
+    """The run's InferenceData: M guide draws, the training data's log-likelihood, the test data's predictions, the
+    training history."""
     pyro.set_rng_seed(opts.seed)
     S = opts.num_transforms or _eval_transforms(run)
+    shared = shared_eps(run, opts.eps)
     attrs = {"run_dir": str(run.run_dir), "dataset": run.data_config.dataset.value,
              "guide": run.guide_kind.value, "checkpoint_step": run.checkpoint.step,
              "num_train_steps": run.train_config.num_steps, "hidden": run.model_config.hidden}
     return diagnostics.to_inference_data(
-        run.model, run.guide, test.x, test.y, num_draws=opts.draws, num_transforms=S,
-        eta_history=read_eta_history(run), losses=run.losses,
+        run.model, run.guide, train.x, train.y, test=(test.x, test.y), num_draws=num_draws(run, opts),
+        num_transforms=S, shared_eps=shared, eta_history=read_eta_history(run), losses=run.losses,
+        elbo_history=run.checkpoint.state.get("elbo_history"),
         eta_true=true_extent(run.data_config, names=run.model_config.generator_names), attrs=attrs)
 
 
+def run_rotation_sweep(run: LoadedRun, opts: DiagnoseOptions) -> RotationSweep:
+    """:func:`inference.uncertainty.rotation_sweep` of the run on :func:`upright_examples`, with up to
+    ``opts.rotation_draws`` draws (eps as for the InferenceData)."""
+    pyro.set_rng_seed(opts.seed)
+    examples = upright_examples(run, opts)
+    draws = draw_posterior(run.model, run.guide, min(num_draws(run, opts), opts.rotation_draws),
+                           opts.num_transforms or _eval_transforms(run))
+    if shared_eps(run, opts.eps):
+        draws.eps = draws.eps[:1]
+    angles = np.arange(-180.0, 180.0 + 1e-9, opts.rotation_step)
+    return rotation_sweep(run.model, draws, examples.x, examples.y, angles)
+
+
 def predictive_metrics(idata: Any) -> dict[str, float]:
-    """Accuracy and NLL of the posterior predictive mean over the guide draws."""
+    """Accuracy and NLL of the posterior predictive mean over the guide draws, on the test data."""
     probs = diagnostics.class_probabilities(idata)
-    y = diagnostics.observed(idata)
+    y = diagnostics.test_labels(idata)
     p_true = np.clip(probs[np.arange(len(y)), y], 1e-12, None)
-    return {"accuracy": float((probs.argmax(1) == y).mean()), "nll": float(-np.log(p_true).mean())}
+    return {"accuracy": float((probs.argmax(1) == y).mean()), "nll": float(-np.log(p_true).mean()),
+            "n_obs": int(len(y))}
 
 
-def write_figures(run: LoadedRun, idata: Any, test: Split, fig_dir: Path, opts: DiagnoseOptions) -> dict[str, str]:
-    """Every figure that applies to the run; returns ``{name: path}`` and notes for those skipped."""
-    written: dict[str, str] = {}
-    cfg, dataset = run.model_config, run.data_config.dataset.value
-    name = run.name if run.name == dataset else f"{run.name} ({dataset})"
-    eta = diagnostics.eta_values(idata)
-    extent = true_extent(run.data_config, names=run.model_config.generator_names)
-
-    def out(fig_name: str) -> Path:
-        written[fig_name] = str(fig_dir / f"{fig_name}.png")
-        return fig_dir / f"{fig_name}.png"
-
-    W1 = diagnostics.w1_mean(idata)
-    if W1 is not None:
-        kind = "point estimate" if diagnostics.POINT_GROUP in idata.groups() and \
-            "W1" in idata[diagnostics.POINT_GROUP] else "posterior mean"
-        ranked = "W2" in idata.posterior
-        if ranked:  # the filters the output layer uses most, not the first (often near their random init)
-            W1 = W1[figures.top_hidden_units(idata, opts.num_filters)]
-        order = "largest ||E[W2[:, d]]|| first" if ranked else "first filters"
-        plots.plot_filter_bank(W1, out("filters"), cfg.image_shape, opts.num_filters,
-                               title=f"{name}: learned filters ({kind} of W1; {order})")
-        plots.plot_invariant_filters(W1, eta, out("invariant_filters"), cfg.image_shape, opts.num_filters,
-                                     title=name, seed=opts.seed, names=cfg.generator_names)
-    else:
-        written["filters"] = "skipped: fixed random-Fourier-feature first layer"
-    history = diagnostics.training_history(idata)
-    if "eta" in history:
-        plots.plot_eta_trajectories(history["step"], history["eta"], extent, out("eta_trajectories"),
-                                    title=f"{name}: eta during training (dashed: true extent)",
-                                    names=cfg.generator_names, marks=_phase_marks(run.train_config))
-    if "elbo" in history:
-        plots.plot_elbo(history["iteration"], history["elbo"], out("elbo"),
-                        final_elbo=run.metrics.get("elbo_per_example"), title=f"{name}: ELBO / N")
-    if run.model.likelihood.has_classes:
-        plots.plot_reliability(diagnostics.class_probabilities(idata), diagnostics.observed(idata),
-                               out("reliability"), title=f"{name}: reliability, {opts.draws} guide draws")
-    plots.plot_transformed_digits(one_per_class(test, opts.num_digits).x, eta, out("transformed_digits"),
-                                  seed=opts.seed, title=name, names=cfg.generator_names)
-    if "W2" in idata.posterior:
-        figures.plot_weight_forest(idata, out("forest_W2"))
-    if "eta" in idata.posterior:
-        figures.plot_eta_posterior(idata, out("eta_posterior"), extent)
-    else:
-        written["eta_posterior"] = "skipped: eta is a point estimate (empirical Bayes)"
-    k = diagnostics.pointwise_pareto_k(idata)
-    good_k = min(1 - 1 / math.log10(idata.posterior.sizes["draw"]), 0.7)
-    figures.plot_pareto_k(k, out("pareto_k"), good_k=good_k)
-    return written
+def summarise(run: LoadedRun, idata: Any) -> dict[str, Any]:
+    """The numbers of ``summary.json`` that come from ``idata``: the training data's LOO and WAIC, the test data's
+    elpd and predictive accuracy, named so."""
+    return {
+        "run_dir": str(run.run_dir), "dataset": run.data_config.dataset.value, "guide": run.guide_kind.value,
+        "checkpoint_step": run.checkpoint.step, "eta": run.metrics.get("eta"),
+        "eta_true": true_extent(run.data_config, names=run.model_config.generator_names),
+        "num_train": int(idata.observed_data.sizes["obs"]), "num_test": int(idata.predictions.sizes["test_obs"]),
+        "draws": int(idata.posterior.sizes["draw"]), "shared_eps": bool(idata.posterior.attrs["shared_eps"]),
+        "num_transforms": int(idata.posterior.attrs["num_transforms"]),
+        "loo_train": diagnostics.loo_summary(idata), "waic_train": diagnostics.waic_summary(idata),
+        "elpd_test": diagnostics.test_summary(idata),
+        "predictive_test": predictive_metrics(idata) if run.model.likelihood.has_classes else None,
+    }
 
 
 def diagnose_run(run_dir: str | Path, out: Path, opts: DiagnoseOptions, compare: list[str]) -> dict:
@@ -157,19 +165,12 @@ def diagnose_run(run_dir: str | Path, out: Path, opts: DiagnoseOptions, compare:
     clock = time.perf_counter()
     run = load_run(run_dir)
     train, test = eval_splits(run, opts)
+    fig_dir = Path(opts.figures_dir) if opts.figures_dir else out / FIGURES_DIR
     t = time.perf_counter()
-    idata = run_inference_data(run, test, opts)
+    idata = run_inference_data(run, train, test, opts)
     timings = {"inference_data": time.perf_counter() - t}
-    summary: dict[str, Any] = {
-        "run_dir": str(run.run_dir), "dataset": run.data_config.dataset.value, "guide": run.guide_kind.value,
-        "checkpoint_step": run.checkpoint.step, "eta": run.metrics.get("eta"),
-        "eta_true": true_extent(run.data_config, names=run.model_config.generator_names),
-        "num_test": len(test), "draws": opts.draws,
-        "num_transforms": int(idata.posterior.attrs["num_transforms"]),
-        "predictive": predictive_metrics(idata) if run.model.likelihood.has_classes else None,
-        "loo": diagnostics.loo_summary(idata), "waic": diagnostics.waic_summary(idata),
-    }
-    shared = _shared_eps(run, opts.khat_eps)
+    summary = summarise(run, idata)
+    shared = shared_eps(run, opts.eps)
     khat_draws = opts.khat_draws if opts.khat_draws is not None else (100 if shared else 32)
     if khat_draws > 0:
         t = time.perf_counter()
@@ -182,43 +183,54 @@ def diagnose_run(run_dir: str | Path, out: Path, opts: DiagnoseOptions, compare:
     out.mkdir(parents=True, exist_ok=True)
     diagnostics.save_inference_data(idata, out / IDATA_FILE)
     t = time.perf_counter()
-    summary["figures"] = write_figures(run, idata, test, out / FIGURES_DIR, opts)
+    summary["figures"] = write_figures(run, idata, test, fig_dir, opts.figures, opts.num_filters, opts.seed)
     timings["figures"] = time.perf_counter() - t
+    runs, sweeps = {run.name: run}, {}
     if compare:
         t = time.perf_counter()
-        summary["comparison"] = compare_runs(run.name, idata, compare, out, opts)
-        summary["figures"]["loo_comparison"] = str(out / FIGURES_DIR / "loo_comparison.png")
+        summary["comparison"] = compare_runs(run.name, idata, compare, out, fig_dir, opts, runs)
+        summary["figures"]["loo_comparison"] = str(opts.figures.path(fig_dir, "loo_comparison"))
         timings["comparison"] = time.perf_counter() - t
+    if run.model.likelihood.has_classes:
+        t = time.perf_counter()
+        sweeps = {name: run_rotation_sweep(r, opts) for name, r in runs.items()}
+        summary["rotation_sweep"] = {name: sweep.as_dict() for name, sweep in sweeps.items()}
+        summary["figures"]["rotation_uncertainty"] = write_rotation_figure(sweeps, runs, fig_dir, opts.figures)
+        timings["rotation_sweep"] = time.perf_counter() - t
     timings["total"] = time.perf_counter() - clock
     summary["seconds"] = {k: round(v, 1) for k, v in timings.items()}
     (out / SUMMARY_FILE).write_text(to_json(summary))
     return summary
 
 
-def compare_runs(name: str, idata: Any, others: list[str], out: Path, opts: DiagnoseOptions) -> dict:
-    """PSIS-LOO comparison of the main run with ``others`` on the same test examples."""
-    idatas, elpd_test = {name: idata}, {name: diagnostics.elpd_test(idata)[0]}
+def compare_runs(name: str, idata: Any, others: list[str], out: Path, fig_dir: Path, opts: DiagnoseOptions,
+                 runs: dict[str, LoadedRun]) -> dict:
+    """PSIS-LOO comparison of the main run with ``others`` on the same training examples, and their test elpd on
+    the same test examples; adds each other run to ``runs``."""
+    idatas, elpd_test = {name: idata}, {name: diagnostics.elpd_test(idata)}
     for other_dir in others:
         other = load_run(other_dir)
-        _, test = eval_splits(other, opts)
+        train, test = eval_splits(other, opts)
         other_name = other.name if other.name not in idatas else f"{other.name}-{len(idatas)}"
-        other_idata = run_inference_data(other, test, opts)
+        other_idata = run_inference_data(other, train, test, opts)
         diagnostics.save_inference_data(other_idata, out / f"inference_data-{other_name}.nc")
-        idatas[other_name] = other_idata
-        elpd_test[other_name] = diagnostics.elpd_test(other_idata)[0]
+        idatas[other_name], runs[other_name] = other_idata, other
+        elpd_test[other_name] = diagnostics.elpd_test(other_idata)
     table, warnings_ = diagnostics.compare_models(idatas)
     table.to_csv(out / "loo_comparison.csv")
-    figures.plot_loo_comparison(table, out / FIGURES_DIR / "loo_comparison.png", elpd_test=elpd_test,
-                              title="PSIS-LOO on variational draws (test set)\nsquares: direct held-out elpd")
-    return {"table": json.loads(table.to_json(orient="index")), "warnings": warnings_,
-            "loo": {n: diagnostics.loo_summary(i) for n, i in idatas.items() if n != name},
-            "elpd_test": elpd_test, "preferred_by_loo": str(table.index[0]),
-            "note": diagnostics.LOO_NOTE}
+    fig = figures.plot_loo_comparison(table, elpd_test=elpd_test,
+                                      title=f"{run_label(runs[name])} against " + ", ".join(list(idatas)[1:]))
+    opts.figures.save(fig, fig_dir, "loo_comparison")
+    return {"table_loo_train": json.loads(table.to_json(orient="index")), "warnings": warnings_,
+            "loo_train": {n: diagnostics.loo_summary(i) for n, i in idatas.items() if n != name},
+            "elpd_test": {n: diagnostics.test_summary(i) for n, i in idatas.items()},
+            "preferred_by_loo_train": str(table.index[0]),
+            "preferred_by_elpd_test": max(elpd_test, key=lambda n: elpd_test[n][0]), "note": diagnostics.LOO_NOTE}
 
 
 # --------------------------------------------------------------------------- NUTS reference
 def nuts_reference_run(out: Path, data: Split, chains: int = 2, warmup: int = 300, samples: int = 300,
-                       svi_steps: int = 1500, seed: int = 0) -> dict:
+                       svi_steps: int = 1500, seed: int = 0, fmt: FigureFormat | None = None) -> dict:
     """NUTS and a mean-field guide on the small model; writes the trace plot, tables and ``summary.json``."""
     clock = time.perf_counter()
     model = reference_model(len(data), seed=seed)
@@ -233,11 +245,12 @@ def nuts_reference_run(out: Path, data: Split, chains: int = 2, warmup: int = 30
     diagnostics.save_inference_data(reference, out / "nuts_reference.nc")
     diagnostics.reference_summary(reference).to_csv(out / "nuts_summary.csv")
     table.to_csv(out / "guide_vs_nuts.csv")
-    figures.plot_trace(reference, out / FIGURES_DIR / "nuts_trace.png",
-                     title=f"NUTS reference, {chains} chains: max R-hat {stats['max_rhat']:.3f}, "
-                           f"min ESS bulk {stats['min_ess_bulk']:.0f}")
-    figures.plot_reference_comparison(table, out / FIGURES_DIR / "guide_vs_nuts.png",
-                                    title="mean-field guide against NUTS (small RFF classifier)")
+    fmt = fmt or FigureFormat()
+    fmt.save(figures.plot_trace(reference, title=f"NUTS reference, {chains} chains: max R-hat "
+                                                 f"{stats['max_rhat']:.3f}, min ESS bulk {stats['min_ess_bulk']:.0f}"),
+             out / FIGURES_DIR, "nuts_trace")
+    fmt.save(figures.plot_reference_comparison(table, title="mean-field guide against NUTS (small RFF classifier)"),
+             out / FIGURES_DIR, "guide_vs_nuts")
     summary = {
         "model": "RFF first layer (fixed), hidden 6, classes 3, no transformations; latent W2 (3, 6), b2 (3)",
         "num_data": len(data), "chains": chains, "warmup": warmup, "samples": samples, **stats,
