@@ -4,8 +4,9 @@
 :func:`calibrate` trains (or reuses) one run per cell ``(family, true extent a, seed)``, each derived from a base
 :class:`~inference.config.RunConfig` (:func:`cell_config`: MNIST transformed by U[-a, a] of the family; a = 0 is
 untransformed MNIST, one run per seed shared by the families), and writes ``extents.csv`` (one row per run),
-``extents.md`` (mean +- std over seeds per cell) and ``extents.png`` (learned against true extent with y = x, one
-panel per family). :func:`recommended` applies the recommended setting for relaxed invariance (:data:`RECOMMENDED`).
+``extents.md`` (mean +- std over seeds per cell) and ``extents.<format>`` (png, pdf or svg: learned against
+true extent with y = x, one panel per family). :func:`recommended` applies the recommended setting for relaxed
+invariance (:data:`RECOMMENDED`).
 
 Families and the units of their extent (the data's transformation is U[-a, a] in these units):
 
@@ -30,18 +31,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-
-from inference import grid, report  # noqa: E402
-from inference.config import RunConfig, derive  # noqa: E402
-from inference.data import DatasetName, pixels_per_unit  # noqa: E402
-from inference.eta_objectives import EtaObjective, EvidenceSchedule  # noqa: E402
-from inference.runner import RunControl  # noqa: E402
-from models.config import GENERATOR_PRESETS  # noqa: E402
-from models.transforms import ALL_GENERATOR_NAMES  # noqa: E402
+from inference import grid, report
+from inference.config import RunConfig, derive
+from inference.data import DatasetName, pixels_per_unit
+from inference.eta_objectives import EtaObjective, EvidenceSchedule
+from inference.plots import FigureFormat, new_figure, styled
+from inference.runner import RunControl
+from models.config import GENERATOR_PRESETS
+from models.transforms import ALL_GENERATOR_NAMES
 
 Cell = tuple["Family", float, int]
 """``(family, true extent, seed)``."""
@@ -176,7 +173,8 @@ def write_tables(rows: list[dict], out: Path) -> None:
     (out / "extents.md").write_text("\n".join(lines) + "\n")
 
 
-def plot(rows: list[dict], out: Path) -> Path:
+@styled
+def plot(rows: list[dict], out: Path, fmt: FigureFormat | None = None) -> Path:
     """One panel per family: learned against true extent (mean +- std over seeds, and each seed) and y = x.
 
     The axes end at 1.6 times the largest true extent; a seed beyond that is drawn as a triangle at the top
@@ -184,7 +182,8 @@ def plot(rows: list[dict], out: Path) -> Path:
     """
     summary = summarise(rows)
     names = list(dict.fromkeys(s["family"] for s in summary))
-    fig, axes = plt.subplots(1, len(names), figsize=(4.2 * len(names), 4.0), squeeze=False)
+    fig = new_figure(4.2 * len(names), 4.2)
+    axes = fig.subplots(1, len(names), squeeze=False)
     for ax, name in zip(axes[0], names, strict=True):
         ss = [s for s in summary if s["family"] == name]
         true = [s["true_extent"] for s in ss]
@@ -208,18 +207,16 @@ def plot(rows: list[dict], out: Path) -> Path:
         ax.set(xlabel=f"true extent a ({unit})", ylabel=f"learned extent ({unit})", title=name, xlim=(0, hi),
                ylim=(0, hi))
         ax.legend(fontsize=7, loc="upper left")
+        ax.grid(alpha=0.3)
     fig.suptitle("Learned invariance against the data's transformation U[-a, a]")
-    fig.tight_layout()
-    path = out / "extents.png"
-    fig.savefig(path, dpi=130)
-    plt.close(fig)
-    return path
+    return (fmt or FigureFormat()).save(fig, out, "extents")
 
 
 def calibrate(base: RunConfig, cells: Sequence[Cell], out: str | Path, control: RunControl | None = None,
-              jobs: int = 1, collect_only: bool = False) -> list[dict]:
+              jobs: int = 1, collect_only: bool = False, fmt: FigureFormat | None = None) -> list[dict]:
     """Train (or reuse) the run of every cell, derived from ``base``, into ``out``; write the tables and the
-    figure there; return one row per run (the columns of ``extents.csv``) in the order of ``cells``.
+    figure (in ``fmt``, default PNG) there; return one row per run (the columns of ``extents.csv``) in the order of
+    ``cells``.
 
     A finished run (its ``metrics.json`` exists) is reused, a run interrupted part-way resumes from its checkpoint,
     and a finished run made with other settings is refused, never mixed in. ``control`` says how to run (default:
@@ -244,5 +241,5 @@ def calibrate(base: RunConfig, cells: Sequence[Cell], out: str | Path, control: 
         raise ValueError(f"no finished cell in {out} to collect")
     rows = [row(*cell_of[id(job)], metrics) for job, metrics in results]  # in the planned order
     write_tables(rows, out)
-    plot(rows, out)
+    plot(rows, out, fmt)
     return rows

@@ -54,10 +54,10 @@ from pathlib import Path
 
 from guides.factory import GuideKind
 from inference import calibration, grid, report, train
+from inference.cli import add_figure_flags, figure_format
 from inference.config import RunConfig, derive
 from inference.data import DatasetName, Variant, true_extent
 from inference.eta_objectives import EtaObjective
-from inference.runner import RunControl
 from models.config import GENERATOR_PRESETS
 from models.transforms import ISOTROPIC_NAMES
 
@@ -145,6 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "with --device cuda on a machine with several)")
     g.add_argument("--collect", action="store_true",
                    help="train nothing: write the tables and the figure from the finished runs in --out")
+    add_figure_flags(p)
     return p
 
 
@@ -249,9 +250,7 @@ def main(args: argparse.Namespace) -> list[dict]:
         rows.append(report.run_row(*keys[job.run_dir], metrics))
         report.write_tables(rows, out)  # keep the tables current while later runs go on
 
-    control = RunControl(out, checkpoint_every=args.checkpoint_every, keep_checkpoints=args.keep_checkpoints,
-                               threads=args.threads, progress=not args.no_progress)
-    results = grid.run_jobs(jobs, control, args.jobs, collect_only=args.collect, on_result=add)
+    results = grid.run_jobs(jobs, grid.grid_control(args), args.jobs, collect_only=args.collect, on_result=add)
     if not results:
         raise ValueError(f"no finished run in {out} to collect")
     rows = [report.run_row(*keys[job.run_dir], metrics) for job, metrics in results]  # in the planned order
@@ -260,7 +259,7 @@ def main(args: argparse.Namespace) -> list[dict]:
     for job, _ in results:
         dataset, name, _ = keys[job.run_dir]
         histories.setdefault((dataset, name), []).append(job.run_dir / "eta_history.csv")
-    report.plot(summary, histories, out)
+    report.plot(summary, histories, out, figure_format(args))
     print((out / "comparison.md").read_text())
     return summary
 

@@ -9,9 +9,9 @@ defaulting to the recommended setting for relaxed invariance (:data:`inference.c
 ``evidence`` objective with priors on every weight, on the ``sequential`` schedule, 2,000 steps per phase, a
 200-step eta burn-in, eta's learning rate 0.1, all six generators in the isotropic basis), and writes
 ``OUT/<family>-<extent>/seed-<s>/`` (one run each; ``OUT/untransformed/seed-<s>/`` for a = 0), ``OUT/extents.csv``,
-``OUT/extents.md`` and ``OUT/extents.png`` (:mod:`inference.calibration`). Running the same command again continues
-where it stopped; ``--collect`` trains nothing and builds the table and figure from the cells finished so far (e.g.
-by several processes sharing ``--out``).
+``OUT/extents.md`` and ``OUT/extents.png`` (``--format pdf`` or ``svg``, ``--dpi``; :mod:`inference.calibration`).
+Running the same command again continues where it stopped; ``--collect`` trains nothing and builds the table and
+figure from the cells finished so far (e.g. by several processes sharing ``--out``).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from pathlib import Path
 
 from inference import grid, train
 from inference.calibration import FAMILIES, Cell, calibrate, recommended_flags
-from inference.runner import RunControl
+from inference.cli import add_figure_flags, figure_format
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -42,6 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     for fam in FAMILIES.values():
         g.add_argument(f"--{fam.name}-grid", type=grid.parse_floats, default=fam.grid, metavar="A,B,...",
                        help=f"true extents of the {fam.name} family, in {fam.unit}")
+    add_figure_flags(p)
     return p
 
 
@@ -64,9 +65,8 @@ def main(args: argparse.Namespace) -> list[dict]:
     """Train (or reuse) every cell, then write the tables and the figure; returns the rows."""
     if args.out is None:
         raise ValueError("--out is required")
-    control = RunControl(Path(args.out), checkpoint_every=args.checkpoint_every,
-                         keep_checkpoints=args.keep_checkpoints, threads=args.threads, progress=not args.no_progress)
-    rows = calibrate(train.config_from_args(args), cells(args), args.out, control, args.jobs, args.collect)
+    rows = calibrate(train.config_from_args(args), cells(args), args.out, grid.grid_control(args), args.jobs,
+                     args.collect, figure_format(args))
     print((Path(args.out) / "extents.md").read_text())
     return rows
 

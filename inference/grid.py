@@ -135,6 +135,13 @@ def _train_logged(config: RunConfig, control: RunControl, log_path: str) -> dict
         return runner.run(config, control)
 
 
+def grid_control(args: argparse.Namespace) -> RunControl:
+    """How a grid command (``compare``, ``extents``) runs each of its runs: the run-control flags of
+    ``inference.train`` that apply to a grid (``--out``, checkpoints, threads, progress, TensorBoard)."""
+    return RunControl(Path(args.out), checkpoint_every=args.checkpoint_every, keep_checkpoints=args.keep_checkpoints,
+                      threads=args.threads, progress=not args.no_progress, tensorboard=args.tensorboard)
+
+
 def grid_cli(main: Callable[[argparse.Namespace], object], args: argparse.Namespace) -> int:
     """Console entry of a grid command (``compare``, ``extents``): :func:`inference.cli.run_cli` with the grid's
     own resume (the same command again), so the single run's ``--resume`` / ``--overwrite`` are refused."""

@@ -8,8 +8,9 @@
   and the ELBO with its terms,
 * ``comparison.md``: the same rounded, a configuration x dataset accuracy matrix when there are several
   datasets (the layout of the paper's Table 2), and the sweep's outcome under each dataset's table,
-* ``comparison.png``: per dataset, test accuracy and ELBO with error bars, eta_rotate over training, and with a
-  sweep the ELBO against the fixed angle with the learned eta marked.
+* ``comparison.<format>`` (:func:`plot`; png, pdf or svg): per dataset, eta_rotate over training in degrees, test
+  accuracy and ELBO with error bars, and with a sweep the Occam picture (:func:`plot_occam_panels`): the ELBO
+  against the fixed angle and its two terms, expected log-likelihood and KL, with the learned eta marked.
 """
 
 from __future__ import annotations
@@ -20,13 +21,12 @@ import statistics
 from collections.abc import Sequence
 from pathlib import Path
 
-import matplotlib
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-
-from inference.run_io import read_history_csv  # noqa: E402
-from models.transforms import ALL_GENERATOR_NAMES  # noqa: E402
+from inference.plots import FigureFormat, new_figure, styled
+from inference.run_io import read_history_csv
+from models.transforms import ALL_GENERATOR_NAMES
 
 METRICS = [*(f"eta_{g}" for g in ALL_GENERATOR_NAMES), "test_accuracy", "test_nll", "test_accuracy_one_draw",
            "test_nll_one_draw", "elbo_per_example", "elbo_stderr", "elbo_loglik", "elbo_kl", "train_seconds"]
@@ -103,8 +103,9 @@ def sweep_summary(summary: list[dict]) -> dict | None:
         ``angles_deg``, ``elbos``, ``elbo_stds`` (over seeds), ``stderrs`` (Monte-Carlo, mean over seeds),
         ``logliks``, ``kls`` and ``accuracies`` of the ``fixed-A`` rows sorted by angle; ``best_deg``,
         ``best_elbo``, ``best_std`` (the highest mean fixed ELBO); ``learned_deg``, ``learned_elbo``,
-        ``learned_std`` (None without a ``learned`` row); ``learned_minus_best`` and its ``noise``
-        (the two standard deviations combined, or the Monte-Carlo errors with one seed).
+        ``learned_std``, ``learned_loglik``, ``learned_kl``, ``learned_accuracy`` (None without a ``learned``
+        row); ``learned_minus_best`` and its ``noise`` (the two standard deviations combined, or the Monte-Carlo
+        errors with one seed).
     """
     fixed = sorted((r for r in summary if r["config"].startswith("fixed-") and r["config"] != "fixed-aug"),
                    key=lambda r: r["eta_rotate_mean"])
@@ -127,11 +128,14 @@ def sweep_summary(summary: list[dict]) -> dict | None:
         "best_deg": math.degrees(best["eta_rotate_mean"]),
         "best_elbo": best["elbo_per_example_mean"],
         "best_std": spread(best),
-        "learned_deg": None, "learned_elbo": None, "learned_std": None, "learned_minus_best": None, "noise": None,
+        "learned_deg": None, "learned_elbo": None, "learned_std": None, "learned_loglik": None, "learned_kl": None,
+        "learned_accuracy": None, "learned_minus_best": None, "noise": None,
     }
     if learned is not None:
         out.update(learned_deg=math.degrees(learned["eta_rotate_mean"]), learned_elbo=learned["elbo_per_example_mean"],
-                   learned_std=spread(learned), learned_minus_best=learned["elbo_per_example_mean"] - out["best_elbo"],
+                   learned_std=spread(learned), learned_loglik=learned["elbo_loglik_mean"],
+                   learned_kl=learned["elbo_kl_mean"], learned_accuracy=learned["test_accuracy_mean"],
+                   learned_minus_best=learned["elbo_per_example_mean"] - out["best_elbo"],
                    noise=math.hypot(spread(learned), out["best_std"]))
     return out
 
@@ -193,32 +197,76 @@ def write_tables(rows: list[dict], out: Path) -> list[dict]:
     return summary
 
 
-def plot_terms(ax: plt.Axes, sweep: dict) -> None:
+def _learned_x(sweep: dict) -> tuple[float, str]:
+    """Where the learned eta goes on a fixed-angle axis, and its label: beyond 180 deg T covers the full circle, so
+    a larger learned angle is drawn at 180 and named."""
+    deg = sweep["learned_deg"]
+    return min(deg, 180.0), f"learned eta ({deg:.0f} deg{': the full circle' if deg >= 180 else ''})"
+
+
+def plot_sweep(ax: Axes, sweep: dict, title: str = "") -> None:
+    """The ELBO / example of the fixed-eta runs against their angle (+- std over seeds, or the Monte-Carlo error
+    with one seed), the learned run as a star."""
+    ax.errorbar(sweep["angles_deg"], sweep["elbos"], yerr=sweep["elbo_stds"], fmt="o-", color="tab:red", capsize=3,
+                label="eta_rotate fixed")
+    if sweep["learned_elbo"] is not None:
+        x, label = _learned_x(sweep)
+        ax.errorbar([x], [sweep["learned_elbo"]], yerr=[sweep["learned_std"]], fmt="*", ms=14, color="k", label=label)
+    ax.set(xlabel="eta_rotate (degrees)", ylabel="ELBO / example (nats)", title=f"{title}ELBO against a fixed eta")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="best")
+
+
+def plot_terms(ax: Axes, sweep: dict, title: str = "") -> None:
     """The sweep's ELBO split into its terms, each relative to its value at the smallest fixed angle (the Occam
-    trade-off: what the fit loses and what the complexity term gains as eta widens), and test accuracy."""
+    trade-off: what the fit loses and what the complexity term gains as eta widens), the learned run's as stars, and
+    test accuracy on a second axis."""
     angles = sweep["angles_deg"]
-    for key, label, sign, color in (("elbos", "ELBO", 1, "tab:red"), ("logliks", "expected log-lik", 1, "tab:blue"),
-                                    ("kls", "-KL (Occam term)", -1, "tab:green")):
+    learned = sweep["learned_elbo"] is not None
+    for key, learned_key, label, sign, color in (
+            ("elbos", "learned_elbo", "ELBO", 1, "tab:red"),
+            ("logliks", "learned_loglik", "expected log-likelihood", 1, "tab:blue"),
+            ("kls", "learned_kl", "-KL (the Occam term)", -1, "tab:green")):
         values = [sign * v for v in sweep[key]]
         ax.plot(angles, [v - values[0] for v in values], "o-", color=color, label=label)
+        if learned and sweep.get(learned_key) is not None:
+            ax.plot([_learned_x(sweep)[0]], [sign * sweep[learned_key] - values[0]], "*", ms=12, color=color)
+    if learned:
+        ax.axvline(_learned_x(sweep)[0], color="k", ls=":", lw=1, label=_learned_x(sweep)[1] + " (stars)")
     ax.axhline(0, color="grey", lw=0.8)
-    ax.set(xlabel="fixed eta_rotate (deg)", ylabel=f"change from {angles[0]:g} deg (nats / example)",
-           title="ELBO terms by fixed eta")
-    ax.legend(fontsize=8, loc="lower left")
+    ax.set(xlabel="fixed eta_rotate (degrees)", ylabel=f"change from {angles[0]:g} deg (nats / example)",
+           title=f"{title}the ELBO's terms against a fixed eta")
+    ax.legend(loc="lower left")
     ax_acc = ax.twinx()
     ax_acc.plot(angles, [100 * a for a in sweep["accuracies"]], "s:", color="0.4")
-    ax_acc.set_ylabel("test accuracy (%, squares)", color="0.4")
+    ax_acc.set_ylabel("test accuracy (%, grey squares)", color="0.4")
 
 
-def _plot_dataset(axes: Sequence[plt.Axes], summary: list[dict], histories: dict[str, list[Path]], title: str) -> None:
+@styled
+def plot_occam(sweep: dict, path: str | Path | None = None, title: str = "", fmt: FigureFormat | None = None
+               ) -> Figure:
+    """The Occam picture of one sweep (:func:`sweep_summary`): :func:`plot_sweep` and :func:`plot_terms` side by side;
+    written to ``path`` when given."""
+    fig = new_figure(11, 4.2)
+    ax_elbo, ax_terms = fig.subplots(1, 2)
+    plot_sweep(ax_elbo, sweep)
+    plot_terms(ax_terms, sweep)
+    if title:
+        fig.suptitle(title)
+    if path is not None:
+        (fmt or FigureFormat()).save(fig, Path(path).parent, Path(path).stem)
+    return fig
+
+
+def _plot_dataset(axes: Sequence[Axes], summary: list[dict], histories: dict[str, list[Path]], title: str) -> None:
     ax_eta, ax_acc = axes[0], axes[1]
     for i, s in enumerate(summary):
         for k, path in enumerate(histories.get(s["config"], [])):
             steps, eta = read_history_csv(path)
-            ax_eta.plot(steps, eta["rotate"], color=f"C{i % 10}", ls="--" if s["eta_fixed"] else "-", lw=1,
-                        label=s["config"] if k == 0 else None)
-    ax_eta.axhline(math.pi, color="grey", lw=0.8, ls=":")
-    ax_eta.set(xlabel="SVI step", ylabel="eta_rotate (rad)", title=f"{title}eta_rotate over training (each seed)")
+            ax_eta.plot(steps, [math.degrees(v) for v in eta["rotate"]], color=f"C{i % 10}",
+                        ls="--" if s["eta_fixed"] else "-", lw=1, label=s["config"] if k == 0 else None)
+    ax_eta.axhline(180, color="0.3", lw=0.8, ls="-.", label="180 deg: the full circle")
+    ax_eta.set(xlabel="SVI step", ylabel="eta_rotate (degrees)", title=f"{title}eta_rotate over training (each seed)")
     ax_eta.legend(fontsize=7)
     xs = list(range(len(summary)))
     ax_acc.bar(xs, [100 * s["test_accuracy_mean"] for s in summary],
@@ -230,27 +278,23 @@ def _plot_dataset(axes: Sequence[plt.Axes], summary: list[dict], histories: dict
     ax_elbo = ax_acc.twinx()
     ax_elbo.errorbar(xs, [s["elbo_per_example_mean"] for s in summary],
                      yerr=[s["elbo_per_example_std"] for s in summary], fmt="o", color="tab:red", capsize=3)
-    ax_elbo.set_ylabel("ELBO per example (ml / map: their objective)", color="tab:red")
+    ax_elbo.set_ylabel("ELBO / example (ml / map: their objective)", color="tab:red")
     ax_acc.set_title(f"{title}test accuracy (bars) and ELBO (dots)")
     sweep = sweep_summary(summary)
     if sweep is not None and len(axes) > 2:
-        ax = axes[2]
-        ax.errorbar(sweep["angles_deg"], sweep["elbos"], yerr=sweep["elbo_stds"], fmt="o-", color="tab:red", capsize=3,
-                    label="fixed eta_rotate (± std over seeds)")
-        if sweep["learned_elbo"] is not None:
-            ax.errorbar([sweep["learned_deg"]], [sweep["learned_elbo"]], yerr=[sweep["learned_std"]], fmt="*", ms=14,
-                        color="k", label=f"learned ({sweep['learned_deg']:.0f} deg)")
-        ax.set(xlabel="eta_rotate (deg)", ylabel="ELBO per example", title=f"{title}fixed-eta sweep (Table 1)")
-        ax.legend(fontsize=8)
-        plot_terms(axes[3], sweep)
+        plot_sweep(axes[2], sweep, title)
+        plot_terms(axes[3], sweep, title)
 
 
-def plot(summary: list[dict], histories: dict[tuple[str, str], list[Path]], out: Path) -> Path:
-    """``comparison.png``: one row of panels per dataset (``histories``: ``eta_history.csv`` paths per run)."""
+@styled
+def plot(summary: list[dict], histories: dict[tuple[str, str], list[Path]], out: Path,
+         fmt: FigureFormat | None = None) -> Path:
+    """``comparison.<format>``: one row of panels per dataset (``histories``: ``eta_history.csv`` paths per run)."""
     datasets = list(dict.fromkeys(s["dataset"] for s in summary))
     sweeps = any(sweep_summary([s for s in summary if s["dataset"] == d]) is not None for d in datasets)
     cols = 4 if sweeps else 2
-    fig, axes = plt.subplots(len(datasets), cols, figsize=(5.5 * cols, 4.5 * len(datasets)), squeeze=False)
+    fig = new_figure(5.5 * cols, 4.5 * len(datasets))
+    axes = fig.subplots(len(datasets), cols, squeeze=False)
     for row, d in zip(axes, datasets, strict=True):
         ds = [s for s in summary if s["dataset"] == d]
         _plot_dataset(row, ds, {c: paths for (dd, c), paths in histories.items() if dd == d},
@@ -258,8 +302,4 @@ def plot(summary: list[dict], histories: dict[tuple[str, str], list[Path]], out:
         if cols == 4 and sweep_summary(ds) is None:
             row[2].axis("off")
             row[3].axis("off")
-    fig.tight_layout()
-    path = out / "comparison.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return (fmt or FigureFormat()).save(fig, out, "comparison")

@@ -14,9 +14,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
-from inference import compare, report
+from inference import compare, plots, report
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--train-size", "100", "--test-size", "50", "--hidden", "8", "--num-steps", "3", "--num-transforms", "2",
@@ -79,8 +80,10 @@ def test_compare_with_seeds_writes_per_seed_runs_mean_and_std_and_a_figure(tmp_p
     assert fixed["config"]["model"]["generators"] == ["rotate"]
     ml = json.loads((out / "ml" / "seed-0" / "metrics.json").read_text())["config"]["model"]
     assert (ml["first_layer_prior"], ml["output_layer_prior"]) == (False, False)  # maximum likelihood: no prior
-    again = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    again = subprocess.run([sys.executable, *args, "--format", "pdf"], cwd=ROOT, capture_output=True, text=True,
+                           timeout=300)
     assert again.returncode == 0 and again.stderr.count("(done, reused)") == 10  # nothing is trained twice
+    assert (out / "comparison.pdf").read_bytes().startswith(b"%PDF-")  # --format: the figure in another format
 
 
 def test_compare_runs_jobs_in_parallel_processes_and_refuses_other_settings(tmp_path, data_dir):
@@ -132,6 +135,27 @@ def test_sweep_summary_picks_the_best_fixed_angle_and_judges_the_gap_by_the_seed
     assert "it beats" in report.describe_sweep(report.sweep_summary(one_seed))
     assert report.sweep_summary(rows[:1]) is None
     assert report.sweep_summary(rows[:4])["learned_elbo"] is None
+
+
+def test_occam_picture_draws_the_elbo_and_its_terms_against_a_fixed_eta_with_the_learned_eta_marked(tmp_path):
+    def r(name, deg, loglik, kl, acc):
+        return {"config": name, "eta_rotate_mean": math.radians(deg), "elbo_per_example_mean": loglik - kl,
+                "elbo_per_example_std": 0.01, "elbo_stderr_mean": 0.01, "seeds": 1, "elbo_loglik_mean": loglik,
+                "elbo_kl_mean": kl, "test_accuracy_mean": acc}
+
+    rows = [r("fixed-5", 5, -0.8, 0.75, 0.6), r("fixed-90", 90, -0.85, 0.5, 0.7), r("fixed-180", 180, -0.9, 0.35, 0.8),
+            r("learned", 380, -0.88, 0.36, 0.79)]
+    sweep = report.sweep_summary(rows)
+    assert (sweep["learned_loglik"], sweep["learned_kl"]) == (-0.88, 0.36)
+    fig = report.plot_occam(sweep, tmp_path / "occam.pdf", fmt=plots.FigureFormat("pdf"))
+    assert (tmp_path / "occam.pdf").read_bytes().startswith(b"%PDF-")
+    ax_elbo, ax_terms, _ = fig.axes
+    np.testing.assert_allclose(ax_elbo.lines[0].get_ydata().astype(float), [-1.55, -1.35, -1.25])
+    by_label = {line.get_label(): line for line in ax_terms.lines}
+    np.testing.assert_allclose(by_label["-KL (the Occam term)"].get_ydata(), [0.0, 0.25, 0.4])  # change from 5 deg
+    np.testing.assert_allclose(by_label["expected log-likelihood"].get_ydata(), [0.0, -0.05, -0.1])
+    (marker,) = [line for line in ax_terms.lines if line.get_linestyle() == ":"]
+    assert marker.get_xdata()[0] == 180 and "380 deg: the full circle" in marker.get_label()  # beyond 180: drawn at 180
 
 
 def test_presets_set_defaults_and_explicit_flags_win():

@@ -98,10 +98,11 @@ def test_cli_runs_every_cell_writes_table_and_figure_and_reuses_finished_cells(t
     assert proc.returncode == 0 and proc.stderr.count("(done, reused)") == 10
     assert {p: p.stat().st_mtime_ns for p in out.glob("*/seed-*/metrics.json")} == before
     # --collect trains nothing: the cells of a seed never run are skipped, the table holds the finished ones
-    proc = subprocess.run([*cmd, "--collect", "--seeds", "1,2"], cwd=ROOT, capture_output=True, text=True,
-                          timeout=600, env=env)
+    proc = subprocess.run([*cmd, "--collect", "--seeds", "1,2", "--format", "svg"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=600, env=env)
     assert proc.returncode == 0 and proc.stderr.count("(not run, skipped)") == 5
     assert not (out / "untransformed" / "seed-2").exists()
+    assert (out / "extents.svg").read_bytes().startswith(b"<?xml")  # --format: the figure in another format
     # a finished cell made with other settings is never mixed in: one-line error, nothing trained or changed
     proc = subprocess.run([*cmd, "--eta-lr", "0.2"], cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 2 and "other settings (train.eta_lr)" in proc.stderr and "Traceback" not in proc.stderr
