@@ -5,7 +5,9 @@ environment is this process's. While a notebook runs, this file sets
 
 * ``CI``: the notebooks' smoke-test switch (``smoke_test = "CI" in os.environ``), so data and steps shrink;
 * ``OMP_NUM_THREADS=1``: the smoke-mode models are tiny, and threads only add synchronisation on a busy machine;
-* ``INVW_DATA_DIR`` as an absolute path when it is set relative to the directory pytest was started from.
+* ``INVW_DATA_DIR``: the data root of the tests (``$INVW_DATA_DIR``, else ``<repo>/../shared/data``) as an absolute
+  path, so the notebooks find the data wherever pytest was started from (their own default is the repository's
+  ``data/``, with ``download`` on).
 
 ``INVW_NOTEBOOKS_FULL=1`` leaves ``CI`` and the threads alone, so the notebooks run in full mode (unless ``CI`` is
 already set); full mode takes minutes per notebook, so raise nbmake's per-cell limit, e.g.
@@ -51,8 +53,7 @@ def notebook_environment() -> dict[str, str]:
     if os.environ.get("INVW_NOTEBOOKS_FULL") != "1":
         env.update({name: value for name, value in (("CI", "true"), ("OMP_NUM_THREADS", "1"))
                     if name not in os.environ})
-    if os.environ.get("INVW_DATA_DIR"):
-        env["INVW_DATA_DIR"] = str(data_root())
+    env["INVW_DATA_DIR"] = str(data_root())
     return env
 
 

@@ -45,9 +45,13 @@ def test_first_code_cell_sets_up_smoke_mode(path):
     first = code_cells(read(path))[0]
     assert SMOKE_SWITCH in first, f"the first code cell must define `{SMOKE_SWITCH}`"
     assert "pyro.set_rng_seed(0)" in first
-    assert 'assert pyro.__version__.startswith("1.9")' in first
+    assert 'assert Version(pyro.__version__) >= Version("1.9")' in first, "a version check the next release passes"
     assert "%matplotlib inline" in first
     assert 'os.environ.get("INVW_DATA_DIR"' in first, "the data root must be overridable with $INVW_DATA_DIR"
+    assert "shared/data" not in first, "no data folder that exists only beside this repository"
+    assert re.search(r"^download = ", first, flags=re.M), "a download switch, as the CLI's --download"
+    source = "\n".join(code_cells(read(path)))
+    assert source.count("DataConfig(") == source.count("allow_download="), "every data set honours `download`"
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)

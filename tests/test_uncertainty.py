@@ -69,5 +69,6 @@ def test_rotation_figure_marks_the_data_range_and_the_learned_extent(tmp_path):
     np.testing.assert_allclose(ent.lines[1].get_ydata(), sweep.mutual_information)
     assert sorted(line.get_xdata()[0] for line in acc.lines if line.get_linestyle() == ":") == [-60, 60]
     labels = [t.get_text() for t in acc.get_legend().get_texts()]
-    assert any("within +-90 deg" in t for t in labels) and ent.get_ylim()[1] == pytest.approx(math.log(10) * 1.02)
+    assert any("within +-90 deg" in t for t in labels)
+    assert sweep.entropy.max() < ent.get_ylim()[1] <= math.log(10) * 1.02  # up to the uniform prediction's entropy
     assert acc.get_xlabel() == "rotation of the input (degrees)"

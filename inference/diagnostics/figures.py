@@ -76,23 +76,34 @@ def plot_trace(idata: Any, path: str | Path | None = None, var_names: Sequence[s
 
 @styled
 def plot_pareto_k(k: np.ndarray, path: str | Path | None = None, good_k: float = 0.7, num_draws: int | None = None,
-                  title: str = "PSIS-LOO Pareto k per training example") -> Figure:
+                  title: str = "PSIS-LOO Pareto k per training example", labels: Sequence[int] | None = None) -> Figure:
     """Pareto k of each observation ``(N,)`` in ArviZ's categories for this many draws: good (``k <= good_k``,
-    ArviZ's threshold min(1 - 1/log10 M, 0.7)), bad (up to 1) and very bad (above 1), each colour explained."""
+    ArviZ's threshold min(1 - 1/log10 M, 0.7)), bad (up to 1) and very bad (above 1), each colour explained.
+    With ``labels`` ``(N,)`` the examples are grouped by class along the x axis."""
     k = np.asarray(k, dtype=float)
-    fig = new_figure(7.5, 3.8)
+    order = np.argsort(np.asarray(labels), kind="stable") if labels is not None else np.arange(len(k))
+    k_sorted = k[order]
+    fig = new_figure(7.5, 3.9)
     ax = fig.subplots()
     idx = np.arange(len(k))
-    shown = np.clip(k, -0.5, 2.0)
-    bins = ((k <= good_k, "tab:blue", f"k <= {good_k:.2f}: leaving the example out is estimated reliably"),
-            ((k > good_k) & (k <= 1), "tab:orange", f"{good_k:.2f} < k <= 1: unreliable (biased, noisy)"),
-            (k > 1, "tab:red", "k > 1: unusable (the importance ratios have no finite mean)"))
+    shown = np.clip(k_sorted, -0.5, 2.0)
+    bins = ((k_sorted <= good_k, "tab:blue", f"k <= {good_k:.2f}: leaving the example out is estimated reliably"),
+            ((k_sorted > good_k) & (k_sorted <= 1), "tab:orange", f"{good_k:.2f} < k <= 1: unreliable (biased, noisy)"),
+            (k_sorted > 1, "tab:red", "k > 1: unusable (the importance ratios have no finite mean)"))
     for mask, color, text in bins:
         ax.scatter(idx[mask], shown[mask], s=5, color=color, label=f"{text}: {int(mask.sum())} of {len(k)}")
     draws = f" for M = {num_draws} draws" if num_draws else ""
     ax.axhline(good_k, color="k", ls="--", lw=0.8, label=f"ArviZ's threshold{draws}: min(1 - 1/log10 M, 0.7)")
     ax.axhline(1.0, color="k", ls=":", lw=0.8)
-    ax.set_xlabel("training example")
+    if labels is not None:
+        classes, starts = np.unique(np.asarray(labels)[order], return_index=True)
+        ends = np.append(starts[1:], len(k))
+        for start in starts[1:]:
+            ax.axvline(start - 0.5, color="0.8", lw=0.6, zorder=0)
+        ax.set_xticks((starts + ends - 1) / 2, [str(int(c)) for c in classes])
+        ax.set_xlabel("training examples, grouped by class")
+    else:
+        ax.set_xlabel("training example")
     ax.set_ylabel("Pareto k (clipped to [-0.5, 2])")
     ax.set_title(title + (f"\nM = {num_draws} draws from q: below 100 draws the threshold is strict and k itself "
                           "noisy; rerun with more --draws" if num_draws and num_draws < 100 else ""))

@@ -24,6 +24,7 @@ import numpy as np
 from inference import diagnostics, plots
 from inference.data import Split, one_per_class
 from inference.diagnostics import figures
+from inference.draws import site_kinds
 from inference.plots import FigureFormat
 from inference.run_io import LoadedRun, true_extent
 from inference.svi import TrainConfig
@@ -74,11 +75,15 @@ def _elbo_figure(run: LoadedRun, history: Mapping[str, np.ndarray]) -> Any:
         if "kl" in history else None
     guide = "evidence guide, then the predicting guide" if evidence and cfg.sequential else \
         "predicting guide (eta follows the evidence guide's ELBO)" if evidence else f"{run.guide_kind.value} guide"
+    kinds = site_kinds(run.model, run.guide)
+    random = ", ".join(n for n, k in kinds.items() if k == "random") or "none"
+    point = ", ".join(n for n, k in kinds.items() if k == "point")
+    sites = f"KL of q over {random}" + (f"; point estimates {point} (their -log prior, if any, in it)" if point else "")
     return plots.plot_elbo(history["iteration"], history["elbo"], None,
                            final_elbo=metrics.get("elbo_per_example") if end is not None else None, terms=terms,
                            final_terms=metrics.get("elbo_terms") if end is not None else None,
                            marks=phase_marks(cfg), final_step=end,
-                           title=f"{run_label(run)}: ELBO / N of the {guide} during training")
+                           title=f"{run_label(run)}: ELBO / N of the {guide} during training\n{sites}")
 
 
 def write_figures(run: LoadedRun, idata: Any, test: Split, fig_dir: Path, fmt: FigureFormat, num_filters: int = 32,
@@ -105,7 +110,7 @@ def write_figures(run: LoadedRun, idata: Any, test: Split, fig_dir: Path, fmt: F
         draws = idata.predictions.sizes["draw"]
         written["reliability"] = save(plots.plot_reliability(
             diagnostics.class_probabilities(idata), diagnostics.test_labels(idata), None,
-            title=f"{name}: reliability of the posterior predictive ({draws} weight draws), test set"), "reliability")
+            title=f"{name}: reliability, test set\nposterior predictive over {draws} weight draws"), "reliability")
     examples = one_per_class(test)
     written["transformed_digits"] = save(plots.plot_transformed_digits(
         examples.x, eta, None, seed=seed, title=f"{name}: one test example per class", names=cfg.generator_names,
@@ -117,7 +122,8 @@ def write_figures(run: LoadedRun, idata: Any, test: Split, fig_dir: Path, fmt: F
     k, good_k = diagnostics.pointwise_pareto_k(idata)
     written["pareto_k"] = save(figures.plot_pareto_k(
         k, None, good_k=good_k, num_draws=int(idata.log_likelihood.sizes["draw"]),
-        title=f"{name}: PSIS-LOO Pareto k per training example"), "pareto_k")
+        title=f"{name}: PSIS-LOO Pareto k per training example",
+        labels=diagnostics.observed(idata) if run.model.likelihood.has_classes else None), "pareto_k")
     return written
 
 

@@ -55,7 +55,7 @@ class DiagnoseOptions:
     khat_draws: int | None = None  # None: 100 when the features can be shared, else 32 (see --khat-draws)
     eps: str = "auto"  # eps of the draws from q: auto, shared or fresh (see --eps)
     num_filters: int = 32
-    rotation_examples: int = 100  # upright test examples in the rotation sweep (class-balanced)
+    rotation_examples: int = 200  # upright test examples in the rotation sweep (class-balanced)
     rotation_step: float = 15.0  # degrees between the sweep's input rotations, from -180 to 180
     rotation_draws: int = 100  # at most this many of the draws in the rotation sweep
     data_dir: str | None = None
@@ -218,8 +218,11 @@ def compare_runs(name: str, idata: Any, others: list[str], out: Path, fig_dir: P
         elpd_test[other_name] = diagnostics.elpd_test(other_idata)
     table, warnings_ = diagnostics.compare_models(idatas)
     table.to_csv(out / "loo_comparison.csv")
+    point_w1 = [n for n, r in runs.items() if site_kinds(r.model, r.guide).get("W1") == "point"]
+    note = (f"\n{', '.join(point_w1)}: W1 is a point estimate fitted to every training example, so leaving one out "
+            "reweights q(W2, b2) only" if point_w1 else "")
     fig = figures.plot_loo_comparison(table, elpd_test=elpd_test,
-                                      title=f"{run_label(runs[name])} against " + ", ".join(list(idatas)[1:]))
+                                      title=f"{run_label(runs[name])} against " + ", ".join(list(idatas)[1:]) + note)
     opts.figures.save(fig, fig_dir, "loo_comparison")
     return {"table_loo_train": json.loads(table.to_json(orient="index")), "warnings": warnings_,
             "loo_train": {n: diagnostics.loo_summary(i) for n, i in idatas.items() if n != name},

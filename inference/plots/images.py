@@ -127,7 +127,6 @@ def _filter_figure(W: np.ndarray, image_shape: tuple[int, int, int], ncols: int,
     if image_shape[0] != 3:
         key = mpl.cm.ScalarMappable(mpl.colors.Normalize(-1, 1), FILTER_CMAP)
         fig.colorbar(key, ax=axes, shrink=0.8, label="w / max |w| (each filter on its own scale)")
-        title += "\nblue < 0 < red"
     else:
         title += "\ncolour: the three channels; mid-grey = 0, each filter scaled by its largest |w|"
     fig.suptitle(title)
@@ -242,9 +241,9 @@ def plot_transformed_digits(
             ax.set_ylabel(f"class {int(labels[row])}", fontsize=8)
     if x.shape[1] != 3:
         key = mpl.cm.ScalarMappable(mpl.colors.Normalize(0, 1), IMAGE_CMAP)
-        fig.colorbar(key, ax=axes, shrink=0.6, label="pixel intensity")
+        fig.colorbar(key, ax=axes, shrink=min(0.8, 2.5 / n), aspect=15, label="pixel intensity")
     kind = "digits" if x.shape[1] == 1 else "images"
     head = f"{title}: " if title else ""
     fig.suptitle(f"{head}test {kind} (red frame) and {num_samples} draws of T from the learned distribution\n"
-                 f"({eta_text(eta, names)}); above each: the sampled transformation")
+                 f"({eta_text(eta, names)}); above each: the sampled transformation (angles counter-clockwise)")
     return finish(fig, path)

@@ -48,7 +48,7 @@ def plot_reliability(
 ) -> Figure:
     """Accuracy against confidence per bin (bars) and the diagonal of perfect calibration; counts below."""
     bins = reliability_bins(probs, y, num_bins)
-    fig = new_figure(5, 5.5)
+    fig = new_figure(5.5, 5.8)
     top, bottom = fig.subplots(2, 1, height_ratios=[3, 1], sharex=True)
     edges = bins["edges"]
     centers, width = (edges[:-1] + edges[1:]) / 2, edges[1] - edges[0]
@@ -59,7 +59,7 @@ def plot_reliability(
                 label="mean confidence")
     top.plot([0, 1], [0, 1], "k--", lw=1, label="perfect calibration")
     accuracy = float((np.asarray(probs).argmax(1) == np.asarray(y)).mean())
-    top.set_title(f"{title}\naccuracy {accuracy:.3f}, expected calibration error {bins['ece']:.3f}")
+    top.set_title(f"{title}\naccuracy {accuracy:.3f}, expected calibration error {bins['ece']:.3f}", fontsize=9)
     top.set_ylabel("accuracy")
     top.set_xlim(0, 1)
     top.set_ylim(0, 1)
@@ -107,7 +107,7 @@ def plot_rotation_sweep(
                                else None)
     for ax in (ax_acc, ax_ent):
         if data_range_deg:
-            ax.axvspan(-data_range_deg, data_range_deg, color="0.92", zorder=0,
+            ax.axvspan(-data_range_deg, data_range_deg, color="0.95", zorder=0,
                        label=f"training data rotated within +-{data_range_deg:.0f} deg" if ax is ax_acc else None)
         ax.set_xlabel("rotation of the input (degrees)")
         ax.set_xticks(np.arange(-180, 181, 45))
@@ -115,8 +115,9 @@ def plot_rotation_sweep(
         ax.grid(alpha=0.3)
     ax_acc.set(ylabel="accuracy (%)", ylim=(0, 100), title="accuracy of the posterior predictive")
     top = math.log(first.num_classes)
-    ax_ent.set(ylabel="entropy (nats)", ylim=(0, top * 1.02),
-               title=f"predictive entropy (top: log {first.num_classes} = {top:.2f}, uniform over the classes)")
+    highest = max(float(np.max(sweep.entropy)) for sweep in sweeps.values())
+    ax_ent.set(ylabel="entropy (nats)", ylim=(0, min(top, 1.3 * highest) * 1.02),
+               title=f"predictive entropy (uniform over {first.num_classes} classes: {top:.2f})")
     ax_acc.legend(loc="lower center")
     ax_ent.legend(loc="upper left", fontsize=7)
     fig.suptitle(f"{title}: {first.num_examples} upright test examples, each rotated by every angle; "

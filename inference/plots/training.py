@@ -27,10 +27,10 @@ GENERATOR_COLORS = dict(zip(ALL_GENERATOR_NAMES, ("tab:blue", "tab:orange", "tab
 ETA_PANELS = (
     ("rotation", ("rotate",), "eta_rotate (degrees)"),
     ("translation", ("translate_x", "translate_y"), "eta (pixels)"),
-    ("scale, stretch and shear", ("scale_x", "scale_y", "scale", "stretch", "shear"),
-     "eta (coefficient: e^eta is the scale factor)"),
+    ("scale and shear", ("scale_x", "scale_y", "scale", "stretch", "shear"),
+     "eta (coefficient; a scale up to x e^eta)"),
 )
-"""The panels of :func:`plot_eta_trajectories`: title, generators, y label."""
+"""The panels of :func:`plot_eta_trajectories`: name, generators, y label."""
 
 
 def eta_in_units(name: str, values: np.ndarray, image_size: int) -> np.ndarray:
@@ -85,13 +85,16 @@ def plot_eta_trajectories(
         for name in gens:
             values = eta_in_units(name, eta[:, list(names).index(name)], image_size)
             ax.plot(steps, values, color=GENERATOR_COLORS[name], label=name)
-            if extent.get(name, 0) > 0:
-                ax.axhline(float(eta_in_units(name, np.array(extent[name]), image_size)), color=GENERATOR_COLORS[name],
-                           ls="--", lw=1.2, label=f"true extent of the data ({name})")
-        if panel == "rotation":
-            ax.axhline(180, color="0.3", ls="-.", lw=1, label="180 deg: T covers the full circle")
+            true = float(eta_in_units(name, np.array(extent.get(name, 0.0)), image_size))
+            full_circle = name == "rotate" and abs(true - 180) < 0.5
+            if true > 0:
+                ax.axhline(true, color=GENERATOR_COLORS[name], ls="--", lw=1.2,
+                           label="true extent of the data: 180 deg, the full circle" if full_circle
+                           else f"true extent of the data ({name}: {true:.3g})")
+            if name == "rotate" and not full_circle:
+                ax.axhline(180, color="0.3", ls="-.", lw=1, label="180 deg: T covers the full circle")
         mark_steps(ax, marks, label=i == 0)
-        ax.set(xlabel="SVI step", ylabel=ylabel, title=panel)
+        ax.set(xlabel="SVI step", ylabel=ylabel, title=", ".join(gens) if panel != "rotation" else panel)
         ax.set_ylim(bottom=0)
         ax.grid(alpha=0.3)
         ax.legend(loc="best")
