@@ -227,6 +227,8 @@ def compare_runs(name: str, idata: Any, others: list[str], out: Path, fig_dir: P
     return {"table_loo_train": json.loads(table.to_json(orient="index")), "warnings": warnings_,
             "loo_train": {n: diagnostics.loo_summary(i) for n, i in idatas.items() if n != name},
             "elpd_test": {n: diagnostics.test_summary(i) for n, i in idatas.items()},
+            "predictive_test": {n: predictive_metrics(i) for n, i in idatas.items()
+                                if runs[n].model.likelihood.has_classes},
             "preferred_by_loo_train": str(table.index[0]),
             "preferred_by_elpd_test": max(elpd_test, key=lambda n: elpd_test[n][0]), "note": diagnostics.LOO_NOTE}
 
