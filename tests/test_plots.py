@@ -196,6 +196,9 @@ def test_sampled_translations_are_labelled_in_pixels_and_scales_as_factors():
     labels = plots.images.coefficient_labels(np.array([[0.1, 0.0, 0.5, 0.2, 0.0, 0.0]]), GENERATOR_NAMES,
                                              [True, False, True, True, False, False], 28)
     assert labels == ["x +1.4px +29°\nscale_x ×1.22"]
+    small = plots.images.coefficient_labels(np.array([[0.0, 0.0, 0.03, 0.01, 0.0, 0.0]]), GENERATOR_NAMES,
+                                            [False] * 6, 28)
+    assert small == ["+2°"]  # a small rotation is still shown: the picture is not the identity
 
 
 def test_transformed_colour_images_keep_their_colours(tmp_path):

@@ -62,7 +62,7 @@ def test_rotation_figure_marks_the_data_range_and_the_learned_extent(tmp_path):
     model, guide = tiny()
     x, y = torch.rand(6, 1, 28, 28), torch.randint(0, 10, (6,))
     sweep = rotation_sweep(model, draw_posterior(model, guide, 2), x, y, [-180.0, 0.0, 180.0])
-    fig = plots.plot_rotation_sweep({"run": sweep}, tmp_path / "rot.png", data_range_deg=90, learned_deg={"run": 60})
+    fig = plots.plot_rotation_sweep({"run": sweep}, tmp_path / "rot.png", data_range_deg=90, eta_deg={"run": 60})
     assert (tmp_path / "rot.png").stat().st_size > 2000
     acc, ent = fig.axes
     np.testing.assert_allclose(acc.lines[0].get_ydata(), 100 * sweep.accuracy)

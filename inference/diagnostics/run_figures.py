@@ -134,6 +134,6 @@ def write_rotation_figure(sweeps: Mapping[str, RotationSweep], runs: Mapping[str
     first = next(iter(runs.values()))
     data_range = math.degrees(true_extent(first.data_config).get("rotate", 0.0))
     learned = {name: math.degrees(float(run.metrics.get("eta", {}).get("rotate", 0.0))) for name, run in runs.items()}
-    fig = plots.plot_rotation_sweep(sweeps, None, data_range_deg=data_range, learned_deg=learned,
+    fig = plots.plot_rotation_sweep(sweeps, None, data_range_deg=data_range, eta_deg=learned,
                                     title=f"trained on {first.data_config.dataset.value}")
     return str(fmt.save(fig, fig_dir, "rotation_uncertainty"))

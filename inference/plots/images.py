@@ -199,8 +199,8 @@ def transform_samples(
 
 def coefficient_labels(coefficients: np.ndarray, names: Sequence[str], active: Sequence[bool],
                        image_size: int) -> list[str]:
-    """Panel labels of sampled transformations ``(num, K)``: the rotation in degrees, translations in pixels,
-    scales as factors e^c, shear as its coefficient, for the ``active`` generators only."""
+    """Panel labels of sampled transformations ``(num, K)``: the rotation in degrees (always, when the basis has it),
+    translations in pixels, scales as factors e^c and shear as its coefficient for the ``active`` generators."""
     units = {"rotate": lambda c: f"{math.degrees(c):+.0f}°",
              "translate_x": lambda c: f"x {c * pixels_per_unit(image_size):+.1f}px",
              "translate_y": lambda c: f"y {c * pixels_per_unit(image_size):+.1f}px",
@@ -208,8 +208,8 @@ def coefficient_labels(coefficients: np.ndarray, names: Sequence[str], active: S
     labels = []
     for row in coefficients:
         parts = [units.get(name, lambda c, n=name: f"{n} ×{math.exp(c):.2f}")(float(c))
-                 for name, c, on in zip(names, row, active, strict=True) if on]
-        labels.append("\n".join([" ".join(parts[i:i + 2]) for i in range(0, len(parts), 2)]) or "identity")
+                 for name, c, on in zip(names, row, active, strict=True) if on or name == "rotate"]
+        labels.append("\n".join([" ".join(parts[i:i + 2]) for i in range(0, len(parts), 2)]) or "others < 0.05")
     return labels
 
 
@@ -220,8 +220,8 @@ def plot_transformed_digits(
     labels: Sequence[int] | None = None,
 ) -> Figure:
     """Test images ``(n, C, H, W)`` (first column, framed in red; colour for three channels) and ``num_samples`` warps
-    of each by T ~ the learned distribution, each titled with its sampled transformation (the angle in degrees,
-    shifts in pixels, scale factors, shear: the generators whose eta exceeds 0.05); ``labels``: the class of each
+    of each by T ~ the learned distribution, each titled with its sampled transformation (the angle in degrees, and
+    shifts in pixels, scale factors, shear for the generators whose eta exceeds 0.05); ``labels``: the class of each
     row. ``names`` is eta's basis."""
     x = as_numpy(images)
     n = x.shape[0]

@@ -75,7 +75,7 @@ def plot_reliability(
 @styled
 def plot_rotation_sweep(
     sweeps: Mapping[str, RotationSweep], path: str | Path | None = None, data_range_deg: float | None = None,
-    learned_deg: Mapping[str, float] | None = None, title: str = "predictive uncertainty against input rotation",
+    eta_deg: Mapping[str, float] | None = None, title: str = "predictive uncertainty against input rotation",
 ) -> Figure:
     """Accuracy and predictive entropy (total, and its epistemic part, the mutual information) of each model's
     posterior predictive against the rotation of its input.
@@ -86,8 +86,8 @@ def plot_rotation_sweep(
         Model name -> :class:`~inference.uncertainty.RotationSweep` (the same examples and angles for all).
     data_range_deg : float, optional
         The training data were rotated by U[-a, a] degrees: shaded.
-    learned_deg : mapping, optional
-        Model name -> learned eta_rotate in degrees: dotted lines at +- eta (T's rotations reach that far).
+    eta_deg : mapping, optional
+        Model name -> its eta_rotate in degrees: dotted lines at +- eta (T's rotations reach that far).
     """
     first = next(iter(sweeps.values()))
     fig = new_figure(10, 3.9)
@@ -98,13 +98,13 @@ def plot_rotation_sweep(
         ax_ent.plot(sweep.angles_deg, sweep.entropy, "o-", ms=3, color=color, label=f"{name}: total")
         ax_ent.plot(sweep.angles_deg, sweep.mutual_information, "s--", ms=3, color=color,
                     label=f"{name}: epistemic (mutual information)")
-        eta = (learned_deg or {}).get(name)
+        eta = (eta_deg or {}).get(name)
         if eta is not None and eta > 0.5:
             for ax in (ax_acc, ax_ent):
                 for sign in (-1, 1):
+                    label = f"{name}: T's rotations reach +- eta_rotate ({eta:.0f} deg)"
                     ax.axvline(sign * min(eta, 180), color=color, ls=":", lw=1.2,
-                               label=f"{name}: learned +- eta_rotate ({eta:.0f} deg)" if ax is ax_acc and sign > 0
-                               else None)
+                               label=label if ax is ax_acc and sign > 0 else None)
     for ax in (ax_acc, ax_ent):
         if data_range_deg:
             ax.axvspan(-data_range_deg, data_range_deg, color="0.95", zorder=0,
