@@ -65,12 +65,17 @@ def plot_eta_posterior(idata: Any, path: str | Path | None = None,
 @styled
 def plot_trace(idata: Any, path: str | Path | None = None, var_names: Sequence[str] = ("W2", "b2"),
                title: str = "NUTS reference: trace") -> Figure:
-    """ArviZ trace plot (densities per chain, traces) of an MCMC posterior."""
-    fig = new_figure(10, 2.2 * len(var_names) + 0.6)
+    """ArviZ trace plot of an MCMC posterior: per variable, the density of every element in each chain (left) and its
+    trace (right); one colour per element, one line style per chain."""
+    fig = new_figure(10, 2.4 * len(var_names) + 0.8)
     axes = fig.subplots(len(var_names), 2, squeeze=False)
     with _ArvizPlotWarnings():
         az.plot_trace(idata, var_names=list(var_names), compact=True, axes=axes)
-    fig.suptitle(title)
+    for density, trace in axes:
+        density.set(xlabel="value", ylabel="density")
+        trace.set(xlabel="draw (after warm-up)", ylabel="value")
+    chains = idata.posterior.sizes["chain"]
+    fig.suptitle(f"{title}\none colour per element, one line style per chain ({chains} chains)")
     return finish(fig, path)
 
 
