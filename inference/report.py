@@ -236,10 +236,15 @@ def plot_terms(ax: Axes, sweep: dict, title: str = "") -> None:
     ax.axhline(0, color="grey", lw=0.8)
     ax.set(xlabel="fixed eta_rotate (degrees)", ylabel=f"change from {angles[0]:g} deg (nats / example)",
            title=f"{title}the ELBO's terms against a fixed eta")
-    ax.legend(loc="lower left")
     ax_acc = ax.twinx()
-    ax_acc.plot(angles, [100 * a for a in sweep["accuracies"]], "s:", color="0.4")
+    ax_acc.plot(angles, [100 * a for a in sweep["accuracies"]], "s:", color="0.6", label="test accuracy (right axis)")
     ax_acc.set_ylabel("test accuracy (%, grey squares)", color="0.4")
+    ax.set_zorder(ax_acc.get_zorder() + 1)  # the terms and their stars in front of the accuracy
+    ax.patch.set_visible(False)
+    lines, labels = ax.get_legend_handles_labels()
+    more, more_labels = ax_acc.get_legend_handles_labels()
+    ax.legend(lines + more, labels + more_labels, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2,
+              fontsize=7)
 
 
 @styled
