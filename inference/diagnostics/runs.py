@@ -219,8 +219,9 @@ def compare_runs(name: str, idata: Any, others: list[str], out: Path, fig_dir: P
     table, warnings_ = diagnostics.compare_models(idatas)
     table.to_csv(out / "loo_comparison.csv")
     point_w1 = [n for n, r in runs.items() if site_kinds(r.model, r.guide).get("W1") == "point"]
-    note = (f"\n{', '.join(point_w1)}: W1 is a point estimate fitted to every training example, so leaving one out "
-            "reweights q(W2, b2) only" if point_w1 else "")
+    which = "every run" if len(point_w1) == len(runs) else ", ".join(point_w1)
+    note = (f"\nW1 is a point estimate in {which}, fitted to every training example:\nleaving one out reweights "
+            "q(W2, b2) only" if point_w1 else "")
     fig = figures.plot_loo_comparison(table, elpd_test=elpd_test,
                                       title=f"{run_label(runs[name])} against " + ", ".join(list(idatas)[1:]) + note)
     opts.figures.save(fig, fig_dir, "loo_comparison")
