@@ -414,3 +414,41 @@ def test_ctrl_c_in_compare_is_one_line_and_the_same_command_continues(data_dir, 
     monkeypatch.setattr(runner_module, "run", real)
     assert compare.cli(argv) == 0
     assert "(done, reused)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("signum", [signal.SIGKILL, signal.SIGTERM])
+def test_grid_workers_stop_with_a_stopped_grid_and_keep_a_checkpoint(signum, data_dir, tmp_path):
+    """``kill -9`` or SIGTERM to a ``compare --jobs 2`` process: its two workers stop (after their step, with a
+    checkpoint) instead of training on, orphaned; SIGTERM is passed on and the grid exits 143 once they are done."""
+    out = tmp_path / "grid"
+    argv = [*tiny(data_dir, out, "--checkpoint-every", "1", steps=100_000)[:-2], "--out", str(out),
+            "--configs", "elbo,map", "--jobs", "2"]
+    env = {k: v for k, v in os.environ.items() if k != "INVW_DATA_DIR"}
+    proc = subprocess.Popen([sys.executable, "-m", "inference.compare", *argv], cwd=REPO_ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    runs = [out / name / "seed-0" for name in ("elbo", "map")]
+    try:
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline and not all(list_checkpoints(r / "checkpoints") for r in runs):
+            time.sleep(0.05)
+        workers = [int(p) for p in subprocess.run(["pgrep", "-P", str(proc.pid), "-f", "spawn_main"],
+                                                  capture_output=True, text=True).stdout.split()]
+        proc.send_signal(signum)
+        code = proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert len(workers) == 2 and code == (-9 if signum == signal.SIGKILL else 128 + signum)
+
+    def running(pid: int) -> bool:
+        try:
+            return "\nState:\tZ" not in Path(f"/proc/{pid}/status").read_text()
+        except OSError:
+            return False
+
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and any(running(pid) for pid in workers):
+        time.sleep(0.05)
+    assert not any(running(pid) for pid in workers)
+    assert all(list_checkpoints(r / "checkpoints") for r in runs)
