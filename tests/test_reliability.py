@@ -83,13 +83,23 @@ def wait_for_checkpoint(proc: subprocess.Popen, out: Path, step: int, timeout: f
 # ------------------------------------------------------------------------- 2. termination signals
 
 
+LONG = 200  # steps: a few seconds, so that a signal sent after step 1 lands while training runs
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_long(data_dir, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("uninterrupted-long") / "run"
+    assert cli(tiny(data_dir, out, "--threads", "1", "--checkpoint-every", "0", steps=LONG)) == 0
+    return out
+
+
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP])
 def test_sigterm_and_sighup_stop_after_the_step_with_a_checkpoint_and_resume_to_the_same_end(
-        signum, uninterrupted, data_dir, tmp_path):
+        signum, uninterrupted_long, data_dir, tmp_path):
     """With checkpoints only at the end (--checkpoint-every 0), SIGTERM / SIGHUP still save the running step:
     exit 128 + signal, one line, and --resume ends where the uninterrupted run ends."""
     out = tmp_path / "run"
-    argv = tiny(data_dir, out, "--threads", "1", steps=12)
+    argv = tiny(data_dir, out, "--threads", "1", steps=LONG)
     argv[argv.index("--checkpoint-every") + 1] = "0"
     proc = start_training(argv)
     try:
@@ -104,16 +114,13 @@ def test_sigterm_and_sighup_stop_after_the_step_with_a_checkpoint_and_resume_to_
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-    if proc.returncode == 0:  # the run ended before the signal came: nothing to resume, but nothing lost either
-        assert_same_run(out, uninterrupted)
-        return
     assert proc.returncode == 128 + signum, err
     line = err.strip().splitlines()[-1]
     assert "Traceback" not in err and f"interrupted by {signal.Signals(signum).name} after step " in line
     step = int(line.split(" after step ", 1)[1].split(" ", 1)[0])
-    assert f"checkpoint saved to {checkpoint_path(out / 'checkpoints', step)}" in line
-    assert cli(["--resume", str(out), "--no-progress"]) == 0
-    assert_same_run(out, uninterrupted)
+    assert 0 < step < LONG and f"checkpoint saved to {checkpoint_path(out / 'checkpoints', step)}" in line
+    assert cli(["--resume", str(out), "--no-progress", "--threads", "1"]) == 0
+    assert_same_run(out, uninterrupted_long)
 
 
 # ------------------------------------------------------------------------- fault injection: kill -9
