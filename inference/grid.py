@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes
 import dataclasses
 import math
 import multiprocessing
@@ -112,12 +113,29 @@ def worker_settings(jobs: int, device: str, cores: int | None = None, gpus: int 
     return [{"threads": max(1, cores // jobs)} for _ in range(jobs)]
 
 
+_PR_SET_PDEATHSIG = 1  # prctl option (linux/prctl.h)
+
+
+def stop_with_parent(parent: int) -> None:
+    """Ask the kernel (Linux) to send this worker SIGTERM when the process that started it ends, however it ends
+    (``kill -9`` included): the worker then stops after its current step with a checkpoint instead of training on,
+    orphaned. Where ``prctl`` is missing, workers end with the pool as before."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
+    except (OSError, AttributeError):  # pragma: no cover - not Linux
+        return
+    if os.getppid() != parent:  # the parent ended before the request took effect
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
 _WORKER: dict = {}  # this worker process's overrides (threads, device), set once when it starts
 
 
-def _init_worker(counter, pids, settings: list[dict]) -> None:
-    """Worker start-up: take the next of ``settings`` (so that running workers hold different GPUs) and record this
-    process's id (to pass stop signals on)."""
+def _init_worker(counter, pids, settings: list[dict], parent: int) -> None:
+    """Worker start-up: stop with the grid's process (:func:`stop_with_parent`), take the next of ``settings`` (so
+    that running workers hold different GPUs) and record this process's id (to pass stop signals on)."""
+    stop_with_parent(parent)
     with counter.get_lock():
         index = counter.value
         counter.value += 1
@@ -244,7 +262,7 @@ def _run_in_workers(todo: Sequence[tuple[int, Job, RunControl]], num_workers: in
     context = multiprocessing.get_context("spawn")  # a fresh interpreter per worker: no inherited torch state
     counter, pids = context.Value("i", 0), context.Array("i", num_workers)
     with ProcessPoolExecutor(max_workers=num_workers, mp_context=context, initializer=_init_worker,
-                             initargs=(counter, pids, settings)) as pool:
+                             initargs=(counter, pids, settings, os.getpid())) as pool:
         futures = {}
         for i, job, control in todo:
             print(f"== {job.label} -> {job.run_dir} (log: train.log)", file=sys.stderr)

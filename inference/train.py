@@ -108,6 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "from one basis (scale_x, scale_y: the paper's; scale, stretch: isotropic)")
     g.add_argument("--eta-init-deg", type=float, default=math.degrees(m.eta_init),
                    help="initial eta in degrees (radians for rotate; the same number in T's units for the others)")
+    g.add_argument("--max-shift", type=float, default=None,
+                   help="bound the translation extents smoothly at this many half-frames (1: a filter's centre "
+                   "stays on the image), so no sampled shift deletes the input; default unbounded (the paper)")
     g.add_argument("--fixed-eta", action="store_true", help="keep eta at its initial value (fixed-eta baselines)")
     g.add_argument("--prior", type=PriorKind, choices=list(PriorKind), default=m.prior, help="weight prior family")
     g.add_argument("--prior-scale", type=float, default=m.prior_scale, help="alpha: weights ~ N(0, alpha^2)")
@@ -229,7 +232,8 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
                         num_transforms=args.num_transforms, generators=args.generators,
                         eta_init=math.radians(args.eta_init_deg), learn_eta=not args.fixed_eta,
                         prior=args.prior, prior_scale=args.prior_scale, eta_prior=args.eta_prior,
-                        first_layer_prior=first_layer_prior, output_layer_prior=output_layer_prior)
+                        first_layer_prior=first_layer_prior, output_layer_prior=output_layer_prior,
+                        max_shift=args.max_shift)
     train = TrainConfig(num_steps=args.num_steps, batch_size=args.batch_size, lr=args.lr, eta_lr=args.eta_lr,
                         num_particles=args.num_particles, vectorize_particles=not args.no_vectorize,
                         cosine=not args.no_cosine, seed=args.seed, eta_objective=objective,

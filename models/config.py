@@ -103,6 +103,7 @@ class ModelConfig:
     # point-estimate guide treats them as hyperparameters, as in the paper's ReLU network (ML-II for W1)
     rff_scale: float = 1.0  # RFF only: W1 ~ N(0, rff_scale^2 / (C*H*W))
     rff_blur: float = 0.0  # RFF only: Gaussian blur (std in pixels) of each W1 row: the RBF kernel on blurred images
+    max_shift: float | None = None  # bound on eta_translate_x, _y (units of half the frame); None: unbounded (paper)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "first_layer", FirstLayer(self.first_layer))
@@ -126,6 +127,8 @@ class ModelConfig:
         if not (math.isfinite(self.rff_blur) and 0 <= self.rff_blur <= max(self.image_shape[1:])):
             raise ValueError(f"rff_blur must be between 0 and the image's size ({max(self.image_shape[1:])} px: a "
                              f"wider blur is flat over the image), got {self.rff_blur}")
+        if self.max_shift is not None:
+            check_positive_float("max_shift", self.max_shift)
         for name in ("eta_init", "prior_scale", "rff_scale", "noise_scale"):  # eta is a positive parameter
             check_positive_float(name, getattr(self, name))
 

@@ -117,6 +117,8 @@ class InvariantNet(PyroModule):
         self.register_buffer("generators", affine_generators(self.generator_names))  # (K, 3, 3)
         mask = torch.tensor([name in config.generators for name in self.generator_names], dtype=torch.float)
         self.register_buffer("generator_mask", mask)  # (K,)
+        is_shift = [name.startswith("translate") for name in self.generator_names]
+        self.register_buffer("translation_mask", torch.tensor(is_shift, dtype=torch.float), persistent=False)
         self.register_buffer("prior_loc", torch.tensor(0.0))
         self.register_buffer("prior_scale", torch.tensor(float(config.prior_scale)))
         eta0 = torch.full((len(GENERATOR_NAMES),), float(config.eta_init))
@@ -141,6 +143,9 @@ class InvariantNet(PyroModule):
     def eta_effective(self) -> torch.Tensor:
         """eta with inactive generators masked to zero, shape ``(K,)`` (detached inside :meth:`eta_frozen`)."""
         eta = self.eta * self.generator_mask
+        if self.config.max_shift is not None:  # translations saturate smoothly at max_shift: b tanh(eta / b)
+            b = self.config.max_shift
+            eta = torch.where(self.translation_mask.bool(), b * torch.tanh(eta / b), eta)
         return eta.detach() if self._eta_frozen else eta
 
     @contextlib.contextmanager

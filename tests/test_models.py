@@ -216,6 +216,20 @@ def test_inactive_generators_have_zero_effective_eta(device, generators):
     assert model.has_transforms == bool(generators)
 
 
+def test_max_shift_bounds_only_the_translations_smoothly(device):
+    """With max_shift b, eta_translate is b tanh(eta / b): near eta for small extents, never above b (no sampled
+    shift moves a filter's centre off the frame at b = 1); the other generators are untouched."""
+    model = InvariantNet(ModelConfig(hidden=4, num_transforms=2, max_shift=1.0), num_data=10).to(device)
+    for raw in (0.05, 0.5, 3.0, 40.0):
+        with torch.no_grad():
+            model.eta = torch.full((len(GENERATOR_NAMES),), raw, device=device)
+        eff = dict(zip(model.generator_names, model.eta_effective.tolist(), strict=True))
+        for name in ("translate_x", "translate_y"):
+            assert eff[name] == pytest.approx(math.tanh(raw), rel=1e-6) and eff[name] <= 1.0
+        assert eff["rotate"] == pytest.approx(raw) and eff["shear"] == pytest.approx(raw)
+    assert model.eta_effective.requires_grad  # eta still learns through the bound
+
+
 def test_inactive_generators_do_not_change_the_output(device):
     """With only "rotate" active, the eps entries of the other generators have no effect."""
     model = make_model(device, generators=("rotate",))

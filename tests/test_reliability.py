@@ -83,13 +83,23 @@ def wait_for_checkpoint(proc: subprocess.Popen, out: Path, step: int, timeout: f
 # ------------------------------------------------------------------------- 2. termination signals
 
 
+LONG = 200  # steps: a few seconds, so that a signal sent after step 1 lands while training runs
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_long(data_dir, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("uninterrupted-long") / "run"
+    assert cli(tiny(data_dir, out, "--threads", "1", "--checkpoint-every", "0", steps=LONG)) == 0
+    return out
+
+
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP])
 def test_sigterm_and_sighup_stop_after_the_step_with_a_checkpoint_and_resume_to_the_same_end(
-        signum, uninterrupted, data_dir, tmp_path):
+        signum, uninterrupted_long, data_dir, tmp_path):
     """With checkpoints only at the end (--checkpoint-every 0), SIGTERM / SIGHUP still save the running step:
     exit 128 + signal, one line, and --resume ends where the uninterrupted run ends."""
     out = tmp_path / "run"
-    argv = tiny(data_dir, out, "--threads", "1", steps=12)
+    argv = tiny(data_dir, out, "--threads", "1", steps=LONG)
     argv[argv.index("--checkpoint-every") + 1] = "0"
     proc = start_training(argv)
     try:
@@ -104,16 +114,13 @@ def test_sigterm_and_sighup_stop_after_the_step_with_a_checkpoint_and_resume_to_
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-    if proc.returncode == 0:  # the run ended before the signal came: nothing to resume, but nothing lost either
-        assert_same_run(out, uninterrupted)
-        return
     assert proc.returncode == 128 + signum, err
     line = err.strip().splitlines()[-1]
     assert "Traceback" not in err and f"interrupted by {signal.Signals(signum).name} after step " in line
     step = int(line.split(" after step ", 1)[1].split(" ", 1)[0])
-    assert f"checkpoint saved to {checkpoint_path(out / 'checkpoints', step)}" in line
-    assert cli(["--resume", str(out), "--no-progress"]) == 0
-    assert_same_run(out, uninterrupted)
+    assert 0 < step < LONG and f"checkpoint saved to {checkpoint_path(out / 'checkpoints', step)}" in line
+    assert cli(["--resume", str(out), "--no-progress", "--threads", "1"]) == 0
+    assert_same_run(out, uninterrupted_long)
 
 
 # ------------------------------------------------------------------------- fault injection: kill -9
@@ -414,3 +421,41 @@ def test_ctrl_c_in_compare_is_one_line_and_the_same_command_continues(data_dir, 
     monkeypatch.setattr(runner_module, "run", real)
     assert compare.cli(argv) == 0
     assert "(done, reused)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("signum", [signal.SIGKILL, signal.SIGTERM])
+def test_grid_workers_stop_with_a_stopped_grid_and_keep_a_checkpoint(signum, data_dir, tmp_path):
+    """``kill -9`` or SIGTERM to a ``compare --jobs 2`` process: its two workers stop (after their step, with a
+    checkpoint) instead of training on, orphaned; SIGTERM is passed on and the grid exits 143 once they are done."""
+    out = tmp_path / "grid"
+    argv = [*tiny(data_dir, out, "--checkpoint-every", "1", steps=100_000)[:-2], "--out", str(out),
+            "--configs", "elbo,map", "--jobs", "2"]
+    env = {k: v for k, v in os.environ.items() if k != "INVW_DATA_DIR"}
+    proc = subprocess.Popen([sys.executable, "-m", "inference.compare", *argv], cwd=REPO_ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    runs = [out / name / "seed-0" for name in ("elbo", "map")]
+    try:
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline and not all(list_checkpoints(r / "checkpoints") for r in runs):
+            time.sleep(0.05)
+        workers = [int(p) for p in subprocess.run(["pgrep", "-P", str(proc.pid), "-f", "spawn_main"],
+                                                  capture_output=True, text=True).stdout.split()]
+        proc.send_signal(signum)
+        code = proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert len(workers) == 2 and code == (-9 if signum == signal.SIGKILL else 128 + signum)
+
+    def running(pid: int) -> bool:
+        try:
+            return "\nState:\tZ" not in Path(f"/proc/{pid}/status").read_text()
+        except OSError:
+            return False
+
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and any(running(pid) for pid in workers):
+        time.sleep(0.05)
+    assert not any(running(pid) for pid in workers)
+    assert all(list_checkpoints(r / "checkpoints") for r in runs)
