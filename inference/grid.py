@@ -195,10 +195,9 @@ def run_jobs(jobs: Sequence[Job], control: RunControl | None = None, num_workers
     and is raised as ``KeyboardInterrupt`` (the same command then continues the grid).
     """
     template = control if control is not None else RunControl(Path("."), progress=False)
-    controls: dict[int, RunControl] = {}
     results: dict[int, dict] = {}
     failures: list[str] = []
-    todo: list[int] = []
+    todo: list[tuple[int, Job, RunControl]] = []
     later: dict[Path, list[int]] = {}  # jobs sharing the folder of one being trained (e.g. the shared a = 0 runs)
     clock = time.perf_counter()
 
@@ -218,10 +217,9 @@ def run_jobs(jobs: Sequence[Job], control: RunControl | None = None, num_workers
         elif collect_only:
             print(f"[-/{len(jobs)}] {job.label} (not run, skipped)", file=sys.stderr)
         else:
-            todo.append(i)
             later[job.run_dir] = []
             resume = has_checkpoint(job)  # the folder is the grid's: without a checkpoint, start it afresh
-            controls[i] = dataclasses.replace(template, out=job.run_dir, resume=resume, overwrite=not resume)
+            todo.append((i, job, dataclasses.replace(template, out=job.run_dir, resume=resume, overwrite=not resume)))
 
     def done(i: int, outcome: dict | BaseException) -> None:
         if isinstance(outcome, BaseException):
@@ -237,18 +235,25 @@ def run_jobs(jobs: Sequence[Job], control: RunControl | None = None, num_workers
             reuse(k, finished_metrics(jobs[k]))  # read back, with the settings check
 
     if num_workers <= 1 or len(todo) <= 1:
-        for i in todo:
-            print(f"== {jobs[i].label} -> {jobs[i].run_dir}", file=sys.stderr)
-            try:
-                done(i, runner.run(jobs[i].config, controls[i]))
-            except FAILURES as err:
-                done(i, err)
+        _run_here(todo, done)
     else:
-        _run_in_workers([(i, jobs[i], controls[i]) for i in todo], num_workers, done)
+        _run_in_workers(todo, num_workers, done)
     if failures:
         raise GridError(f"{len(failures)} of {len(jobs)} runs failed ({'; '.join(failures)}); the tables hold the "
                         "finished runs, and the same command trains the failed ones again")
     return [(jobs[i], results[i]) for i in sorted(results)]
+
+
+def _run_here(todo: Sequence[tuple[int, Job, RunControl]], done: Callable[[int, dict | BaseException], None]
+              ) -> None:
+    """Train the jobs ``(index, job, control)`` one after the other in this process, handing each outcome to
+    ``done``."""
+    for i, job, control in todo:
+        print(f"== {job.label} -> {job.run_dir}", file=sys.stderr)
+        try:
+            done(i, runner.run(job.config, control))
+        except FAILURES as err:
+            done(i, err)
 
 
 def _run_in_workers(todo: Sequence[tuple[int, Job, RunControl]], num_workers: int,

@@ -32,10 +32,7 @@ import sys
 from pathlib import Path
 
 from guides.factory import POINT_FIRST_LAYER, GuideKind, InitLoc
-from inference.checkpoint import (
-    CHECKPOINT_DIRNAME,
-    list_checkpoints,
-)
+from inference.checkpoint import CHECKPOINT_DIRNAME, list_checkpoints
 from inference.cli import one_line, run_cli
 from inference.config import CONFIG_FILENAME, EvalConfig, GuideConfig, RunConfig, derive
 from inference.data import DataConfig, DatasetName
@@ -69,8 +66,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
     )
-    d, m, t = DataConfig(), ModelConfig(), TrainConfig()
-    g = p.add_argument_group("data")
+    _add_data_args(p.add_argument_group("data"))
+    _add_model_args(p.add_argument_group("model"))
+    _add_inference_args(p.add_argument_group("inference"))
+    _add_run_args(p.add_argument_group("run"))
+    return p
+
+
+def _add_data_args(g: argparse._ArgumentGroup) -> None:
+    d = DataConfig()
     g.add_argument("--dataset", type=DatasetName, choices=list(DatasetName), default=d.dataset, metavar="NAME",
                    help=f"one of {[x.value for x in DatasetName]}")
     g.add_argument("--data-dir", default=None,
@@ -85,7 +89,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--translation-px", type=float, default=d.translation_px, help="data translation range in pixels")
     g.add_argument("--log-scale", type=float, default=d.log_scale, help="data scale exp(s), s ~ U[-v, v]")
     g.add_argument("--data-seed", type=int, default=d.data_seed, help="seed of the one-off data transformation")
-    g = p.add_argument_group("model")
+
+
+def _add_model_args(g: argparse._ArgumentGroup) -> None:
+    m = ModelConfig()
     g.add_argument("--hidden", type=int, default=m.hidden, help="hidden units D")
     g.add_argument("--first-layer", type=FirstLayer, choices=list(FirstLayer), default=m.first_layer)
     g.add_argument("--transform-mode", type=TransformMode, choices=list(TransformMode), default=m.transform_mode)
@@ -122,7 +129,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "over W1 and by the evidence objective")
     g.add_argument("--output-layer-prior", choices=["on", "off"], default="on",
                    help="'off' (with --first-layer-prior off): no weight prior at all, for --guide ml")
-    g = p.add_argument_group("inference")
+
+
+def _add_inference_args(g: argparse._ArgumentGroup) -> None:
+    t = TrainConfig()
     g.add_argument("--guide", type=GuideKind, choices=list(GuideKind), default=GuideKind.HYBRID)
     g.add_argument("--init-scale", type=float, default=0.1, help="initial std of Gaussian guide factors")
     g.add_argument("--init-loc", type=InitLoc, choices=list(InitLoc), default=InitLoc.XAVIER)
@@ -151,7 +161,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--evidence-lr", type=float, default=t.evidence_lr,
                    help="'evidence' objective only: Adam's learning rate for the mean-field guide over every weight "
                         "(default: --lr)")
-    g = p.add_argument_group("run")
+
+
+def _add_run_args(g: argparse._ArgumentGroup) -> None:
     g.add_argument("--config", default=None, metavar="RUN/config.json",
                    help="train the run this config file (or run folder) describes; then only the flags of this "
                    "group may be given")
@@ -164,7 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--checkpoint-every", type=int, default=100, metavar="N",
                    help="save a checkpoint every N steps (0: only at the end and on Ctrl-C)")
     g.add_argument("--keep-checkpoints", type=int, default=3, metavar="K", help="keep the newest K checkpoints")
-    g.add_argument("--seed", type=int, default=t.seed)
+    g.add_argument("--seed", type=int, default=TrainConfig().seed)
     g.add_argument("--device", type=parse_device, default="cpu", metavar="{cpu,cuda,cuda:N}",
                    help="where to train; cuda:N picks one of several GPUs (compare / extents --jobs: one per worker)")
     g.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
@@ -172,7 +184,6 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--tensorboard", action="store_true",
                    help="also log the ELBO's terms and eta of every logged step to OUT/tensorboard/ (needs the "
                         "optional tensorboard package; view with: tensorboard --logdir OUT)")
-    return p
 
 
 RUN_CONTROL = frozenset({"config", "out", "resume", "overwrite", "checkpoint_every", "keep_checkpoints", "threads",

@@ -133,35 +133,27 @@ def to_inference_data(
     ----------
     model, guide : the fitted model and guide.
     x, y : torch.Tensor
-        Training images ``(N, C, H, W)`` and labels ``(N,)``, the data the guide was fitted to:
-        ``log_likelihood`` and ``posterior_predictive`` have dims ``(chain=1, draw=M, obs=N)``.
+        Training images ``(N, C, H, W)`` and labels ``(N,)`` the guide was fitted to: ``log_likelihood`` and
+        ``posterior_predictive`` have dims ``(chain=1, draw=M, obs=N)``.
     test : (x, y), optional
         Held-out images ``(N_test, C, H, W)`` and labels: group ``predictions`` (per-draw class log-probabilities
         ``(chain, draw, test_obs, class)``, per-draw log-likelihood ``log_lik``, a sampled label ``y``) and
         ``predictions_constant_data`` (the labels, ``y_test``).
-    num_draws : int
-        M draws from the guide (:func:`inference.draws.draw_posterior`, eps included).
-    num_transforms : int, optional
-        S transformation samples inside each draw's likelihood (default: the model's).
+    num_draws, num_transforms : int
+        M draws from the guide (:func:`inference.draws.draw_posterior`, eps included) and S transformation samples
+        inside each draw's likelihood (default: the model's).
     shared_eps : bool
         One eps ``(S, K)`` (the first draw's) for every draw: the likelihood at one fixed set of S transformations,
         so that with a point-estimated first layer and eta the features are computed once and M can be large.
-    batch_size : int
-        Examples per forward pass.
-    max_site_elements : int
-        A random site with more numbers than this over all draws (M * size; W1 of the paper's network under
-        a Gaussian guide) keeps only its mean and std over the draws, in group ``posterior_moments``.
-    eta_history : (steps, eta), optional
-        ``(T,)`` steps and ``(T, K)`` eta from training: group ``training``, dims ``(step, generator)``.
-    losses : sequence of float, optional
-        -ELBO / N per step: ``training.elbo`` with dim ``iteration`` (the ELBO, sign flipped).
-    elbo_history : sequence of mapping, optional
-        The ELBO's terms at the logged steps (``{"step", "elbo", "expected_loglik", "kl"}`` rows):
-        ``training.logged_elbo``, ``training.expected_loglik``, ``training.kl`` with dim ``logged_step``.
-    eta_true : mapping, optional
-        True extent of the data's transformations per generator: ``constant_data.eta_true``.
-    attrs : mapping, optional
-        Extra attributes of every group (run directory, dataset, guide...).
+    batch_size, max_site_elements : int
+        Examples per forward pass; a random site with more numbers than this over all draws (M * size) keeps only
+        its mean and std over the draws, in group ``posterior_moments``.
+    eta_history, losses, elbo_history : optional
+        The training history, group ``training``: ``(T,)`` steps and ``(T, K)`` eta (dims ``(step, generator)``),
+        -ELBO / N per step (``elbo``, sign flipped, dim ``iteration``) and the ELBO's terms at the logged steps
+        (``{"step", "elbo", "expected_loglik", "kl"}`` rows: ``logged_elbo``, ``expected_loglik``, ``kl``).
+    eta_true, attrs : mapping, optional
+        The data's true extent per generator (``constant_data.eta_true``); attributes of every group.
 
     Returns
     -------
@@ -180,19 +172,36 @@ def to_inference_data(
     posterior, moments, point = _site_groups(model, draws, max_site_elements)
     idata = _from_dict(model, posterior, (log_lik, train_out), y, held_out, None if test is None else test[1],
                        eta_true)
+    common = _add_notes(idata, model, draws, int(log_lik.shape[0]), shared_eps, attrs)
+    idata.add_groups(_extra_groups(model, len(y), point, moments, common, eta_history, losses, elbo_history))
+    for group in idata.groups():
+        idata[group].attrs.update(common, seconds_to_build=round(time.perf_counter() - start, 2))
+    return idata
+
+
+def _add_notes(idata: az.InferenceData, model: InvariantNet, draws: GuideDraws, num_draws: int, shared_eps: bool,
+               attrs: Mapping[str, Any] | None) -> dict[str, Any]:
+    """Say in the groups' attributes what their numbers are; returns the attributes common to every group."""
     idata.posterior.attrs.update(
         inference=VI_NOTE, point_estimate_sites=",".join(draws.point) or "none",
         eps=("one eps shared by every draw (the likelihood at one fixed set of S transformations)" if shared_eps
              else "transformation noise of each draw, drawn from its prior (q(eps) = p(eps))"))
     idata.log_likelihood.attrs.update(note=LOO_NOTE, data="training examples",
                                       definition="log (1/S) sum_s p(y_n | f_s(x_n; theta_m))")
-    if test is not None:
+    if "predictions" in idata.groups():
         idata.predictions.attrs.update(note=TEST_NOTE, data="held-out test examples")
-    common = {"guide_draws": int(log_lik.shape[0]), "num_transforms": int(draws.eps.shape[-2]),
-              "shared_eps": int(shared_eps), "likelihood": model.config.likelihood.value,
-              "eta_treatment": "empirical Bayes (pyro.param)" if model.config.eta_prior is EtaPrior.NONE
-              else "full Bayes (sample site)", **{k: _attr_value(v) for k, v in (attrs or {}).items()}}
-    coords = coords_of(model, len(y))
+    return {"guide_draws": num_draws, "num_transforms": int(draws.eps.shape[-2]), "shared_eps": int(shared_eps),
+            "likelihood": model.config.likelihood.value,
+            "eta_treatment": "empirical Bayes (pyro.param)" if model.config.eta_prior is EtaPrior.NONE
+            else "full Bayes (sample site)", **{k: _attr_value(v) for k, v in (attrs or {}).items()}}
+
+
+def _extra_groups(model: InvariantNet, num_obs: int, point: Mapping[str, tuple], moments: Mapping[str, tuple],
+                  common: Mapping[str, Any], eta_history: tuple[Sequence[int], torch.Tensor] | None,
+                  losses: Sequence[float] | None, elbo_history: Sequence[Mapping[str, float]] | None,
+                  ) -> dict[str, xr.Dataset]:
+    """The groups ArviZ does not know: point estimates, the moments of large sites and the training history."""
+    coords = coords_of(model, num_obs)
 
     def dataset(variables: Mapping[str, tuple], note: str) -> xr.Dataset:
         used = {d for dims_, _ in variables.values() for d in dims_}
@@ -205,10 +214,7 @@ def to_inference_data(
                                                 "every draw of")
     if eta_history is not None or losses is not None or elbo_history:
         extra[TRAINING_GROUP] = _training_dataset(eta_history, losses, elbo_history, common, model.generator_names)
-    idata.add_groups(extra)
-    for group in idata.groups():
-        idata[group].attrs.update(common, seconds_to_build=round(time.perf_counter() - start, 2))
-    return idata
+    return extra
 
 
 def _replicate(model: InvariantNet, outputs: torch.Tensor) -> torch.Tensor:
