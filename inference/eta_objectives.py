@@ -1,48 +1,25 @@
 """What sets eta: the paper's ELBO, the model's evidence, or held-out data (``TrainConfig.eta_objective``).
 
-With a point-estimated first layer (the paper's ReLU network, the ``hybrid`` and ``paper`` guides) the
-paper's objective (Eq. 8) is a bound on ``log p(y | x, W1, eta)`` at a W1 fitted to the same
-examples. W1's 800,000 weights can fit a few thousand digits without the invariance, and no term
-charges them for it, so that bound prefers less invariance than the data hold (README, "When can the
-ELBO set eta?"). Three objectives are offered:
+With a point-estimated first layer the paper's objective (Eq. 8) bounds ``log p(y | x, W1, eta)`` at a W1 fitted
+to the same examples; nothing charges W1's weights for fitting them without the invariance, so it prefers less
+invariance than the data hold (README, "When can the ELBO set eta?"). Three objectives:
 
 ``elbo`` (the paper)
     eta and the guide maximise one ELBO on the whole training set.
 
 ``evidence`` (recommended for relaxed invariance)
-    Two approximations of the posterior of one model, whose priors cover every weight (W1 included):
-
-    * the *evidence guide* q_ev, a mean-field Gaussian over every weight, and eta maximise
-      ``ELBO(q_ev, eta) = E_q_ev log p(y | x, theta, eta) - KL(q_ev || p) <= log p(y | x, eta)``,
-      a lower bound on the marginal likelihood of the whole model, in which W1's KL term charges
-      a non-invariant W1 for the extra information it must hold (the Occam factor that a point
-      estimate lacks);
-    * the *predictive guide* (``hybrid`` or ``paper``: W1 point estimate, Gaussian q over the output
-      layer) maximises ``E_q log p(y | x, theta, eta) + log p(W1, b1) - KL(q(W2, b2) || p)`` with eta
-      held at the evidence's value (MAP in W1 under the same prior), and makes the predictions.
-
-    This is the division of labour of Laplace-based invariance learning (LILA, Immer et al. 2022):
-    hyperparameters from a marginal-likelihood approximation of every weight, predictions from a
-    sharper point-estimate-based posterior. Mean-field q over 800,000 first-layer weights learns
-    the extent but predicts poorly (its one-draw accuracy is far below the point estimate's).
-
-    Two schedules (``TrainConfig.evidence_schedule``): ``joint`` trains both guides every step as
-    above (:class:`EvidenceEtaLoss`); ``sequential`` (recommended) first trains eta and q_ev, then the
-    predictive guide at the final eta with W1's prior masked, i.e. W1 a hyperparameter as in the
-    paper (:class:`SequentialEvidenceLoss`), so the predicting network never catches up with an eta
-    that rose late.
+    eta and the *evidence guide* q_ev, a mean-field Gaussian over every weight (W1 included), maximise
+    ``ELBO(q_ev, eta) = E_q_ev log p(y | x, theta, eta) - KL(q_ev || p) <= log p(y | x, eta)``, in which W1's KL
+    term is the Occam factor a point estimate lacks; the *predictive guide* (``hybrid`` or ``paper``) is fitted
+    at that eta and makes the predictions (LILA's division of labour, Immer et al. 2022). Schedules:
+    :class:`EvidenceEtaLoss` (``joint``) and :class:`SequentialEvidenceLoss` (``sequential``, recommended).
 
 ``heldout``
-    The training set is split once into A and B (``eta_holdout`` is B's fraction). The guide fits A's
-    ELBO with eta held fixed; eta maximises ``E_q log p(y_B | x_B, theta, eta)``, a lower bound on the
-    marginal likelihood of B under the model whose prior is q fitted to A (the conditional marginal
-    likelihood of Lotfi et al. 2022, "Bayesian model selection, the marginal likelihood, and
-    generalization", with q in place of the exact posterior). W1 never sees B.
+    The guide fits part A of the training set with eta held fixed; eta maximises ``E_q log p(y_B | x_B, theta,
+    eta)`` on the held-out part B, a bound on the conditional marginal likelihood of Lotfi et al. (2022) with q
+    in place of the exact posterior (:class:`HeldOutEtaLoss`).
 
-In every case eta's gradient is the partial derivative at the current guide: q (and W1) follow eta
-through their own updates.
-
-Shapes: ``x (B, C, H, W)``, ``y (B,)``.
+In every case eta's gradient is the partial derivative at the current guide. Shapes: ``x (B, C, H, W)``, ``y (B,)``.
 """
 
 from __future__ import annotations

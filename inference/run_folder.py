@@ -1,16 +1,10 @@
 """A run's folder: one writer at a time, and never the files of two runs mixed.
 
-:func:`claim` is held by :func:`inference.runner.run` for the whole of a run. It
-
-* refuses an empty or missing ``--out`` (``""`` would be the current directory);
-* takes an exclusive lock on the folder (``flock`` on the directory itself, released by the kernel when the
-  process ends, even by ``kill -9``), so a second process writing the same folder stops with an error instead
-  of interleaving its ``eta_history.csv`` with the first one's;
-* refuses a folder that already holds a run (:data:`RUN_FILES`) unless the run resumes it (``--resume``) or
-  replaces it (``--overwrite``). A replaced run's files are removed only once the new run starts training
-  (:func:`clear`), all of them, so no ``metrics.json`` of the old run sits beside the new ``eta_history.csv``.
-
-Files that are not a run's (a ``train.log`` a grid writes, the user's notes) neither count nor are removed.
+:func:`claim`, held by :func:`inference.runner.run` for the whole of a run, refuses an empty ``--out``, takes an
+exclusive ``flock`` on the folder (released by the kernel when the process ends, even by ``kill -9``), and refuses
+a folder that holds a run (:data:`RUN_FILES`) unless the run resumes (``--resume``) or replaces it
+(``--overwrite``: every file of the old run is removed once the new one starts training, :func:`clear`). Files
+that are not a run's (a grid's ``train.log``, the user's notes) neither count nor are removed.
 """
 
 from __future__ import annotations
@@ -56,16 +50,8 @@ def check_out(out: str | os.PathLike) -> Path:
 
 @contextlib.contextmanager
 def claim(out: str | os.PathLike, resume: bool = False, overwrite: bool = False) -> Iterator[Path]:
-    """Hold ``out`` for one run: create it if needed, lock it, and check that it may take the run.
-
-    Parameters
-    ----------
-    out : path
-        The run folder.
-    resume : bool
-        The run continues the one in ``out`` (its files are expected).
-    overwrite : bool
-        The run replaces the one in ``out``; call :func:`clear` when it starts training.
+    """Hold ``out`` for one run: create it if needed, lock it, and check that it may take the run, which
+    continues (``resume``) or replaces (``overwrite``; call :func:`clear` when it starts training) the one there.
 
     Raises
     ------
