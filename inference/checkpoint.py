@@ -1,16 +1,11 @@
-"""Training checkpoints on disk: atomic writes, integrity checks, the newest valid one, config fingerprints.
+"""Checkpoint files: atomic writes, integrity checks, the newest valid one, config fingerprints.
 
-A checkpoint directory holds ``step-00000100.pt`` files, each a plain ``torch.save`` of ``{"step",
-"fingerprint", "config", "state"}`` that ``torch.load(path, weights_only=True)`` reads as a dict, and beside
-each ``step-00000100.pt.sha256``, the sha256 of its bytes: a truncated or damaged file, or one whose checksum
-was never written, is a :class:`CorruptCheckpointError` and :func:`find_latest_valid` falls back to the
-previous one. Every file is written to a temporary file, fsynced and moved into place (checkpoint before
-checksum), so a crash leaves either the old checkpoint or a complete new one.
-
-``config`` is the JSON form of what determines the training trajectory and ``fingerprint`` its hash;
-``data_sha256`` is the hash of the training and test arrays (the data's content, wherever its files live).
-:func:`check_compatible` refuses a checkpoint from another config or other data and names what differs; the
-optimiser settings :data:`RESUMABLE_CHANGES` may change on resume (e.g. a lower learning rate after a divergence).
+``DIR/step-00000100.pt`` is a plain ``torch.save`` of ``{"step", "fingerprint", "config", "data_sha256",
+"state"}`` (``torch.load(path, weights_only=True)`` reads it); ``step-00000100.pt.sha256`` beside it holds the
+sha256 of its bytes. A file that is damaged, truncated or lacks its checksum is a :class:`CorruptCheckpointError`,
+and :func:`find_latest_valid` falls back to an older one. Every write goes to a temporary file, fsynced and
+renamed (checkpoint before checksum), so a crash leaves the old checkpoint or a complete new one.
+:func:`check_compatible` refuses a checkpoint of another config or other data, naming what differs.
 """
 
 from __future__ import annotations
@@ -34,7 +29,6 @@ import torch
 CHECKPOINT_DIRNAME = "checkpoints"
 """Sub-folder of a run's output directory that holds its checkpoints."""
 
-DIGEST_SUFFIX = ".sha256"
 _NAME = re.compile(r"^step-(\d{8,})\.pt$")
 
 
@@ -61,8 +55,8 @@ new rates, on the same cosine schedule."""
 
 @dataclass(frozen=True)
 class Checkpoint:
-    """One loaded checkpoint: its file, the steps completed, the writer's ``config`` (JSON) and its hash, the
-    hash of its data, and the trainer's ``state`` (see :func:`inference.state.capture_training_state`)."""
+    """One loaded checkpoint: file, steps done, the writer's ``config`` (JSON) and its hash, the data's hash and
+    the trainer's ``state`` (:func:`inference.state.capture_training_state`)."""
 
     path: Path
     step: int
@@ -72,7 +66,6 @@ class Checkpoint:
     data_sha256: str | None = None
 
 
-# --------------------------------------------------------------------------- fingerprints
 def to_jsonable(obj: Any) -> Any:
     """Plain JSON types for configs: dataclasses as dicts, Enums as values, tuples as lists, paths as str."""
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
@@ -138,7 +131,6 @@ def check_compatible(checkpoint: Checkpoint, config: Mapping, data_sha256: str |
             f"now {data_sha256[:12]}): resume with the data the run was trained on")
 
 
-# --------------------------------------------------------------------------- files
 def checkpoint_path(directory: str | os.PathLike, step: int) -> Path:
     """``directory/step-<step, 8 digits>.pt``."""
     return Path(directory) / f"step-{int(step):08d}.pt"
@@ -146,7 +138,7 @@ def checkpoint_path(directory: str | os.PathLike, step: int) -> Path:
 
 def digest_path(path: str | os.PathLike) -> Path:
     """The checksum file beside checkpoint ``path``."""
-    return Path(f"{os.fspath(path)}{DIGEST_SUFFIX}")
+    return Path(f"{os.fspath(path)}.sha256")
 
 
 def list_checkpoints(directory: str | os.PathLike) -> list[tuple[int, Path]]:
@@ -189,13 +181,9 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
     path = Path(path)
     try:
         payload = path.read_bytes()
-    except OSError as err:
-        raise CorruptCheckpointError(f"cannot read checkpoint {path}: {err}") from None
-    try:
         digest = digest_path(path).read_bytes().strip()
-    except OSError:
-        raise CorruptCheckpointError(f"checkpoint {path} has no checksum beside it (its write did not finish)"
-                                     ) from None
+    except OSError as err:  # a missing checksum: the write did not finish
+        raise CorruptCheckpointError(f"cannot read checkpoint {path} or its checksum: {err}") from None
     if hashlib.sha256(payload).hexdigest().encode() != digest:
         raise CorruptCheckpointError(f"checkpoint {path} is truncated or damaged (checksum mismatch)")
     try:

@@ -90,7 +90,7 @@ class TrainingRecord:
         self.tensorboard_dir, self.tensorboard = tensorboard_dir, None
 
     def open(self, result: Any) -> None:
-        """Start the files with the rows of ``result`` (a :class:`~inference.state.FitResult`, empty unless resumed)."""
+        """Start the files with the rows of ``result`` (a :class:`~inference.svi.FitResult`, empty unless resumed)."""
         self.eta.open(result.eta_history)
         self.elbo.open(result.elbo_history)
         if self.tensorboard_dir is not None:
@@ -108,3 +108,27 @@ class TrainingRecord:
         self.elbo.close()
         if self.tensorboard is not None:
             self.tensorboard.close()
+
+
+def read_history_csv(path: str | Path, names: Sequence[str] | None = None) -> tuple[list[int], dict[str, list[float]]]:
+    """``eta_history.csv``: the steps and one list of eta per generator (``names``, default: every column).
+
+    Raises
+    ------
+    ValueError
+        The file cannot be read, lacks a column, or holds a value that is not a number.
+    """
+    try:
+        with open(path, newline="") as f:
+            reader = csv.DictReader(f)
+            columns, rows = list(reader.fieldnames or []), list(reader)
+    except (OSError, UnicodeDecodeError, csv.Error) as err:
+        raise ValueError(f"{path} is not a readable eta history ({type(err).__name__}: {err})") from None
+    names = [c for c in columns if c != "step"] if names is None else list(names)
+    missing = [c for c in ("step", *names) if c not in columns]
+    if missing:
+        raise ValueError(f"{path} is not an eta history: it lacks the column(s) {missing}")
+    try:
+        return [int(float(r["step"])) for r in rows], {name: [float(r[name]) for r in rows] for name in names}
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{path} holds a value that is not a number ({type(err).__name__}: {err})") from None

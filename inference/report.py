@@ -24,8 +24,8 @@ from pathlib import Path
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
+from inference.history import read_history_csv
 from inference.plots import FigureFormat, new_figure, styled
-from inference.run_io import read_history_csv
 from models.transforms import ALL_GENERATOR_NAMES
 
 METRICS = [*(f"eta_{g}" for g in ALL_GENERATOR_NAMES), "test_accuracy", "test_nll", "test_accuracy_one_draw",

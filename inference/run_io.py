@@ -1,24 +1,22 @@
-"""Rebuild a training run (model, guides, fitted parameters, data) from its config, run folder or ``model.pt``.
+"""Rebuild a training run (model, guides, fitted parameters, data) from its run folder or ``model.pt``.
 
-A finished run of ``python -m inference.train`` holds ``metrics.json`` (with the config), ``eta_history.csv``,
-``checkpoints/step-*.pt`` and ``model.pt``. :func:`load_run` rebuilds the model and guide from the config and
-loads the ``state_dict``s of the newest valid checkpoint into them; :func:`load_model` does the same from
-``model.pt`` alone. Parameters live in their modules, so several runs can be used side by side.
+:func:`load_run` rebuilds the model and guide of a finished run from its config and loads the newest valid
+checkpoint into them; :func:`load_model` does the same from ``model.pt`` alone. Parameters live in their modules,
+so several runs can be used side by side.
 """
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import io
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from guides.factory import GuideKind, make_evidence_guide, make_guide
+from guides.factory import make_evidence_guide, make_guide
 from inference.checkpoint import (
     CHECKPOINT_DIRNAME,
     Checkpoint,
@@ -28,14 +26,12 @@ from inference.checkpoint import (
     list_checkpoints,
 )
 from inference.config import RunConfig
-from inference.data import DataConfig, Datasets, load_datasets, resolve_data_dir
-from inference.data import true_extent as true_extent  # re-exported: it lived here
+from inference.data import Datasets, load_datasets, resolve_data_dir
 from inference.eta_objectives import EtaObjective
+from inference.history import read_history_csv
 from inference.run_folder import HISTORY_FILENAME, METRICS_FILENAME, MODEL_FILENAME
 from inference.sources import SOURCES
 from inference.state import check_state, load_modules
-from inference.svi import TrainConfig
-from models.config import ModelConfig
 from models.network import InvariantNet
 
 
@@ -45,8 +41,8 @@ class RunError(ValueError):
 
 @dataclass
 class LoadedRun:
-    """A fitted model and guide rebuilt from a run directory: its ``metrics.json``, its :class:`RunConfig`,
-    the model (``eta`` restored), the guide and the newest valid checkpoint they were loaded from."""
+    """A fitted model and guide rebuilt from a run directory: its ``metrics.json`` and :class:`RunConfig`, the
+    model (``eta`` restored), the guide and the newest valid checkpoint they were loaded from."""
 
     run_dir: Path
     metrics: dict
@@ -54,22 +50,6 @@ class LoadedRun:
     model: InvariantNet
     guide: Callable
     checkpoint: Checkpoint
-
-    @property
-    def model_config(self) -> ModelConfig:
-        return self.config.model
-
-    @property
-    def data_config(self) -> DataConfig:
-        return self.config.data
-
-    @property
-    def train_config(self) -> TrainConfig:
-        return self.config.train
-
-    @property
-    def guide_kind(self) -> GuideKind:
-        return self.config.guide.kind
 
     @property
     def name(self) -> str:
@@ -152,45 +132,19 @@ def load_run_data(run: LoadedRun, data_dir: str | Path | None = None, **changes:
     fields of the data config (e.g. ``dataset=`` the untransformed source, for upright test images).
     """
     candidates = [data_dir] if data_dir is not None else [run.metrics.get("data", {}).get("root"),
-                                                          run.data_config.data_dir]
+                                                          run.config.data.data_dir]
     roots = [c for c in candidates if c]
-    folder = SOURCES[run.data_config.dataset.source].folder
+    folder = SOURCES[run.config.data.dataset.source].folder
     root = next((r for r in roots if (resolve_data_dir(r) / folder).is_dir()), roots[0] if roots else None)
-    cfg = dataclasses.replace(run.data_config, data_dir=None if root is None else str(root), allow_download=False,
+    cfg = dataclasses.replace(run.config.data, data_dir=None if root is None else str(root), allow_download=False,
                               **changes)
     return load_datasets(cfg)
-
-
-def read_history_csv(path: str | Path, names: Sequence[str] | None = None) -> tuple[list[int], dict[str, list[float]]]:
-    """``eta_history.csv``: the steps and one list of eta per generator (``names``, default: every column).
-
-    Raises
-    ------
-    RunError
-        The file cannot be read, lacks a column, or holds a value that is not a number.
-    """
-    path = Path(path)
-    try:
-        with open(path, newline="") as f:
-            reader = csv.DictReader(f)
-            columns = list(reader.fieldnames or [])
-            names = [c for c in columns if c != "step"] if names is None else list(names)
-            missing = [c for c in ("step", *names) if c not in columns]
-            if missing:
-                raise RunError(f"{path} is not an eta history: it lacks the column(s) {missing}")
-            rows = list(reader)
-        steps = [int(float(r["step"])) for r in rows]
-        return steps, {name: [float(r[name]) for r in rows] for name in names}
-    except (OSError, UnicodeDecodeError, csv.Error, TypeError, ValueError) as err:
-        if isinstance(err, RunError):
-            raise
-        raise RunError(f"{path} is not a readable eta history ({type(err).__name__}: {err})") from None
 
 
 def read_eta_history(run: LoadedRun) -> tuple[list[int], torch.Tensor]:
     """Recorded eta trajectory: steps ``(T,)`` and eta ``(T, K)`` in the units of T, from ``eta_history.csv`` or,
     when the file is missing, from the checkpoint."""
-    path, names = run.run_dir / HISTORY_FILENAME, run.model_config.generator_names
+    path, names = run.run_dir / HISTORY_FILENAME, run.config.model.generator_names
     if path.is_file():
         steps, columns = read_history_csv(path, names)
     else:

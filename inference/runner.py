@@ -47,8 +47,8 @@ from inference.run_folder import (
     clear,
 )
 from inference.run_io import build_model, export_model
-from inference.state import CheckpointPolicy, FitResult
-from inference.svi import fit
+from inference.state import CheckpointPolicy
+from inference.svi import FitResult, fit
 from models.network import InvariantNet
 
 

@@ -1,17 +1,17 @@
-"""The state of a training run and how it is kept: what a checkpoint holds, when it is written, how it comes back.
+"""A training run's state: what a checkpoint holds, when it is written, how it comes back.
 
-:func:`capture_training_state` gathers what :func:`inference.svi.fit` has learned as plain types (the
-``state_dict()`` of the model and guides, the optimiser's, every RNG, the history), :class:`Checkpointer`
-writes it (:mod:`inference.checkpoint`) as a :class:`CheckpointPolicy` says, and :func:`restore_training_state`
-puts it back so that a resumed run ends exactly where an uninterrupted one ends.
+:func:`capture_training_state` gathers what :func:`inference.svi.fit` has learned as plain types,
+:class:`Checkpointer` writes it as a :class:`CheckpointPolicy` says, and :func:`restore_training_state` puts it
+back, so that a resumed run ends exactly where an uninterrupted one ends.
 """
 
 from __future__ import annotations
 
+import signal
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyro
@@ -28,21 +28,12 @@ from inference.checkpoint import (
 )
 from inference.draws import blank_image
 from inference.optim import ParamAdam, named_params
-from inference.stopping import NonFiniteError
-from inference.stopping import TrainingInterrupted as TrainingInterrupted  # importable from here too
+from inference.stopping import NonFiniteError, TrainingInterrupted
 from models.config import check_positive_int
 from models.network import InvariantNet
 
-
-@dataclass
-class FitResult:
-    """What :func:`fit` returns: the loss per step, eta's trajectory and the ELBO's terms at the logged steps."""
-
-    losses: list[float] = field(default_factory=list)  # -ELBO / N per step (minibatch estimate)
-    eta_history: list[dict[str, float]] = field(default_factory=list)  # {"step": t, name: eta}
-    seconds: float = 0.0
-    # {"step": t, "elbo", "expected_loglik", "kl"} per example, one extra draw on step t's minibatch
-    elbo_history: list[dict[str, float]] = field(default_factory=list)
+if TYPE_CHECKING:
+    from inference.svi import FitResult
 
 
 @dataclass(frozen=True)
@@ -58,9 +49,8 @@ class CheckpointPolicy:
     keep : int
         How many of the newest checkpoints to keep.
     config : Mapping, optional
-        What defines the run, stamped (with its hash) on every checkpoint; a resumed run must match it. A
-        run of :mod:`inference.runner` gives :meth:`inference.config.RunConfig.training_dict`; by default
-        ``fit`` uses the model's config, its ``TrainConfig`` and the number of training examples.
+        What defines the run (a resumed run must match it); by default the model's config, the ``TrainConfig``
+        and the number of training examples.
     data_sha256 : str, optional
         Hash of the data's content (:func:`inference.data.content_sha256`); a resumed run must train on the same.
     """
@@ -114,8 +104,7 @@ def capture_training_state(step: int, result: FitResult, optim: ParamAdam, model
 
 
 STATE_KEYS = ("step", "num_data", "model", "guides", "optimizer", "rng", "losses", "eta_history", "seconds")
-"""What a checkpoint must hold to be resumed (:func:`capture_training_state` also records ``elbo_history``, which
-checkpoints from before it was recorded lack: a run resumed from one has the terms of the later steps only)."""
+"""What a resumed run needs (older checkpoints lack ``elbo_history``)."""
 
 
 def check_state(checkpoint: Checkpoint, keys: Sequence[str] = STATE_KEYS) -> dict[str, Any]:
@@ -132,8 +121,7 @@ def load_modules(state: Mapping[str, Any], model: InvariantNet, guides: Sequence
     """Load the model's and the guides' ``state_dict``s from ``state`` (:func:`capture_training_state`).
 
     Autoguides create their parameters on their first call, so the guides in ``trained`` (default: all) are first
-    run once on a blank image, which draws random numbers. A guide not yet trained (the predicting guide in the
-    first phase of the sequential schedule) is loaded as it is.
+    run once on a blank image, which draws random numbers (a guide not yet trained is loaded as it is).
 
     Raises
     ------
@@ -157,11 +145,11 @@ def load_modules(state: Mapping[str, Any], model: InvariantNet, guides: Sequence
 
 
 def restore_training_state(start: Checkpoint, config: Mapping, model: InvariantNet, guides: Sequence[Callable],
-                           optim: ParamAdam, trained: Sequence[Callable] | None = None,
-                           data_sha256: str | None = None) -> tuple[int, FitResult]:
-    """Resume from ``start``: refuse it unless it was written with ``config`` and data of hash ``data_sha256``, then
-    load its state into the model, the guides (see :func:`load_modules`), ``optim`` (at ``optim``'s learning rates,
-    which may differ: :data:`inference.checkpoint.RESUMABLE_CHANGES`) and the RNGs; returns its step and history."""
+                           optim: ParamAdam, result: FitResult, trained: Sequence[Callable] | None = None,
+                           data_sha256: str | None = None) -> int:
+    """Resume from ``start`` (refused unless written with ``config`` and data of hash ``data_sha256``): load the
+    model, guides (:func:`load_modules`), ``optim`` (keeping its learning rates) and RNGs, and the history into
+    ``result``; returns the step."""
     check_compatible(start, config, data_sha256)
     state = check_state(start)
     load_modules(state, model, guides, trained)
@@ -170,17 +158,22 @@ def restore_training_state(start: Checkpoint, config: Mapping, model: InvariantN
     except KeyError as err:
         raise IncompatibleCheckpointError(str(err)) from None
     set_rng_state(state["rng"])
-    history = [dict(row) for row in state["eta_history"]]
-    terms = [dict(row) for row in state.get("elbo_history", [])]
-    return int(state["step"]), FitResult(list(state["losses"]), history, float(state["seconds"]), terms)
+    result.losses, result.seconds = list(state["losses"]), float(state["seconds"])
+    result.eta_history = [dict(row) for row in state["eta_history"]]
+    result.elbo_history = [dict(row) for row in state.get("elbo_history", [])]
+    return int(state["step"])
 
 
 class Checkpointer:
-    """Saves checkpoints of ``config`` for :func:`fit` as ``policy`` says, and remembers the newest one on disk."""
+    """Saves checkpoints of ``config`` for :func:`fit` as ``policy`` says, and remembers the newest one on disk.
 
-    def __init__(self, policy: CheckpointPolicy | None, config: Mapping, num_steps: int,
-                 last: Checkpoint | None) -> None:
-        self.policy, self.config, self.num_steps = policy, config, num_steps
+    ``capture(step)`` returns the state to save and the names of its non-finite parameters (a state with any is
+    refused with a :class:`NonFiniteError`).
+    """
+
+    def __init__(self, policy: CheckpointPolicy | None, config: Mapping, num_steps: int, last: Checkpoint | None,
+                 capture: Callable[[int], tuple[dict, list[str]]]) -> None:
+        self.policy, self.config, self.num_steps, self.capture = policy, config, num_steps, capture
         self.last_path = last.path if last is not None else None
         self.last_step = last.step if last is not None else None
 
@@ -189,13 +182,18 @@ class Checkpointer:
             return False
         return step == self.num_steps or (self.policy.every > 0 and step % self.policy.every == 0)
 
-    def save(self, step: int, state: dict, bad: list[str]) -> Path | None:
-        """Write ``state`` unless checkpointing is off; refuses a state with NaN/inf parameters (``bad``)."""
-        if self.policy is None:
-            return None
+    def save(self, step: int) -> None:
+        state, bad = self.capture(step)
         if bad:
             raise NonFiniteError(f"non-finite parameter(s) {bad}", step, self.last_path)
         self.last_path = save_checkpoint(self.policy.directory, step, state, self.config, keep=self.policy.keep,
                                          data_sha256=self.policy.data_sha256)
         self.last_step = step
-        return self.last_path
+
+    def interrupted(self, done: int, in_step: bool, signum: int | None) -> TrainingInterrupted:
+        """The error for a stop signal after ``done`` steps, having saved their state unless the signal came inside
+        a step (whose state is incomplete) or it is on disk already."""
+        if self.policy is not None and not in_step and done > 0 and self.last_step != done:
+            self.save(done)
+        saved = self.policy is not None and self.last_step == done
+        return TrainingInterrupted(done, self.num_steps, self.last_path, saved, signum or signal.SIGINT)

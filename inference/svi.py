@@ -21,10 +21,9 @@ from __future__ import annotations
 
 import contextlib
 import math
-import signal
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -48,17 +47,22 @@ from inference.eta_objectives import (
     reported_guide,
 )
 from inference.optim import ParamAdam, svi_step
-from inference.state import Checkpointer, CheckpointPolicy, FitResult, capture_training_state, restore_training_state
-from inference.stopping import (
-    DeferredInterrupt,
-    NonFiniteError,
-    TrainingInterrupted,
-    nonfinite_params,
-    nonfinite_problem,
-)
+from inference.state import Checkpointer, CheckpointPolicy, capture_training_state, restore_training_state
+from inference.stopping import DeferredInterrupt, NonFiniteError, nonfinite_params, nonfinite_problem
 from models.config import check_positive_float, check_positive_int
 from models.network import InvariantNet
 from models.priors import EtaPrior
+
+
+@dataclass
+class FitResult:
+    """What :func:`fit` returns: the loss per step, eta's trajectory and the ELBO's terms at the logged steps."""
+
+    losses: list[float] = field(default_factory=list)  # -ELBO / N per step (minibatch estimate)
+    eta_history: list[dict[str, float]] = field(default_factory=list)  # {"step": t, name: eta}
+    seconds: float = 0.0
+    # {"step": t, "elbo", "expected_loglik", "kl"} per example, one extra draw on step t's minibatch
+    elbo_history: list[dict[str, float]] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -210,102 +214,57 @@ def _train_step(objective: Callable, model: InvariantNet, guide: Callable, optim
     return loss
 
 
-def _record(
-    result: FitResult, objective: Callable, model: InvariantNet, guide: Callable, step: int, loss: float,
-    batch: tuple[torch.Tensor, ...], cfg: TrainConfig,
-) -> tuple[dict, dict] | None:
+def _record(result: FitResult, objective: Callable, model: InvariantNet, guide: Callable, optim: ParamAdam, step: int,
+            loss: float, batch: tuple[torch.Tensor, ...], cfg: TrainConfig) -> tuple[dict, dict] | None:
     """Append the step's loss; at a logged step also eta and the ELBO's terms (one more draw of the guide whose ELBO
-    the loss is, on the step's minibatch, after the update, with random numbers of its own)."""
+    the loss is, on the step's minibatch, after the update, with random numbers of its own), and return them. Terms
+    that overflow are recorded as NaN: the next step stops the run, after the checkpoint of this one."""
     result.losses.append(loss)
     if step % cfg.log_every == 0 or step == 1 or step == cfg.total_steps:
         eta = {"step": step, **eta_dict(model, guide)}
         reported, context = reported_guide(objective, model, guide)
-        with context:
-            terms = {"step": step, **logged_terms(model, reported, batch[0], batch[1], model.num_data)}
+        try:
+            with context:
+                terms = {"step": step, **logged_terms(model, reported, batch[0], batch[1], model.num_data)}
+        except ValueError as err:  # distribution validation rejects NaN/inf
+            if nonfinite_problem(err, optim) is None:
+                raise
+            terms = {"step": step, "elbo": math.nan, "expected_loglik": math.nan, "kl": math.nan}
         result.eta_history.append(eta)
         result.elbo_history.append(terms)
         return eta, terms
     return None
 
 
-def fit(
-    model: InvariantNet,
-    guide: Callable,
-    data: Split,
-    cfg: TrainConfig,
-    callback: Callable[[int, float], None] | None = None,
-    on_record: Callable[[dict, dict], None] | None = None,
-    progress: bool = True,
-    *,
-    on_start: Callable[[FitResult], None] | None = None,
-    checkpoints: CheckpointPolicy | None = None,
-    start: Checkpoint | None = None,
-    heldout: Split | None = None,
-    evidence_guide: Callable | None = None,
-) -> FitResult:
-    """Fit ``guide`` and ``eta`` to ``data`` with SVI, optionally checkpointed and resumed.
+def _steps(objective: Callable, model: InvariantNet, guide: Callable, evidence_guide: Callable | None,
+           optim: ParamAdam, data: Split, heldout: Split | None, cfg: TrainConfig, done: int,
+           saver: Checkpointer) -> Iterator[tuple[int, float, tuple[torch.Tensor, ...]]]:
+    """Take the steps ``done + 1, ..., cfg.total_steps``, yielding ``(step, loss, batch)`` after each."""
+    batches = minibatches(len(data), cfg.batch_size, torch.Generator().manual_seed(cfg.seed), skip=done)
+    held = (minibatches(len(heldout), cfg.batch_size, torch.Generator().manual_seed(cfg.seed + 1), skip=done)
+            if heldout is not None else None)
+    for step in range(done + 1, cfg.total_steps + 1):
+        idx = next(batches).to(data.x.device)
+        batch: tuple[torch.Tensor, ...] = (data.x[idx], data.y[idx])
+        if held is not None:
+            idx = next(held).to(heldout.x.device)
+            batch += (heldout.x[idx], heldout.y[idx])
+        if cfg.sequential:  # steps 1..N: eta and the evidence guide; N+1..2N: the predicting guide
+            objective.predicting = step > cfg.num_steps
+        with eta_held(model, guide, evidence_guide) if step <= cfg.eta_burnin else contextlib.nullcontext():
+            loss = _train_step(objective, model, guide, optim, batch, len(data), step, saver.last_path)
+        yield step, loss, batch
 
-    Parameters
-    ----------
-    model : InvariantNet
-        The model; its ``num_data`` should equal ``len(data)`` so the ELBO has the right scale.
-    guide : callable
-        From :func:`guides.make_guide`.
-    data : Split
-        Training images ``(N, C, H, W)`` and labels ``(N,)`` on the model's device; checked once
-        (shape, channels, label range, NaN/inf) before training.
-    cfg : TrainConfig
-        Optimisation settings.
-    callback : callable, optional
-        Called as ``callback(step, loss)`` after every step.
-    on_record : callable, optional
-        Called as ``on_record(eta_row, elbo_row)`` with the rows ``{"step": t, <generator>: eta}`` and
-        ``{"step": t, "elbo", "expected_loglik", "kl"}`` as they are added to ``eta_history`` and
-        ``elbo_history`` (every ``cfg.log_every`` steps, the first and the last), e.g. to stream them to files.
-    progress : bool
-        Show a tqdm progress bar.
-    on_start : callable, optional
-        Called with the history so far (empty unless resuming) once ``start`` is accepted and loaded, before
-        the first step: e.g. to write a run's files only once its checkpoint is known to fit.
-    checkpoints : CheckpointPolicy, optional
-        Save checkpoints there, stamped with ``checkpoints.config``: every ``checkpoints.every`` steps, at the
-        last step and on Ctrl-C.
-    start : Checkpoint, optional
-        Continue from this checkpoint, written with the same config (``checkpoints.config``). Build ``model``
-        and ``guide`` and seed as for a fresh run; the result then equals that of the uninterrupted run.
-    heldout : Split, optional
-        The ``heldout`` objective's part B (``data`` is then the fitting part A, see
-        :func:`inference.eta_objectives.split_holdout`).
-    evidence_guide : callable, optional
-        The ``evidence`` objective's mean-field guide over every weight
-        (:func:`guides.make_evidence_guide`); eta follows its ELBO, ``guide`` is fitted with eta held fixed.
 
-    Returns
-    -------
-    FitResult
-        Losses, eta history and the ELBO's terms at the logged steps of the whole run, including the steps before
-        ``start`` (the terms only where ``start``'s checkpoint has them).
-
-    Raises
-    ------
-    NonFiniteError
-        A NaN/inf loss or parameter; names the step and the last good checkpoint.
-    TrainingInterrupted
-        Ctrl-C: the current step is finished and, with ``checkpoints``, saved before this is raised.
-    IncompatibleCheckpointError
-        ``start`` comes from another configuration.
-
-    Notes
-    -----
-    On the CPU, training first applies :func:`inference.cpu.tune_for_training` (process-wide): freed memory is
-    kept for reuse, so a step's large temporaries are not page-faulted in again every step, and torch's threads
-    are capped at the cores the process may use.
-    """
+def _setup(model: InvariantNet, guide: Callable, data: Split, cfg: TrainConfig, checkpoints: CheckpointPolicy | None,
+           start: Checkpoint | None, heldout: Split | None, evidence_guide: Callable | None,
+           ) -> tuple[Mapping, Callable, ParamAdam, list[Callable], FitResult, int]:
+    """Check :func:`fit`'s inputs; its run's config, loss, optimiser, guides and history, and the steps done."""
     if model.num_data != len(data):
         raise ValueError(f"model.num_data = {model.num_data} but the training set has {len(data)} examples")
     validate_split(data, model.config.image_shape, model.config.num_classes, "training")
     if data.x.device.type == "cpu":
-        tune_for_training()  # the allocator and threads (inference.cpu): the same step time from Python and the CLI
+        tune_for_training()  # process-wide (inference.cpu): the same step time from Python and the CLI
     # what a checkpoint says about its run: the caller's config, else what fit knows
     config = getattr(checkpoints, "config", None) or {"model": model.config, "train": cfg, "num_data": len(data)}
     objective = eta_loss(model, cfg, heldout, evidence_guide, guide)
@@ -316,38 +275,73 @@ def fit(
         # on the sequential schedule the predicting guide first runs at step N + 1: a phase-1 checkpoint has none
         # of its parameters, and they are created then, from the same random stream as in an unbroken run
         phase1 = cfg.sequential and start.step <= cfg.num_steps
-        done, result = restore_training_state(start, config, model, guides, optim,
-                                              [evidence_guide] if phase1 else guides,
-                                              checkpoints.data_sha256 if checkpoints is not None else None)
+        done = restore_training_state(start, config, model, guides, optim, result,
+                                      [evidence_guide] if phase1 else guides,
+                                      checkpoints.data_sha256 if checkpoints is not None else None)
+    return config, objective, optim, guides, result, done
+
+
+def fit(model: InvariantNet, guide: Callable, data: Split, cfg: TrainConfig,
+        callback: Callable[[int, float], None] | None = None, on_record: Callable[[dict, dict], None] | None = None,
+        progress: bool = True, *, on_start: Callable[[FitResult], None] | None = None,
+        checkpoints: CheckpointPolicy | None = None, start: Checkpoint | None = None, heldout: Split | None = None,
+        evidence_guide: Callable | None = None) -> FitResult:
+    """Fit ``guide`` and ``eta`` to ``data`` with SVI, optionally checkpointed and resumed.
+
+    Parameters
+    ----------
+    model, guide : InvariantNet, callable
+        The model (``num_data`` must equal ``len(data)``) and its guide (:func:`guides.make_guide`).
+    data, heldout : Split
+        Training images ``(N, C, H, W)`` and labels ``(N,)`` on the model's device; under the ``heldout``
+        objective its fitting part A, and ``heldout`` part B (:func:`inference.eta_objectives.split_holdout`).
+    cfg : TrainConfig
+        Optimisation settings.
+    callback, on_record, on_start : callable, optional
+        ``callback(step, loss)`` after every step; ``on_record(eta_row, elbo_row)`` with the rows ``{"step": t,
+        <generator>: eta}`` and ``{"step": t, "elbo", "expected_loglik", "kl"}`` at every logged step;
+        ``on_start(result)`` with the history so far once ``start`` is loaded, before the first step.
+    progress : bool
+        Show a tqdm progress bar.
+    checkpoints, start : CheckpointPolicy, Checkpoint, optional
+        Where and when to save checkpoints; the checkpoint to continue from (build ``model`` and ``guide`` and
+        seed as for a fresh run: the result then equals that of the uninterrupted run).
+    evidence_guide : callable, optional
+        The ``evidence`` objective's mean-field guide over every weight (:func:`guides.make_evidence_guide`);
+        eta follows its ELBO, ``guide`` is fitted with eta held fixed.
+
+    Returns
+    -------
+    FitResult
+        Losses, eta history and the ELBO's terms of the whole run, the steps before ``start`` included.
+
+    Raises
+    ------
+    NonFiniteError
+        A NaN/inf loss or parameter; names the step and the last good checkpoint.
+    TrainingInterrupted
+        Ctrl-C or a stop signal: the current step is finished and, with ``checkpoints``, saved first.
+    IncompatibleCheckpointError
+        ``start`` comes from another configuration.
+    """
+    config, objective, optim, guides, result, done = _setup(model, guide, data, cfg, checkpoints, start, heldout,
+                                                            evidence_guide)
     if on_start is not None:
         on_start(result)
-    saver = Checkpointer(checkpoints, config, cfg.total_steps, start)
-    batches = minibatches(len(data), cfg.batch_size, torch.Generator().manual_seed(cfg.seed), skip=done)
-    held_batches = (minibatches(len(heldout), cfg.batch_size, torch.Generator().manual_seed(cfg.seed + 1), skip=done)
-                    if heldout is not None else None)
     seconds_before, clock = result.seconds, time.perf_counter()
 
-    def state_now(step: int) -> dict:
+    def capture(step: int) -> tuple[dict, list[str]]:
         result.seconds = seconds_before + time.perf_counter() - clock
-        return capture_training_state(step, result, optim, model, guides)
+        return capture_training_state(step, result, optim, model, guides), nonfinite_params(optim)
 
-    bar = tqdm(range(done + 1, cfg.total_steps + 1), initial=done, total=cfg.total_steps, disable=not progress,
-               desc="SVI", dynamic_ncols=True)
-    in_step = False
+    saver = Checkpointer(checkpoints, config, cfg.total_steps, start, capture)
+    steps = _steps(objective, model, guide, evidence_guide, optim, data, heldout, cfg, done, saver)
+    bar = tqdm(steps, initial=done, total=cfg.total_steps, disable=not progress, desc="SVI", dynamic_ncols=True)
+    in_step = True  # an interrupt now falls inside a step, whose state is incomplete
     try:
-        with DeferredInterrupt() as interrupt:
-            for step in bar:
-                in_step = True
-                idx = next(batches).to(data.x.device)
-                batch: tuple[torch.Tensor, ...] = (data.x[idx], data.y[idx])
-                if held_batches is not None:
-                    idx = next(held_batches).to(heldout.x.device)
-                    batch += (heldout.x[idx], heldout.y[idx])
-                if cfg.sequential:  # steps 1..N: eta and the evidence guide; N+1..2N: the predicting guide
-                    objective.predicting = step > cfg.num_steps
-                with eta_held(model, guide, evidence_guide) if step <= cfg.eta_burnin else contextlib.nullcontext():
-                    loss = _train_step(objective, model, guide, optim, batch, len(data), step, saver.last_path)
-                rows = _record(result, objective, model, guide, step, loss, batch, cfg)
+        with bar, DeferredInterrupt() as interrupt:
+            for step, loss, batch in bar:
+                rows = _record(result, objective, model, guide, optim, step, loss, batch, cfg)
                 done, in_step = step, False
                 if rows is not None:
                     bar.set_postfix(elbo=f"{-loss:.3f}", eta_rot=f"{rows[0]['rotate']:.2f}")
@@ -356,17 +350,11 @@ def fit(
                 if callback is not None:
                     callback(step, loss)
                 if saver.due(step):
-                    saver.save(step, state_now(step), nonfinite_params(optim))
+                    saver.save(step)
                 if interrupt.requested is not None:
                     raise KeyboardInterrupt
+                in_step = True
     except KeyboardInterrupt:
-        if checkpoints is not None and not in_step and done > 0 and saver.last_step != done:
-            # the state after `done` steps is complete: keep it
-            saver.save(done, state_now(done), nonfinite_params(optim))
-        saved = checkpoints is not None and saver.last_step == done
-        raise TrainingInterrupted(done, cfg.total_steps, saver.last_path, saved,
-                                  interrupt.requested or signal.SIGINT) from None
-    finally:
-        bar.close()
+        raise saver.interrupted(done, in_step, interrupt.requested) from None
     result.seconds = seconds_before + time.perf_counter() - clock
     return result

@@ -28,9 +28,9 @@ from inference.checkpoint import (
 )
 from inference.data import Split
 from inference.optim import named_params
-from inference.state import CheckpointPolicy, FitResult, get_rng_state, set_rng_state
+from inference.state import CheckpointPolicy, get_rng_state, set_rng_state
 from inference.stopping import NonFiniteError, TrainingInterrupted
-from inference.svi import TrainConfig, fit, minibatches
+from inference.svi import FitResult, TrainConfig, fit, minibatches
 from models import InvariantNet, ModelConfig
 
 IMAGE = (1, 5, 5)

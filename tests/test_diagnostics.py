@@ -24,10 +24,11 @@ from pyro import poutine
 from guides import make_guide
 from inference import diagnostics as dg
 from inference import draws as dr
+from inference.data import true_extent
 from inference.diagnose import cli as diagnose_cli
 from inference.diagnostics import criteria, nuts
 from inference.diagnostics.nuts import fit_reference_guide, reference_data, reference_model
-from inference.run_io import RunError, load_run, load_run_data, read_eta_history, true_extent
+from inference.run_io import RunError, load_run, load_run_data, read_eta_history
 from inference.train import cli as train_cli
 from models import GENERATOR_NAMES, InvariantNet, ModelConfig
 
@@ -358,7 +359,7 @@ def test_load_run_restores_the_fitted_parameters(tiny_runs):
     assert len(data.test) == 30 and len(data.train) == 60
     steps, history = read_eta_history(run)
     assert steps[-1] == 6 and history.shape == (len(steps), len(GENERATOR_NAMES))
-    assert true_extent(run.data_config)["rotate"] == pytest.approx(math.pi)
+    assert true_extent(run.config.data)["rotate"] == pytest.approx(math.pi)
 
 
 def test_diagnose_test_size_takes_a_class_balanced_subset(tiny_runs):

@@ -181,7 +181,8 @@ def test_unknown_objective_and_bad_fraction_are_one_line_errors():
 def test_evidence_fit_trains_both_guides_and_resumes_exactly(tmp_path, schedule, stop_at, eta_prior):
     """Interrupted and resumed (on the sequential schedule in either phase, with eta a parameter or under full
     Bayes), an evidence run ends where the uninterrupted one ends."""
-    from inference.state import CheckpointPolicy, TrainingInterrupted
+    from inference.state import CheckpointPolicy
+    from inference.stopping import TrainingInterrupted
 
     x, y = batch(40, 0)
     data = Split(x, y)

@@ -10,7 +10,7 @@ import pytest
 
 from inference import history
 from inference.runner import RunControl
-from inference.state import FitResult
+from inference.svi import FitResult
 from inference.train import cli as train_cli
 
 

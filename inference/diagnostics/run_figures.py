@@ -22,11 +22,11 @@ from typing import Any
 import numpy as np
 
 from inference import diagnostics, plots
-from inference.data import Split, one_per_class
+from inference.data import Split, one_per_class, true_extent
 from inference.diagnostics import figures
 from inference.draws import site_kinds
 from inference.plots import FigureFormat
-from inference.run_io import LoadedRun, true_extent
+from inference.run_io import LoadedRun
 from inference.svi import TrainConfig
 from inference.uncertainty import RotationSweep
 
@@ -41,7 +41,7 @@ def phase_marks(cfg: TrainConfig) -> dict[str, int]:
 
 def run_label(run: LoadedRun) -> str:
     """The run's folder name, with its dataset when they differ."""
-    dataset = run.data_config.dataset.value
+    dataset = run.config.data.dataset.value
     return run.name if run.name == dataset else f"{run.name} ({dataset})"
 
 
@@ -49,7 +49,7 @@ def _filter_figures(run: LoadedRun, idata: Any, save: Any, num_filters: int, see
     W1 = diagnostics.w1_mean(idata)
     if W1 is None:
         return {"filters": "skipped: fixed random-Fourier-feature first layer"}
-    cfg, name = run.model_config, run_label(run)
+    cfg, name = run.config.model, run_label(run)
     point = diagnostics.POINT_GROUP in idata.groups() and "W1" in idata[diagnostics.POINT_GROUP]
     ranked = figures.top_hidden_units(idata, num_filters)
     if ranked is not None:  # the filters the output layer uses most, not the first (often near their random init)
@@ -68,13 +68,15 @@ def _filter_figures(run: LoadedRun, idata: Any, save: Any, num_filters: int, see
 def _elbo_figure(run: LoadedRun, history: Mapping[str, np.ndarray]) -> Any:
     """The ELBO curve with its terms; the whole-training-set values of ``metrics.json`` at the step where the guide
     they belong to stopped training (none under the joint evidence objective, whose loss is another guide's)."""
-    cfg, metrics = run.train_config, run.metrics
+    cfg, metrics = run.config.train, run.metrics
     evidence = metrics.get("elbo_guide") == "evidence"
     end = cfg.num_steps if evidence and cfg.sequential else None if evidence else int(history["iteration"][-1])
     terms = {"step": history["logged_step"], "expected_loglik": history["expected_loglik"], "kl": history["kl"]} \
         if "kl" in history else None
-    guide = "evidence guide, then the predicting guide" if evidence and cfg.sequential else \
-        "predicting guide (eta follows the evidence guide's ELBO)" if evidence else f"{run.guide_kind.value} guide"
+    guide = f"{run.config.guide.kind.value} guide"
+    if evidence:
+        guide = ("evidence guide, then the predicting guide" if cfg.sequential
+                 else "predicting guide (eta follows the evidence guide's ELBO)")
     kinds = site_kinds(run.model, run.guide)
     random = ", ".join(n for n, k in kinds.items() if k == "random") or "none"
     point = ", ".join(n for n, k in kinds.items() if k == "point")
@@ -94,15 +96,15 @@ def write_figures(run: LoadedRun, idata: Any, test: Split, fig_dir: Path, fmt: F
     def save(fig: Any, name: str) -> str:
         return str(fmt.save(fig, fig_dir, name))
 
-    cfg, name = run.model_config, run_label(run)
+    cfg, name = run.config.model, run_label(run)
     eta = diagnostics.eta_values(idata)
-    extent = true_extent(run.data_config, names=cfg.generator_names)
+    extent = true_extent(run.config.data, names=cfg.generator_names)
     written = _filter_figures(run, idata, save, num_filters, seed)
     history = diagnostics.training_history(idata)
     if "eta" in history:
         written["eta_trajectories"] = save(plots.plot_eta_trajectories(
             history["step"], history["eta"], extent, None, title=f"{name}: eta during training (dashed: the data's "
-            "true extent)", names=cfg.generator_names, marks=phase_marks(run.train_config),
+            "true extent)", names=cfg.generator_names, marks=phase_marks(run.config.train),
             image_size=cfg.image_shape[-1]), "eta_trajectories")
     if "elbo" in history:
         written["elbo"] = save(_elbo_figure(run, history), "elbo")
@@ -132,8 +134,8 @@ def write_rotation_figure(sweeps: Mapping[str, RotationSweep], runs: Mapping[str
     """``rotation_uncertainty``: every run's :class:`~inference.uncertainty.RotationSweep` in one figure, with the
     first run's data range and each run's learned eta_rotate."""
     first = next(iter(runs.values()))
-    data_range = math.degrees(true_extent(first.data_config).get("rotate", 0.0))
+    data_range = math.degrees(true_extent(first.config.data).get("rotate", 0.0))
     learned = {name: math.degrees(float(run.metrics.get("eta", {}).get("rotate", 0.0))) for name, run in runs.items()}
     fig = plots.plot_rotation_sweep(sweeps, None, data_range_deg=data_range, eta_deg=learned,
-                                    title=f"trained on {first.data_config.dataset.value}")
+                                    title=f"trained on {first.config.data.dataset.value}")
     return str(fmt.save(fig, fig_dir, "rotation_uncertainty"))

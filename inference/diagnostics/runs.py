@@ -26,13 +26,13 @@ import pyro
 import torch
 
 from inference import diagnostics
-from inference.data import DatasetName, Split, balanced_subset
+from inference.data import DatasetName, Split, balanced_subset, true_extent
 from inference.diagnostics import figures
 from inference.diagnostics.nuts import fit_reference_guide, reference_model
 from inference.diagnostics.run_figures import run_label, write_figures, write_rotation_figure
 from inference.draws import draw_posterior, site_kinds
 from inference.plots import FigureFormat
-from inference.run_io import LoadedRun, load_run, load_run_data, read_eta_history, true_extent
+from inference.run_io import LoadedRun, load_run, load_run_data, read_eta_history
 from inference.uncertainty import RotationSweep, rotation_sweep
 from models.config import FirstLayer
 from models.priors import EtaPrior
@@ -66,7 +66,7 @@ class DiagnoseOptions:
 
 # --------------------------------------------------------------------------- one run
 def _eval_transforms(run: LoadedRun) -> int:
-    return int(run.metrics["config"].get("eval", {}).get("num_transforms", run.model_config.num_transforms))
+    return int(run.metrics["config"].get("eval", {}).get("num_transforms", run.config.model.num_transforms))
 
 
 def shared_eps(run: LoadedRun, choice: str) -> bool:
@@ -75,8 +75,8 @@ def shared_eps(run: LoadedRun, choice: str) -> bool:
     if choice != "auto":
         return choice == "shared"
     kinds = site_kinds(run.model, run.guide)
-    first_layer_fixed = run.model_config.first_layer is FirstLayer.RFF or kinds.get("W1") == "point"
-    return first_layer_fixed and run.model_config.eta_prior is EtaPrior.NONE
+    first_layer_fixed = run.config.model.first_layer is FirstLayer.RFF or kinds.get("W1") == "point"
+    return first_layer_fixed and run.config.model.eta_prior is EtaPrior.NONE
 
 
 def num_draws(run: LoadedRun, opts: DiagnoseOptions) -> int:
@@ -100,7 +100,7 @@ def eval_splits(run: LoadedRun, opts: DiagnoseOptions) -> tuple[Split, Split]:
 def upright_examples(run: LoadedRun, opts: DiagnoseOptions) -> Split:
     """``opts.rotation_examples`` class-balanced test examples of the run's source, untransformed (the same for
     every run on the same source)."""
-    source = DatasetName(run.data_config.dataset.source.value)
+    source = DatasetName(run.config.data.dataset.source.value)
     test = load_run_data(run, opts.data_dir, dataset=source, train_size=10, test_size=None).test
     idx = balanced_subset(test.y, min(opts.rotation_examples, len(test)), torch.Generator().manual_seed(opts.seed))
     return Split(test.x[idx], test.y[idx])
@@ -112,14 +112,14 @@ def run_inference_data(run: LoadedRun, train: Split, test: Split, opts: Diagnose
     pyro.set_rng_seed(opts.seed)
     S = opts.num_transforms or _eval_transforms(run)
     shared = shared_eps(run, opts.eps)
-    attrs = {"run_dir": str(run.run_dir), "dataset": run.data_config.dataset.value,
-             "guide": run.guide_kind.value, "checkpoint_step": run.checkpoint.step,
-             "num_train_steps": run.train_config.num_steps, "hidden": run.model_config.hidden}
+    attrs = {"run_dir": str(run.run_dir), "dataset": run.config.data.dataset.value,
+             "guide": run.config.guide.kind.value, "checkpoint_step": run.checkpoint.step,
+             "num_train_steps": run.config.train.num_steps, "hidden": run.config.model.hidden}
     return diagnostics.to_inference_data(
         run.model, run.guide, train.x, train.y, test=(test.x, test.y), num_draws=num_draws(run, opts),
         num_transforms=S, shared_eps=shared, eta_history=read_eta_history(run), losses=run.losses,
         elbo_history=run.checkpoint.state.get("elbo_history"),
-        eta_true=true_extent(run.data_config, names=run.model_config.generator_names), attrs=attrs)
+        eta_true=true_extent(run.config.data, names=run.config.model.generator_names), attrs=attrs)
 
 
 def run_rotation_sweep(run: LoadedRun, opts: DiagnoseOptions) -> RotationSweep:
@@ -148,9 +148,9 @@ def summarise(run: LoadedRun, idata: Any) -> dict[str, Any]:
     """The numbers of ``summary.json`` that come from ``idata``: the training data's LOO and WAIC, the test data's
     elpd and predictive accuracy, named so."""
     return {
-        "run_dir": str(run.run_dir), "dataset": run.data_config.dataset.value, "guide": run.guide_kind.value,
+        "run_dir": str(run.run_dir), "dataset": run.config.data.dataset.value, "guide": run.config.guide.kind.value,
         "checkpoint_step": run.checkpoint.step, "eta": run.metrics.get("eta"),
-        "eta_true": true_extent(run.data_config, names=run.model_config.generator_names),
+        "eta_true": true_extent(run.config.data, names=run.config.model.generator_names),
         "num_train": int(idata.observed_data.sizes["obs"]), "num_test": int(idata.predictions.sizes["test_obs"]),
         "draws": int(idata.posterior.sizes["draw"]), "shared_eps": bool(idata.posterior.attrs["shared_eps"]),
         "num_transforms": int(idata.posterior.attrs["num_transforms"]),
