@@ -1,27 +1,14 @@
 """The datasets of the paper: a source (MNIST, Fashion-MNIST, CIFAR-10), a one-off fixed-seed transformation, a subset.
 
-The data root is resolved as ``--data-dir`` > ``$INVW_DATA_DIR`` > ``./data``; under it every source sits in
-torchvision's layout (:mod:`inference.sources`: ``MNIST/raw``, ``FashionMNIST/raw``, ``cifar-10-batches-py``).
-When ``allow_download`` is set and the source is missing, torchvision downloads it there; otherwise a
-:class:`DataNotFoundError` names the folder and the flag.
+The data root is ``--data-dir`` > ``$INVW_DATA_DIR`` > ``./data``, each source in torchvision's layout
+(:mod:`inference.sources`); with ``allow_download`` torchvision fetches a missing source there, otherwise a
+:class:`DataNotFoundError` names the folder and the flag. A dataset is named ``<variant>-<source>`` (plain: the
+source's name alone); each :class:`Variant` transforms every example once, with a generator seeded by
+``data_seed`` (REFERENCE.md): rotated by U[-180, 180] deg, partially rotated by U[-90, 90] deg (MNIST only),
+translated by U[-8, 8] px, scaled by exp(s), s ~ U[-log 2, log 2] (the defaults; README, "Data").
 
-A dataset's name is its variant and its source, ``<variant>-<source>`` (plain: the source's name alone). Each
-variant transforms every example once, with a generator seeded by ``data_seed`` (REFERENCE.md: "Each
-transformed once per example with a fixed seed"; "rotated/translated/scaled CIFAR-10 likewise"):
-
-==========================  =====================================================  ========================
-variant                     transformation                                         sources
-==========================  =====================================================  ========================
-rotated-                    rotation ~ U[-rotation, rotation], default 180 deg     all three
-partially-rotated-          rotation ~ U[-90, 90] deg                              MNIST
-translated-                 dx, dy ~ U[-translation, translation], default 8 px    all three
-scaled-                     exp(s), s ~ U[-log 2, log 2]                           all three
-(none)                      untouched                                              all three
-==========================  =====================================================  ========================
-
-Memory: the source is read as bytes, subset, and converted to float32 and warped in chunks of
-:data:`CHUNK` images into one preallocated ``(N, C, H, W)`` tensor, so the only whole-set float copy is the
-result (CIFAR-10: 614 MB for the 50,000 training images, 123 MB for the test set).
+Memory: the source is read as bytes, subset, and converted to float32 and warped :data:`CHUNK` images at a time
+into one preallocated ``(N, C, H, W)`` tensor, so the only whole-set float copy is the result.
 """
 
 from __future__ import annotations
