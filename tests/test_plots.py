@@ -114,7 +114,11 @@ def test_eta_trajectories_in_degrees_pixels_and_coefficients_one_panel_each(tmp_
     np.testing.assert_allclose(solid["shear"].get_ydata(), eta[:, 5])
     dashed = [line for ax in fig.axes for line in ax.lines if line.get_linestyle() == "--"]
     assert sorted(line.get_ydata()[0] for line in dashed) == pytest.approx([8.0, 180.0])  # true extents
-    (circle,) = [line for line in rot.lines if line.get_linestyle() == "-."]
+    (true_rotate,) = [line for line in rot.lines if line.get_linestyle() == "--"]
+    assert "full circle" in true_rotate.get_label()  # a 180-deg true extent is the full circle: one line, not two
+    assert not [line for line in rot.lines if line.get_linestyle() == "-."]
+    partial = plots.plot_eta_trajectories(steps, eta, {"rotate": math.pi / 2})
+    (circle,) = [line for line in partial.axes[0].lines if line.get_linestyle() == "-."]
     assert circle.get_ydata()[0] == 180 and "full circle" in circle.get_label()
     assert all(ax.get_xlabel() == "SVI step" and ax.get_ylim()[0] == 0 for ax in fig.axes)
 
