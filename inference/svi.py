@@ -197,17 +197,24 @@ def minibatches(n: int, batch_size: int, generator: torch.Generator, skip: int =
 def _train_step(objective: Callable, model: InvariantNet, guide: Callable, optim: ParamAdam,
                 batch: tuple[torch.Tensor, ...], scale: int, step: int, last_checkpoint: Path | None) -> float:
     """:func:`svi_step` and one scheduler step; a NaN/inf loss or parameter becomes a :class:`NonFiniteError`."""
-    try:
+    with nonfinite_as_error(optim, step, last_checkpoint):
         loss = svi_step(objective, model, guide, optim, *batch) / scale
-    except ValueError as err:  # distribution validation rejects NaN/inf before any loss exists
-        problem = nonfinite_problem(err, optim)
-        if problem is None:
-            raise
-        raise NonFiniteError(problem, step, last_checkpoint) from err
     if not math.isfinite(loss):
         raise NonFiniteError(f"non-finite loss {loss}", step, last_checkpoint)
     optim.schedule_step()
     return loss
+
+
+@contextlib.contextmanager
+def nonfinite_as_error(optim: ParamAdam, step: int, last_checkpoint: Path | None) -> Iterator[None]:
+    """Distribution validation rejecting a NaN/inf (before any loss exists) becomes a :class:`NonFiniteError`."""
+    try:
+        yield
+    except ValueError as err:
+        problem = nonfinite_problem(err, optim)
+        if problem is None:
+            raise
+        raise NonFiniteError(problem, step, last_checkpoint) from err
 
 
 def _record(
@@ -347,7 +354,12 @@ def fit(
                     objective.predicting = step > cfg.num_steps
                 with eta_held(model, guide, evidence_guide) if step <= cfg.eta_burnin else contextlib.nullcontext():
                     loss = _train_step(objective, model, guide, optim, batch, len(data), step, saver.last_path)
-                rows = _record(result, objective, model, guide, step, loss, batch, cfg)
+                try:
+                    rows = _record(result, objective, model, guide, step, loss, batch, cfg)
+                except ValueError as err:  # the update overflowed the model: the next step reports it, as unlogged
+                    if nonfinite_problem(err, optim) is None:
+                        raise
+                    rows = None
                 done, in_step = step, False
                 if rows is not None:
                     bar.set_postfix(elbo=f"{-loss:.3f}", eta_rot=f"{rows[0]['rotate']:.2f}")
