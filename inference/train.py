@@ -32,6 +32,7 @@ import sys
 from pathlib import Path
 
 from guides.factory import POINT_FIRST_LAYER, GuideKind, InitLoc
+from inference import distributed
 from inference.checkpoint import (
     CHECKPOINT_DIRNAME,
     list_checkpoints,
@@ -172,11 +173,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--tensorboard", action="store_true",
                    help="also log the ELBO's terms and eta of every logged step to OUT/tensorboard/ (needs the "
                         "optional tensorboard package; view with: tensorboard --logdir OUT)")
+    distributed.add_flags(p)  # --strategy ddp, --devices, --num-nodes (inference/distributed.py)
     return p
 
 
 RUN_CONTROL = frozenset({"config", "out", "resume", "overwrite", "checkpoint_every", "keep_checkpoints", "threads",
-                         "no_progress", "tensorboard"})
+                         "no_progress", "tensorboard"}) | distributed.FLAGS
 """Flags that say how to run, not what: the only ones that go with ``--config``."""
 
 
@@ -275,7 +277,11 @@ def control_from_args(args: argparse.Namespace) -> RunControl:
 
 
 def main(args: argparse.Namespace) -> dict:
-    """Train, evaluate and write ``metrics.json`` and ``eta_history.csv``; returns the metrics."""
+    """Train, evaluate and write ``metrics.json`` and ``eta_history.csv``; returns the metrics (None on a rank
+    other than 0 of data-parallel training)."""
+    launch = distributed.Launch.from_args(args)
+    if launch.strategy is distributed.Strategy.DDP:  # this process is one rank (inference/distributed.py)
+        return distributed.run_rank(config_from_args(args), control_from_args(args), launch)
     return run(config_from_args(args), control_from_args(args))
 
 
@@ -327,6 +333,8 @@ def cli(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.out is None and args.resume is None:
         parser.error("one of --out DIR or --resume DIR is required")
+    if distributed.requested(args) and not distributed.is_rank_process():  # start the ranks: this command, each
+        return distributed.launch_cli(argv, args, lambda a: (config_from_args(a), control_from_args(a)))
     return run_cli(main, args, lambda err: interrupt_message(err, args),
                    lambda err: divergence_message(err, args) if isinstance(err, FloatingPointError) else one_line(err))
 
