@@ -117,7 +117,7 @@ class Launch:
 
 def requested(args: argparse.Namespace) -> bool:
     """Whether the command asks for data-parallel training."""
-    return Launch.from_args(args).strategy is Strategy.DDP
+    return getattr(args, "strategy", Strategy.SINGLE) == Strategy.DDP
 
 
 def is_rank_process() -> bool:
@@ -201,11 +201,7 @@ class GradientSync:
     def start(self, model: torch.nn.Module, guides: Sequence[Callable], optim: ParamAdam, done: int) -> int:
         """Make every rank start from rank 0's state: create every guide's parameters (their first call), then send
         rank 0's step, optimiser state, parameters and buffers to the others; returns the step to continue after."""
-        x = blank_image(model)
-        y = model.likelihood.blank_labels(1, x)
-        with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []):
-            for guide in guides:  # autoguides create their parameters on their first call
-                poutine.replay(model, trace=poutine.trace(guide).get_trace(x, y))(x, y)
+        create_parameters(model, guides)
         state = [done, optim.state_dict() if self.rank == 0 else None]
         dist.broadcast_object_list(state, src=0, group=self.group)
         done = int(state[0])
@@ -235,6 +231,16 @@ class GradientSync:
     def describe(self) -> dict:
         """What ``metrics.json`` records of the launch."""
         return {"strategy": Strategy.DDP.value, "world_size": self.world_size, "backend": dist.get_backend(self.group)}
+
+
+def create_parameters(model: torch.nn.Module, guides: Sequence[Callable]) -> None:
+    """Create every guide's parameters now (autoguides do it on their first call, which the sequential schedule's
+    predicting guide meets only half-way through), from the global random stream, which is then put back."""
+    x = blank_image(model)
+    y = model.likelihood.blank_labels(1, x)
+    with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []):
+        for guide in guides:
+            poutine.replay(model, trace=poutine.trace(guide).get_trace(x, y))(x, y)
 
 
 # ---------------------------------------------------------------------------------------------------- launching
