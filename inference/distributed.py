@@ -60,7 +60,7 @@ from inference.draws import blank_image
 from inference.optim import ParamAdam, named_params
 from inference.runner import RunControl
 
-FLAGS = frozenset({"strategy", "devices", "num_nodes"})
+FLAGS = frozenset({"strategy", "devices", "num_nodes", "reuse"})
 """The flags of :func:`add_flags`: how to run, not what (allowed with ``--config`` and ``--resume``)."""
 
 
@@ -72,14 +72,17 @@ class Strategy(StrEnum):
 
 
 def add_flags(parser: argparse.ArgumentParser) -> None:
-    """``--strategy``, ``--devices`` and ``--num-nodes`` in a group of their own."""
-    g = parser.add_argument_group("several processes (data-parallel SVI, inference/distributed.py)")
+    """``--strategy``, ``--devices``, ``--num-nodes`` and a grid job's ``--reuse`` in a group of their own."""
+    g = parser.add_argument_group("several processes and machines (inference/distributed.py, inference/commands.py)")
     g.add_argument("--strategy", type=Strategy, choices=list(Strategy), default=Strategy.SINGLE,
                    help="'ddp': split every minibatch over --devices x --num-nodes processes and average their "
                    "gradients (gloo on the CPU, nccl on CUDA: one GPU per process); --batch-size is the global batch")
     g.add_argument("--devices", type=int, default=1, metavar="N", help="ddp: processes (CPU) or GPUs per machine")
     g.add_argument("--num-nodes", type=int, default=1, metavar="M",
                    help="ddp: machines; run the same command on each with MASTER_ADDR, MASTER_PORT and NODE_RANK set")
+    g.add_argument("--reuse", action="store_true",
+                   help="a grid's job (compare --print-commands): leave a finished run in --out as it is, resume one "
+                   "with a checkpoint, start the others (so the job may be run again)")
 
 
 @dataclass(frozen=True)

@@ -32,7 +32,7 @@ import sys
 from pathlib import Path
 
 from guides.factory import POINT_FIRST_LAYER, GuideKind, InitLoc
-from inference import distributed
+from inference import commands, distributed
 from inference.checkpoint import (
     CHECKPOINT_DIRNAME,
     list_checkpoints,
@@ -280,9 +280,14 @@ def main(args: argparse.Namespace) -> dict:
     """Train, evaluate and write ``metrics.json`` and ``eta_history.csv``; returns the metrics (None on a rank
     other than 0 of data-parallel training)."""
     launch = distributed.Launch.from_args(args)
+    cfg, control = config_from_args(args), control_from_args(args)
+    if getattr(args, "reuse", False):  # a job of a printed grid (inference/commands.py): finished, resumed or started
+        control, finished = commands.reuse(cfg, control)
+        if finished is not None:
+            return finished
     if launch.strategy is distributed.Strategy.DDP:  # this process is one rank (inference/distributed.py)
-        return distributed.run_rank(config_from_args(args), control_from_args(args), launch)
-    return run(config_from_args(args), control_from_args(args))
+        return distributed.run_rank(cfg, control, launch)
+    return run(cfg, control)
 
 
 def resume_command(run_dir: str, *extra: str) -> str:
