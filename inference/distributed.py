@@ -57,8 +57,12 @@ from inference.cli import USER_ERRORS, one_line
 from inference.config import RunConfig, derive
 from inference.cpu import available_cores
 from inference.draws import blank_image
+from inference.grid import stop_with_parent
 from inference.optim import ParamAdam, named_params
 from inference.runner import RunControl
+
+LAUNCHER_PID = "INVW_LAUNCHER_PID"
+"""Set by :func:`launch` in its ranks' environment: the launcher's process id."""
 
 FLAGS = frozenset({"strategy", "devices", "num_nodes", "reuse"})
 """The flags of :func:`add_flags`: how to run, not what (allowed with ``--config`` and ``--resume``)."""
@@ -115,7 +119,8 @@ class Launch:
         """The flags that give this launch (none for the single process)."""
         if self.strategy is Strategy.SINGLE:
             return []
-        return ["--strategy", self.strategy.value, "--devices", str(self.devices), "--num-nodes", str(self.num_nodes)]
+        nodes = ["--num-nodes", str(self.num_nodes)] if self.num_nodes > 1 else []
+        return ["--strategy", self.strategy.value, "--devices", str(self.devices), *nodes]
 
 
 def requested(args: argparse.Namespace) -> bool:
@@ -309,7 +314,7 @@ def rank_environments(launch: Launch, environ: dict[str, str] | None = None) -> 
     node = int(environ.get("NODE_RANK", 0))
     if not 0 <= node < launch.num_nodes:
         raise ValueError(f"NODE_RANK={node} must lie in 0 .. {launch.num_nodes - 1}")
-    base = {**environ, "MASTER_ADDR": environ.get("MASTER_ADDR") or "127.0.0.1",
+    base = {**environ, LAUNCHER_PID: str(os.getpid()), "MASTER_ADDR": environ.get("MASTER_ADDR") or "127.0.0.1",
             "MASTER_PORT": environ.get("MASTER_PORT") or str(free_port()), "WORLD_SIZE": str(launch.world_size),
             "LOCAL_WORLD_SIZE": str(launch.devices), "NODE_RANK": str(node)}
     return [{**base, "RANK": str(node * launch.devices + i), "LOCAL_RANK": str(i)} for i in range(launch.devices)]
@@ -372,6 +377,8 @@ def run_rank(cfg: RunConfig, control: RunControl, launch: Launch) -> dict | None
     """Train one rank of ``cfg``: rank 0 the whole run with its files (:func:`inference.runner.run`), the others
     :func:`inference.runner.follow`. Returns rank 0's metrics, None on the other ranks."""
     env = RankEnv.read(launch)
+    if LAUNCHER_PID in os.environ:  # started by launch(): stop (after the step, with a checkpoint) if it dies
+        stop_with_parent(int(os.environ[LAUNCHER_PID]))
     backend, device, threads = rank_settings(cfg.device, control.threads, env)
     if backend == "nccl":
         torch.cuda.set_device(device)
@@ -381,7 +388,10 @@ def run_rank(cfg: RunConfig, control: RunControl, launch: Launch) -> dict | None
         sync = GradientSync(env.rank, env.world_size, cfg.train.seed)
         if env.rank == 0:
             return runner.run(cfg, control, sync)
-        runner.follow(cfg, control, sync)
+        try:
+            runner.follow(cfg, control, sync)
+        except KeyboardInterrupt as err:  # rank 0 says where the run stopped and how to continue it
+            raise SystemExit(128 + int(getattr(err, "signum", signal.SIGINT))) from None
     return None
 
 

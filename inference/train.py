@@ -305,8 +305,8 @@ def interrupt_message(err: KeyboardInterrupt, args: argparse.Namespace) -> str:
         newest = list_checkpoints(Path(run_dir) / CHECKPOINT_DIRNAME) if run_dir is not None else []
         has_checkpoint = bool(newest)
         text = "interrupted" + (f"; the newest checkpoint is {newest[-1][1]}" if newest else "; nothing was saved")
-    if has_checkpoint:
-        text += f"; continue with: {resume_command(run_dir)}"
+    if has_checkpoint:  # data-parallel runs continue exactly with their processes (inference/distributed.py)
+        text += f"; continue with: {resume_command(run_dir, *distributed.Launch.from_args(args).argv())}"
     return text
 
 
@@ -321,7 +321,7 @@ def divergence_message(err: FloatingPointError, args: argparse.Namespace) -> str
     lower = ["--lr", f"{cfg.lr / 2:g}", "--eta-lr", f"{cfg.eta_lr / 2:g}"]
     if cfg.evidence_lr is not None:
         lower += ["--evidence-lr", f"{cfg.evidence_lr / 2:g}"]
-    return f"{text}; e.g.: {resume_command(run_dir, *lower)}"
+    return f"{text}; e.g.: {resume_command(run_dir, *lower, *distributed.Launch.from_args(args).argv())}"
 
 
 def cli(argv: list[str] | None = None) -> int:

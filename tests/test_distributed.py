@@ -12,8 +12,10 @@ from __future__ import annotations
 import json
 import multiprocessing
 import shutil
+import signal
 import subprocess
 import sys
+import time
 
 import pyro
 import pytest
@@ -181,3 +183,26 @@ def test_ddp_cli_writes_the_run_from_rank_0_and_resumes_exactly(tmp_path, data_d
                     ends[1].state["guides"] + [ends[1].state["model"]], strict=True):
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert json.loads((part / "metrics.json").read_text())["eta"] == metrics["eta"]
+
+
+def test_sigterm_to_the_launcher_stops_every_rank_after_one_step_with_rank_0s_checkpoint(tmp_path, data_dir):
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "inference.train", "--dataset", "rotated-mnist", "--data-dir", str(data_dir),
+           "--train-size", "64", "--test-size", "20", "--hidden", "8", "--num-transforms", "2", "--num-steps", "5000",
+           "--batch-size", "16", "--checkpoint-every", "0", "--no-progress", "--threads", "1", "--out", str(out),
+           "--strategy", "ddp", "--devices", "2"]
+    proc = subprocess.Popen(cmd, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    history = out / "eta_history.csv"
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and proc.poll() is None:
+        if history.is_file() and len(history.read_text().splitlines()) > 2:  # training is under way
+            break
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=240)
+    assert proc.returncode == 128 + signal.SIGTERM, stderr[-3000:]
+    assert stderr.count("interrupted by SIGTERM after step") == 1, stderr  # rank 0 alone reports it
+    step = int(stderr.split("interrupted by SIGTERM after step ")[1].split()[0])
+    checkpoint, _ = latest_checkpoint(out / CHECKPOINT_DIRNAME)
+    assert 0 < checkpoint.step == step < 5000 and len(checkpoint.state["losses"]) == step
+    assert f"--resume {out} --strategy ddp --devices 2" in stderr and not (out / "metrics.json").exists()
