@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import json
+import math
 import multiprocessing
 import shutil
 import signal
@@ -206,3 +207,17 @@ def test_sigterm_to_the_launcher_stops_every_rank_after_one_step_with_rank_0s_ch
     checkpoint, _ = latest_checkpoint(out / CHECKPOINT_DIRNAME)
     assert 0 < checkpoint.step == step < 5000 and len(checkpoint.state["losses"]) == step
     assert f"--resume {out} --strategy ddp --devices 2" in stderr and not (out / "metrics.json").exists()
+
+
+@pytest.mark.cuda
+def test_ddp_on_cuda_runs_one_nccl_process_per_gpu(tmp_path, data_dir):
+    gpus = min(2, torch.cuda.device_count())
+    out = tmp_path / "run"
+    proc = run_train("--dataset", "rotated-mnist", "--data-dir", str(data_dir), "--train-size", "64", "--test-size",
+                     "20", "--hidden", "8", "--num-transforms", "2", "--eval-transforms", "2", "--num-steps", "4",
+                     "--batch-size", "16", "--no-progress", "--device", "cuda", "--out", str(out), "--strategy", "ddp",
+                     "--devices", str(gpus))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["distributed"] == {"strategy": "ddp", "world_size": gpus, "backend": "nccl"}
+    assert metrics["config"]["device"] == "cuda:0" and all(math.isfinite(v) for v in metrics["eta"].values())
