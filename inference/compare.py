@@ -43,6 +43,10 @@ regular CIFAR-10) with the same setting.
 
 Writes ``OUT/[<dataset>/]<config>/seed-<s>/`` per run and the tables and figure of :mod:`inference.report`
 (``runs.csv``, ``comparison.csv`` with mean and std over seeds, ``comparison.md``, ``comparison.png``).
+
+Beyond one machine (:mod:`inference.commands`): ``--print-commands`` trains nothing and writes one self-contained
+``python -m inference.train`` command per run to ``OUT/commands.txt`` (one job each of a job array or any
+scheduler); ``--collect OUT`` then writes the same tables and figure from the finished run folders alone.
 """
 
 from __future__ import annotations

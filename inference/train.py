@@ -4,6 +4,7 @@ Usage::
 
     python -m inference.train --dataset rotated-mnist --out runs/rotated --data-dir ../shared/data
     python -m inference.train --dataset rotated-cifar10 --out runs/rotated-cifar10 --data-dir DATA
+    python -m inference.train --dataset rotated-mnist --out runs/ddp --device cuda --strategy ddp --devices 2
 
 The model's input shape follows the dataset (1 x 28 x 28, or 3 x 32 x 32 for CIFAR-10).
 
@@ -33,6 +34,7 @@ from pathlib import Path
 
 from guides.factory import POINT_FIRST_LAYER, GuideKind, InitLoc
 from inference import commands, distributed
+from inference import launch as launching
 from inference.checkpoint import (
     CHECKPOINT_DIRNAME,
     list_checkpoints,
@@ -286,7 +288,7 @@ def main(args: argparse.Namespace) -> dict:
         if finished is not None:
             return finished
     if launch.strategy is distributed.Strategy.DDP:  # this process is one rank (inference/distributed.py)
-        return distributed.run_rank(cfg, control, launch)
+        return launching.run_rank(cfg, control, launch)
     return run(cfg, control)
 
 
@@ -338,8 +340,8 @@ def cli(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.out is None and args.resume is None:
         parser.error("one of --out DIR or --resume DIR is required")
-    if distributed.requested(args) and not distributed.is_rank_process():  # start the ranks: this command, each
-        return distributed.launch_cli(argv, args, lambda a: (config_from_args(a), control_from_args(a)))
+    if distributed.requested(args) and not launching.is_rank_process():  # start the ranks: this command, each
+        return launching.launch_cli(argv, args, lambda a: (config_from_args(a), control_from_args(a)))
     return run_cli(main, args, lambda err: interrupt_message(err, args),
                    lambda err: divergence_message(err, args) if isinstance(err, FloatingPointError) else one_line(err))
 

@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 
 from guides import make_guide
-from inference import distributed
+from inference import launch as launching
 from inference.checkpoint import CHECKPOINT_DIRNAME, latest_checkpoint
 from inference.data import Split
 from inference.distributed import GradientSync, Launch, create_parameters, noise_seed
@@ -146,7 +146,7 @@ def test_launch_settings_are_checked(capsys, tmp_path, monkeypatch):
     assert cli([*base, "--strategy", "ddp", "--devices", "2", "--num-nodes", "2"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "MASTER_ADDR, MASTER_PORT, NODE_RANK" in err
-    envs = distributed.rank_environments(Launch("ddp", 2, 2), {"MASTER_ADDR": "node0", "MASTER_PORT": "29500",
+    envs = launching.rank_environments(Launch("ddp", 2, 2), {"MASTER_ADDR": "node0", "MASTER_PORT": "29500",
                                                                "NODE_RANK": "1"})
     assert [(e["RANK"], e["LOCAL_RANK"], e["WORLD_SIZE"]) for e in envs] == [("2", "0", "4"), ("3", "1", "4")]
     assert not (tmp_path / "run").exists()
