@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import multiprocessing
@@ -23,7 +24,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from guides import make_guide
+from guides import make_evidence_guide, make_guide
 from inference import launch as launching
 from inference.checkpoint import CHECKPOINT_DIRNAME, latest_checkpoint
 from inference.data import Split
@@ -38,11 +39,12 @@ N, B, STEPS, SEED = 32, 8, 3, 3
 CFG = TrainConfig(num_steps=STEPS, batch_size=B, seed=SEED, log_every=1)
 
 
-def tiny_problem(dtype: torch.dtype = torch.float64) -> tuple[InvariantNet, object, torch.Tensor, torch.Tensor]:
+def tiny_problem(dtype: torch.dtype = torch.float64, first_layer_prior: bool = False
+                 ) -> tuple[InvariantNet, object, torch.Tensor, torch.Tensor]:
     """A model (8 units, S = 2, 8 x 8 images), its hybrid guide and N labelled images, all from seed 0."""
     pyro.set_rng_seed(0)
-    model = InvariantNet(ModelConfig(image_shape=(1, 8, 8), hidden=8, num_transforms=2, first_layer_prior=False),
-                         num_data=N).to(dtype)
+    model = InvariantNet(ModelConfig(image_shape=(1, 8, 8), hidden=8, num_transforms=2,
+                                     first_layer_prior=first_layer_prior), num_data=N).to(dtype)
     guide = make_guide(model, "hybrid")
     x = torch.rand(N, 1, 8, 8, dtype=dtype)
     return model, guide, x, torch.arange(N) % 10
@@ -72,7 +74,16 @@ def _worker(rank: int, world: int, init: str, out: str) -> None:
         model, guide, x, y = tiny_problem(torch.float32)
         result = fit(model, guide, Split(x, y), CFG, progress=False, sync=GradientSync(rank, world, SEED))
         own = {k: v.detach().clone() for k, v in named_params(model, guide).items()}
-        torch.save({"same": same, "losses": losses, "own": own, "fit_losses": result.losses}, f"{out}/rank{rank}.pt")
+        # the sequential evidence schedule: the predicting guide first takes part half-way through
+        model, guide, x, y = tiny_problem(torch.float32, first_layer_prior=True)
+        evidence = make_evidence_guide(model, "hybrid", predicting_guide=guide)
+        create_parameters(model, [guide])
+        before = {k: v.detach().clone() for k, v in named_params(guide).items()}
+        cfg = dataclasses.replace(CFG, num_steps=2, eta_objective="evidence", evidence_schedule="sequential")
+        fit(model, guide, Split(x, y), cfg, progress=False, evidence_guide=evidence, sync=GradientSync(rank, world, 0))
+        sequential = {k: v.detach().clone() for k, v in named_params(model, guide, evidence).items()}
+        torch.save({"same": same, "losses": losses, "own": own, "fit_losses": result.losses, "sequential": sequential,
+                    "predicting_before": before}, f"{out}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()
 
@@ -117,6 +128,12 @@ def test_fit_keeps_parameters_identical_across_ranks(two_ranks):
     assert first["fit_losses"] == second["fit_losses"] and len(first["fit_losses"]) == STEPS
     # each rank drew its own noise: the run differs from the same-noise one
     assert not torch.equal(first["own"]["eta"], first["same"]["eta"].float())
+    # the sequential schedule: identical too, the predicting guide trained in its phase only
+    assert set(first["sequential"]) == set(second["sequential"])
+    for name, value in first["sequential"].items():
+        assert torch.equal(value, second["sequential"][name]), name
+    moved = [k for k, v in first["predicting_before"].items() if not torch.equal(v, first["sequential"][k])]
+    assert moved and first["sequential"].keys() >= first["predicting_before"].keys()
 
 
 def test_noise_seeds_differ_by_rank_and_step():
