@@ -26,6 +26,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from pyro.infer import Trace_ELBO
@@ -59,6 +60,9 @@ from inference.stopping import (
 from models.config import check_positive_float, check_positive_int
 from models.network import InvariantNet
 from models.priors import EtaPrior
+
+if TYPE_CHECKING:
+    from inference.distributed import GradientSync
 
 
 @dataclass(frozen=True)
@@ -249,6 +253,7 @@ def fit(
     start: Checkpoint | None = None,
     heldout: Split | None = None,
     evidence_guide: Callable | None = None,
+    sync: GradientSync | None = None,
 ) -> FitResult:
     """Fit ``guide`` and ``eta`` to ``data`` with SVI, optionally checkpointed and resumed.
 
@@ -286,6 +291,9 @@ def fit(
     evidence_guide : callable, optional
         The ``evidence`` objective's mean-field guide over every weight
         (:func:`guides.make_evidence_guide`); eta follows its ELBO, ``guide`` is fitted with eta held fixed.
+    sync : GradientSync, optional
+        This process's rank in data-parallel training (:mod:`inference.distributed`): minibatch shards, per-rank
+        noise, gradients averaged over the ranks. Only rank 0 should pass ``checkpoints`` and ``progress``.
 
     Returns
     -------
@@ -317,6 +325,8 @@ def fit(
     config = getattr(checkpoints, "config", None) or {"model": model.config, "train": cfg, "num_data": len(data)}
     objective = eta_loss(model, cfg, heldout, evidence_guide, guide)
     optim = make_optimizer(cfg)
+    if sync is not None:  # data-parallel: Adam on gradients averaged over the ranks
+        optim = sync.optimizer(optim)
     guides = [guide] if evidence_guide is None else [guide, evidence_guide]
     result, done = FitResult(), 0
     if start is not None:
@@ -328,10 +338,14 @@ def fit(
                                               checkpoints.data_sha256 if checkpoints is not None else None)
     if on_start is not None:
         on_start(result)
+    if sync is not None:  # data-parallel: every rank continues from rank 0's step, parameters and optimiser
+        done = sync.start(model, guides, optim, done)
     saver = Checkpointer(checkpoints, config, cfg.total_steps, start)
     batches = minibatches(len(data), cfg.batch_size, torch.Generator().manual_seed(cfg.seed), skip=done)
     held_batches = (minibatches(len(heldout), cfg.batch_size, torch.Generator().manual_seed(cfg.seed + 1), skip=done)
                     if heldout is not None else None)
+    if sync is not None:  # data-parallel: this rank's shard of every global batch
+        batches, held_batches = sync.shard(batches), sync.shard(held_batches)
     seconds_before, clock = result.seconds, time.perf_counter()
 
     def state_now(step: int) -> dict:
@@ -345,6 +359,8 @@ def fit(
         with DeferredInterrupt() as interrupt:
             for step in bar:
                 in_step = True
+                if sync is not None:  # data-parallel: this rank's noise for this step
+                    sync.begin_step(step)
                 idx = next(batches).to(data.x.device)
                 batch: tuple[torch.Tensor, ...] = (data.x[idx], data.y[idx])
                 if held_batches is not None:
@@ -354,6 +370,8 @@ def fit(
                     objective.predicting = step > cfg.num_steps
                 with eta_held(model, guide, evidence_guide) if step <= cfg.eta_burnin else contextlib.nullcontext():
                     loss = _train_step(objective, model, guide, optim, batch, len(data), step, saver.last_path)
+                if sync is not None:  # data-parallel: the global batch's loss; a stop signal stops every rank
+                    loss = sync.after_step(loss, interrupt)
                 try:
                     rows = _record(result, objective, model, guide, step, loss, batch, cfg)
                 except ValueError as err:  # the update overflowed the model: the next step reports it, as unlogged
