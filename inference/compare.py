@@ -43,6 +43,10 @@ regular CIFAR-10) with the same setting.
 
 Writes ``OUT/[<dataset>/]<config>/seed-<s>/`` per run and the tables and figure of :mod:`inference.report`
 (``runs.csv``, ``comparison.csv`` with mean and std over seeds, ``comparison.md``, ``comparison.png``).
+
+Beyond one machine (:mod:`inference.commands`): ``--print-commands`` trains nothing and writes one self-contained
+``python -m inference.train`` command per run to ``OUT/commands.txt`` (one job each of a job array or any
+scheduler); ``--collect OUT`` then writes the same tables and figure from the finished run folders alone.
 """
 
 from __future__ import annotations
@@ -53,7 +57,7 @@ import sys
 from pathlib import Path
 
 from guides.factory import GuideKind
-from inference import calibration, grid, report, train
+from inference import calibration, commands, distributed, grid, report, train
 from inference.cli import add_figure_flags, figure_format
 from inference.config import RunConfig, derive
 from inference.data import DatasetName, Variant, true_extent
@@ -143,8 +147,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--jobs", type=int, default=1,
                    help="worker processes training runs in parallel (threads split between them; one GPU each "
                    "with --device cuda on a machine with several)")
-    g.add_argument("--collect", action="store_true",
-                   help="train nothing: write the tables and the figure from the finished runs in --out")
+    g.add_argument("--collect", nargs="?", const=True, default=False, metavar="DIR",
+                   help="train nothing: write the tables and the figure from the finished runs in --out (the runs the "
+                   "flags plan), or, given DIR, from every finished run folder under DIR (no other flag needed)")
+    g.add_argument("--print-commands", action="store_true",
+                   help="train nothing: print one self-contained inference.train command per run (also written to "
+                   "OUT/commands.txt), for a job array or any scheduler; then --collect OUT")
     add_figure_flags(p)
     return p
 
@@ -235,13 +243,20 @@ def plan(args: argparse.Namespace) -> list[tuple[str, str, int, RunConfig]]:
 
 def main(args: argparse.Namespace) -> list[dict]:
     """Run (or reuse) every planned run and write the tables and the figure; returns the summary rows."""
+    if isinstance(args.collect, str):  # --collect DIR: from the run folders alone (inference/commands.py)
+        return commands.collect(Path(args.collect), figure_format(args))
     if args.out is None:
         raise ValueError("--out is required")
+    if args.print_commands:  # one inference.train command per run (inference/commands.py)
+        return commands.print_commands(plan(args), args)
+    if distributed.requested(args):
+        raise ValueError("compare trains its runs in this process or in --jobs workers: for data-parallel runs add "
+                         "--print-commands and run each command it prints")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     jobs, keys = [], {}
     for label, name, seed, cfg in plan(args):
-        run_dir = out / label / name / f"seed-{seed}" if label else out / name / f"seed-{seed}"
+        run_dir = commands.run_folder(out, label, name, seed)
         jobs.append(grid.Job(f"{label + ' ' if label else ''}{name} seed={seed}", run_dir, cfg))
         keys[run_dir] = (label or cfg.data.dataset.value, name, seed)
     rows: list[dict] = []
@@ -253,15 +268,9 @@ def main(args: argparse.Namespace) -> list[dict]:
     results = grid.run_jobs(jobs, grid.grid_control(args), args.jobs, collect_only=args.collect, on_result=add)
     if not results:
         raise ValueError(f"no finished run in {out} to collect")
-    rows = [report.run_row(*keys[job.run_dir], metrics) for job, metrics in results]  # in the planned order
-    summary = report.write_tables(rows, out)
-    histories: dict[tuple[str, str], list[Path]] = {}
-    for job, _ in results:
-        dataset, name, _ = keys[job.run_dir]
-        histories.setdefault((dataset, name), []).append(job.run_dir / "eta_history.csv")
-    report.plot(summary, histories, out, figure_format(args))
-    print((out / "comparison.md").read_text())
-    return summary
+    # in the planned order
+    return commands.write_report([(keys[job.run_dir], job.run_dir, metrics) for job, metrics in results], out,
+                                 figure_format(args))
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

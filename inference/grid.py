@@ -156,6 +156,8 @@ def _train_logged(config: RunConfig, control: RunControl, log_path: str) -> dict
 def grid_control(args: argparse.Namespace) -> RunControl:
     """How a grid command (``compare``, ``extents``) runs each of its runs: the run-control flags of
     ``inference.train`` that apply to a grid (``--out``, checkpoints, threads, progress, TensorBoard)."""
+    if getattr(args, "strategy", "single") != "single":  # inference/distributed.py: one run, not a grid's worker
+        raise ValueError("a grid trains its runs in this process or in --jobs workers, not with --strategy ddp")
     return RunControl(Path(args.out), checkpoint_every=args.checkpoint_every, keep_checkpoints=args.keep_checkpoints,
                       threads=args.threads, progress=not args.no_progress, tensorboard=args.tensorboard)
 

@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pyro
 import torch
@@ -32,7 +33,7 @@ from inference.checkpoint import (
     optimiser_changes,
 )
 from inference.config import CONFIG_FILENAME, RunConfig
-from inference.data import Split, load_datasets, validate_split
+from inference.data import Datasets, Split, load_datasets, validate_split
 from inference.eta_objectives import EtaObjective, eta_dict, eta_interval, split_holdout
 from inference.evaluate import accuracy_and_nll, average_draws, elbo_estimate, predictive_draws
 from inference.history import TrainingRecord, require_tensorboard
@@ -50,6 +51,9 @@ from inference.run_io import build_model, export_model
 from inference.state import CheckpointPolicy
 from inference.svi import FitResult, fit
 from models.network import InvariantNet
+
+if TYPE_CHECKING:
+    from inference.distributed import GradientSync
 
 
 def resolve_device(name: str) -> torch.device:
@@ -84,31 +88,31 @@ class RunControl:
             require_tensorboard()  # before any data is loaded
 
 
-def run(cfg: RunConfig, control: RunControl) -> dict:
+def run(cfg: RunConfig, control: RunControl, sync: GradientSync | None = None) -> dict:
     """Train the run ``cfg`` describes into ``control.out`` (resuming from its newest checkpoint when
     ``control.resume``), evaluate it and write ``config.json``, ``metrics.json``, ``eta_history.csv`` and
     ``elbo_history.csv``.
 
     The folder is held (:func:`inference.run_folder.claim`) from start to end: another process cannot write it, and
     a run already there is continued (``resume``), replaced (``overwrite``: its files are removed once training
-    starts) or left alone (an error)."""
+    starts) or left alone (an error). With ``sync`` this process is rank 0 of data-parallel training
+    (:mod:`inference.distributed`; the other ranks run :func:`follow`)."""
     with claim(control.out, control.resume, control.overwrite) as out:
-        return _run(cfg, control, out)
+        return _run(cfg, control, out, sync)
 
 
-def _run(cfg: RunConfig, control: RunControl, out: Path) -> dict:
+def follow(cfg: RunConfig, control: RunControl, sync: GradientSync) -> None:
+    """A rank other than 0 of data-parallel training: the run's data and model, trained in step with rank 0, which
+    sends it the starting state (a resumed run's too) and does every file's I/O."""
+    _, train, _, heldout, model, guide, evidence_guide = _prepare(cfg, control)
+    fit(model, guide, train, cfg.train, progress=False, heldout=heldout, evidence_guide=evidence_guide, sync=sync)
+
+
+def _prepare(cfg: RunConfig, control: RunControl
+             ) -> tuple[Datasets, Split, Split, Split | None, InvariantNet, Callable, Callable | None]:
+    """Seed, load and check the data, split off the held-out part, build the model and guides on the device:
+    ``(data, train, test, heldout, model, guide, evidence_guide)``."""
     device = resolve_device(cfg.device)
-    resume_from, skipped = None, []
-    if control.resume:
-        try:
-            resume_from, skipped = latest_checkpoint(out / CHECKPOINT_DIRNAME)
-        except NoCheckpointError as err:
-            if not (out / CONFIG_FILENAME).is_file():
-                raise NoCheckpointError(f"--resume {out}: {err}") from None
-            # the run started but was killed before its first complete checkpoint: nothing to lose, start again
-            print(f"warning: {err}; the run in {out} starts again from step 0", file=sys.stderr)
-        else:
-            check_compatible(resume_from, cfg.training_dict())  # before loading data (again in fit, with its hash)
     if control.threads is not None:
         torch.set_num_threads(control.threads)
     pyro.set_rng_seed(cfg.train.seed)
@@ -123,6 +127,23 @@ def _run(cfg: RunConfig, control: RunControl, out: Path) -> dict:
         heldout.x, heldout.y = heldout.x.to(device), heldout.y.to(device)
     train.x, train.y, test.x, test.y = (t.to(device) for t in (train.x, train.y, test.x, test.y))
     model, guide, evidence_guide = build_model(cfg, len(train), device)
+    return data, train, test, heldout, model, guide, evidence_guide
+
+
+def _run(cfg: RunConfig, control: RunControl, out: Path, sync: GradientSync | None = None) -> dict:
+    resolve_device(cfg.device)
+    resume_from, skipped = None, []
+    if control.resume:
+        try:
+            resume_from, skipped = latest_checkpoint(out / CHECKPOINT_DIRNAME)
+        except NoCheckpointError as err:
+            if not (out / CONFIG_FILENAME).is_file():
+                raise NoCheckpointError(f"--resume {out}: {err}") from None
+            # the run started but was killed before its first complete checkpoint: nothing to lose, start again
+            print(f"warning: {err}; the run in {out} starts again from step 0", file=sys.stderr)
+        else:
+            check_compatible(resume_from, cfg.training_dict())  # before loading data (again in fit, with its hash)
+    data, train, test, heldout, model, guide, evidence_guide = _prepare(cfg, control)
     history = TrainingRecord(out / HISTORY_FILENAME, out / ELBO_HISTORY_FILENAME, cfg.model.generator_names,
                              out / TENSORBOARD_DIRNAME if control.tensorboard else None)
 
@@ -143,12 +164,13 @@ def _run(cfg: RunConfig, control: RunControl, out: Path) -> dict:
                               config=cfg.training_dict(), data_sha256=data.info["sha256"])
     try:
         result = fit(model, guide, train, cfg.train, on_record=history, progress=control.progress, on_start=start,
-                     checkpoints=policy, start=resume_from, heldout=heldout, evidence_guide=evidence_guide)
+                     checkpoints=policy, start=resume_from, heldout=heldout, evidence_guide=evidence_guide, sync=sync)
     finally:
         history.close()
     metrics = {**evaluate(cfg, model, guide, evidence_guide, train, test), "train_seconds": result.seconds,
                "final_train_loss": result.losses[-1], "resumed_from_step": getattr(resume_from, "step", None),
-               "data": data.info, "config": cfg.to_dict()}
+               "data": data.info, "config": cfg.to_dict(),
+               **({"distributed": sync.describe()} if sync is not None else {})}
     export_model(out / MODEL_FILENAME, cfg, model, guide)  # usable without this code's training state
     atomic_write(out / METRICS_FILENAME, json.dumps(metrics, indent=2).encode())
     print(json.dumps({k: metrics[k] for k in ("eta", "test_accuracy", "test_nll", "elbo_per_example",

@@ -25,6 +25,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from pyro.infer import Trace_ELBO
@@ -52,6 +53,9 @@ from inference.stopping import DeferredInterrupt, NonFiniteError, nonfinite_para
 from models.config import check_positive_float, check_positive_int
 from models.network import InvariantNet
 from models.priors import EtaPrior
+
+if TYPE_CHECKING:
+    from inference.distributed import GradientSync
 
 
 @dataclass
@@ -201,24 +205,31 @@ def minibatches(n: int, batch_size: int, generator: torch.Generator, skip: int =
 def _train_step(objective: Callable, model: InvariantNet, guide: Callable, optim: ParamAdam,
                 batch: tuple[torch.Tensor, ...], scale: int, step: int, last_checkpoint: Path | None) -> float:
     """:func:`svi_step` and one scheduler step; a NaN/inf loss or parameter becomes a :class:`NonFiniteError`."""
-    try:
+    with nonfinite_as_error(optim, step, last_checkpoint):
         loss = svi_step(objective, model, guide, optim, *batch) / scale
-    except ValueError as err:  # distribution validation rejects NaN/inf before any loss exists
-        problem = nonfinite_problem(err, optim)
-        if problem is None:
-            raise
-        raise NonFiniteError(problem, step, last_checkpoint) from err
     if not math.isfinite(loss):
         raise NonFiniteError(f"non-finite loss {loss}", step, last_checkpoint)
     optim.schedule_step()
     return loss
 
 
+@contextlib.contextmanager
+def nonfinite_as_error(optim: ParamAdam, step: int, last_checkpoint: Path | None) -> Iterator[None]:
+    """Distribution validation rejecting a NaN/inf (before any loss exists) becomes a :class:`NonFiniteError`."""
+    try:
+        yield
+    except ValueError as err:
+        problem = nonfinite_problem(err, optim)
+        if problem is None:
+            raise
+        raise NonFiniteError(problem, step, last_checkpoint) from err
+
+
 def _record(result: FitResult, objective: Callable, model: InvariantNet, guide: Callable, optim: ParamAdam, step: int,
             loss: float, batch: tuple[torch.Tensor, ...], cfg: TrainConfig) -> tuple[dict, dict] | None:
     """Append the step's loss; at a logged step also eta and the ELBO's terms (one more draw of the guide whose ELBO
-    the loss is, on the step's minibatch, after the update, with random numbers of its own), and return them. Terms
-    that overflow are recorded as NaN: the next step stops the run, after the checkpoint of this one."""
+    the loss is, on the step's minibatch, after the update, with random numbers of its own), and return them. A step
+    whose update overflows the model is left unlogged: the next step reports it, after this one's checkpoint."""
     result.losses.append(loss)
     if step % cfg.log_every == 0 or step == 1 or step == cfg.total_steps:
         eta = {"step": step, **eta_dict(model, guide)}
@@ -229,7 +240,7 @@ def _record(result: FitResult, objective: Callable, model: InvariantNet, guide: 
         except ValueError as err:  # distribution validation rejects NaN/inf
             if nonfinite_problem(err, optim) is None:
                 raise
-            terms = {"step": step, "elbo": math.nan, "expected_loglik": math.nan, "kl": math.nan}
+            return None
         result.eta_history.append(eta)
         result.elbo_history.append(terms)
         return eta, terms
@@ -238,12 +249,16 @@ def _record(result: FitResult, objective: Callable, model: InvariantNet, guide: 
 
 def _steps(objective: Callable, model: InvariantNet, guide: Callable, evidence_guide: Callable | None,
            optim: ParamAdam, data: Split, heldout: Split | None, cfg: TrainConfig, done: int,
-           saver: Checkpointer) -> Iterator[tuple[int, float, tuple[torch.Tensor, ...]]]:
+           saver: Checkpointer, sync: GradientSync | None) -> Iterator[tuple[int, float, tuple[torch.Tensor, ...]]]:
     """Take the steps ``done + 1, ..., cfg.total_steps``, yielding ``(step, loss, batch)`` after each."""
     batches = minibatches(len(data), cfg.batch_size, torch.Generator().manual_seed(cfg.seed), skip=done)
     held = (minibatches(len(heldout), cfg.batch_size, torch.Generator().manual_seed(cfg.seed + 1), skip=done)
             if heldout is not None else None)
+    if sync is not None:  # data-parallel: this rank's shard of every global batch
+        batches, held = sync.shard(batches), sync.shard(held)
     for step in range(done + 1, cfg.total_steps + 1):
+        if sync is not None:  # data-parallel: this rank's noise for this step
+            sync.begin_step(step)
         idx = next(batches).to(data.x.device)
         batch: tuple[torch.Tensor, ...] = (data.x[idx], data.y[idx])
         if held is not None:
@@ -257,7 +272,7 @@ def _steps(objective: Callable, model: InvariantNet, guide: Callable, evidence_g
 
 
 def _setup(model: InvariantNet, guide: Callable, data: Split, cfg: TrainConfig, checkpoints: CheckpointPolicy | None,
-           start: Checkpoint | None, heldout: Split | None, evidence_guide: Callable | None,
+           start: Checkpoint | None, heldout: Split | None, evidence_guide: Callable | None, sync: GradientSync | None,
            ) -> tuple[Mapping, Callable, ParamAdam, list[Callable], FitResult, int]:
     """Check :func:`fit`'s inputs; its run's config, loss, optimiser, guides and history, and the steps done."""
     if model.num_data != len(data):
@@ -269,6 +284,8 @@ def _setup(model: InvariantNet, guide: Callable, data: Split, cfg: TrainConfig, 
     config = getattr(checkpoints, "config", None) or {"model": model.config, "train": cfg, "num_data": len(data)}
     objective = eta_loss(model, cfg, heldout, evidence_guide, guide)
     optim = make_optimizer(cfg)
+    if sync is not None:  # data-parallel: Adam on gradients averaged over the ranks
+        optim = sync.optimizer(optim)
     guides = [guide] if evidence_guide is None else [guide, evidence_guide]
     result, done = FitResult(), 0
     if start is not None:
@@ -285,7 +302,7 @@ def fit(model: InvariantNet, guide: Callable, data: Split, cfg: TrainConfig,
         callback: Callable[[int, float], None] | None = None, on_record: Callable[[dict, dict], None] | None = None,
         progress: bool = True, *, on_start: Callable[[FitResult], None] | None = None,
         checkpoints: CheckpointPolicy | None = None, start: Checkpoint | None = None, heldout: Split | None = None,
-        evidence_guide: Callable | None = None) -> FitResult:
+        evidence_guide: Callable | None = None, sync: GradientSync | None = None) -> FitResult:
     """Fit ``guide`` and ``eta`` to ``data`` with SVI, optionally checkpointed and resumed.
 
     Parameters
@@ -309,6 +326,9 @@ def fit(model: InvariantNet, guide: Callable, data: Split, cfg: TrainConfig,
     evidence_guide : callable, optional
         The ``evidence`` objective's mean-field guide over every weight (:func:`guides.make_evidence_guide`);
         eta follows its ELBO, ``guide`` is fitted with eta held fixed.
+    sync : GradientSync, optional
+        This process's rank in data-parallel training (:mod:`inference.distributed`): minibatch shards, per-rank
+        noise, gradients averaged over the ranks. Only rank 0 should pass ``checkpoints`` and ``progress``.
 
     Returns
     -------
@@ -325,9 +345,11 @@ def fit(model: InvariantNet, guide: Callable, data: Split, cfg: TrainConfig,
         ``start`` comes from another configuration.
     """
     config, objective, optim, guides, result, done = _setup(model, guide, data, cfg, checkpoints, start, heldout,
-                                                            evidence_guide)
+                                                            evidence_guide, sync)
     if on_start is not None:
         on_start(result)
+    if sync is not None:  # data-parallel: every rank continues from rank 0's step, parameters and optimiser
+        done = sync.start(model, guides, optim, done)
     seconds_before, clock = result.seconds, time.perf_counter()
 
     def capture(step: int) -> tuple[dict, list[str]]:
@@ -335,12 +357,14 @@ def fit(model: InvariantNet, guide: Callable, data: Split, cfg: TrainConfig,
         return capture_training_state(step, result, optim, model, guides), nonfinite_params(optim)
 
     saver = Checkpointer(checkpoints, config, cfg.total_steps, start, capture)
-    steps = _steps(objective, model, guide, evidence_guide, optim, data, heldout, cfg, done, saver)
+    steps = _steps(objective, model, guide, evidence_guide, optim, data, heldout, cfg, done, saver, sync)
     bar = tqdm(steps, initial=done, total=cfg.total_steps, disable=not progress, desc="SVI", dynamic_ncols=True)
     in_step = True  # an interrupt now falls inside a step, whose state is incomplete
     try:
         with bar, DeferredInterrupt() as interrupt:
             for step, loss, batch in bar:
+                if sync is not None:  # data-parallel: the global batch's loss; a stop signal stops every rank
+                    loss = sync.after_step(loss, interrupt)
                 rows = _record(result, objective, model, guide, optim, step, loss, batch, cfg)
                 done, in_step = step, False
                 if rows is not None:

@@ -4,6 +4,7 @@ Usage::
 
     python -m inference.train --dataset rotated-mnist --out runs/rotated --data-dir ../shared/data
     python -m inference.train --dataset rotated-cifar10 --out runs/rotated-cifar10 --data-dir DATA
+    python -m inference.train --dataset rotated-mnist --out runs/ddp --device cuda --strategy ddp --devices 2
 
 The model's input shape follows the dataset (1 x 28 x 28, or 3 x 32 x 32 for CIFAR-10).
 
@@ -32,6 +33,8 @@ import sys
 from pathlib import Path
 
 from guides.factory import POINT_FIRST_LAYER, GuideKind, InitLoc
+from inference import commands, distributed
+from inference import launch as launching
 from inference.checkpoint import CHECKPOINT_DIRNAME, list_checkpoints
 from inference.cli import one_line, run_cli
 from inference.config import CONFIG_FILENAME, EvalConfig, GuideConfig, RunConfig, derive
@@ -70,6 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(p.add_argument_group("model"))
     _add_inference_args(p.add_argument_group("inference"))
     _add_run_args(p.add_argument_group("run"))
+    distributed.add_flags(p)  # --strategy ddp, --devices, --num-nodes (inference/distributed.py)
     return p
 
 
@@ -187,7 +191,7 @@ def _add_run_args(g: argparse._ArgumentGroup) -> None:
 
 
 RUN_CONTROL = frozenset({"config", "out", "resume", "overwrite", "checkpoint_every", "keep_checkpoints", "threads",
-                         "no_progress", "tensorboard"})
+                         "no_progress", "tensorboard"}) | distributed.FLAGS
 """Flags that say how to run, not what: the only ones that go with ``--config``."""
 
 
@@ -286,8 +290,17 @@ def control_from_args(args: argparse.Namespace) -> RunControl:
 
 
 def main(args: argparse.Namespace) -> dict:
-    """Train, evaluate and write ``metrics.json`` and ``eta_history.csv``; returns the metrics."""
-    return run(config_from_args(args), control_from_args(args))
+    """Train, evaluate and write ``metrics.json`` and ``eta_history.csv``; returns the metrics (None on a rank
+    other than 0 of data-parallel training)."""
+    launch = distributed.Launch.from_args(args)
+    cfg, control = config_from_args(args), control_from_args(args)
+    if getattr(args, "reuse", False):  # a job of a printed grid (inference/commands.py): finished, resumed or started
+        control, finished = commands.reuse(cfg, control)
+        if finished is not None:
+            return finished
+    if launch.strategy is distributed.Strategy.DDP:  # this process is one rank (inference/distributed.py)
+        return launching.run_rank(cfg, control, launch)
+    return run(cfg, control)
 
 
 def resume_command(run_dir: str, *extra: str) -> str:
@@ -305,8 +318,8 @@ def interrupt_message(err: KeyboardInterrupt, args: argparse.Namespace) -> str:
         newest = list_checkpoints(Path(run_dir) / CHECKPOINT_DIRNAME) if run_dir is not None else []
         has_checkpoint = bool(newest)
         text = "interrupted" + (f"; the newest checkpoint is {newest[-1][1]}" if newest else "; nothing was saved")
-    if has_checkpoint:
-        text += f"; continue with: {resume_command(run_dir)}"
+    if has_checkpoint:  # data-parallel runs continue exactly with their processes (inference/distributed.py)
+        text += f"; continue with: {resume_command(run_dir, *distributed.Launch.from_args(args).argv())}"
     return text
 
 
@@ -321,7 +334,7 @@ def divergence_message(err: FloatingPointError, args: argparse.Namespace) -> str
     lower = ["--lr", f"{cfg.lr / 2:g}", "--eta-lr", f"{cfg.eta_lr / 2:g}"]
     if cfg.evidence_lr is not None:
         lower += ["--evidence-lr", f"{cfg.evidence_lr / 2:g}"]
-    return f"{text}; e.g.: {resume_command(run_dir, *lower)}"
+    return f"{text}; e.g.: {resume_command(run_dir, *lower, *distributed.Launch.from_args(args).argv())}"
 
 
 def cli(argv: list[str] | None = None) -> int:
@@ -338,6 +351,8 @@ def cli(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.out is None and args.resume is None:
         parser.error("one of --out DIR or --resume DIR is required")
+    if distributed.requested(args) and not launching.is_rank_process():  # start the ranks: this command, each
+        return launching.launch_cli(argv, args, lambda a: (config_from_args(a), control_from_args(a)))
     return run_cli(main, args, lambda err: interrupt_message(err, args),
                    lambda err: divergence_message(err, args) if isinstance(err, FloatingPointError) else one_line(err))
 

@@ -54,3 +54,15 @@ def test_bench_api_quick_times_both_paths(data_dir):
             if line.startswith("| api") or line.startswith("| cli")}
     assert set(rows) == {"api", "cli"} and all(v > 0 for v in rows.values())
     assert "api / cli = " in proc.stdout
+
+
+def test_bench_ddp_quick_times_one_and_two_processes(data_dir, tmp_path):
+    out = tmp_path / "ddp.json"
+    proc = subprocess.run([sys.executable, str(REPO_ROOT / "benchmarks" / "bench_ddp.py"), "--quick", "--data-dir",
+                           str(data_dir), "--out", str(out)], capture_output=True, text=True, cwd=REPO_ROOT,
+                          timeout=300, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "speed-up of 2 processes over 1:" in proc.stdout
+    results = json.loads(out.read_text())["results"]
+    assert [r["mode"] for r in results] == ["1 process", "2 processes"]
+    assert all(r["train_seconds"] > 0 for r in results)

@@ -31,6 +31,7 @@ SCRIPTS: dict[str, str] = {
     "inference/diagnose.py": "tests/test_diagnostics.py",
     "benchmarks/bench_step.py": "tests/test_benchmarks.py",
     "benchmarks/bench_api.py": "tests/test_benchmarks.py",
+    "benchmarks/bench_ddp.py": "tests/test_benchmarks.py",
 }
 COMPARE = ["-m", "inference.compare", "--dataset", "rotated-mnist", "--data-dir", "{data}", "--out", "{out}",
            "--configs", "elbo,ml", "--sweep-deg", "5,90", "--seeds", "0,1", "--eval-samples", "2", "--elbo-passes", "1",

@@ -67,7 +67,14 @@ def start_training(argv: list[str]) -> subprocess.Popen:
     env = {k: v for k, v in os.environ.items() if k != "INVW_DATA_DIR"}
     return subprocess.Popen([sys.executable, "-m", "inference.train", *argv], cwd=REPO_ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+                            preexec_fn=default_stop_signals)
+
+
+def default_stop_signals() -> None:
+    """In the child: default dispositions for the stop signals, which a shell's ``&`` (SIGINT) or ``nohup`` (SIGHUP)
+    running the suite would otherwise leave ignored, and the training command rightly keeps ignored."""
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, signal.SIG_DFL)
 
 
 def wait_for_checkpoint(proc: subprocess.Popen, out: Path, step: int, timeout: float = 120.0) -> None:
