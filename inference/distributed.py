@@ -199,16 +199,19 @@ class GradientSync:
         """Seed this rank's noise for ``step``."""
         pyro.set_rng_seed(noise_seed(self.seed, step, 0 if self.same_noise else self.rank))
 
-    def after_step(self, loss: float, interrupt: Any) -> float:
-        """The step's loss averaged over the ranks (the global batch's); a stop signal that reached any rank is
-        recorded in ``interrupt.requested`` on every rank, so all stop after this step."""
-        signum = interrupt.requested or 0
+    def after_step(self, loss: float, requested: int | None) -> tuple[float, int | None]:
+        """The step's loss averaged over the ranks (the global batch's), and the stop signal the ranks agree on.
+
+        ``requested`` is the signal this rank has received so far (None: none). Every rank gets the same answer,
+        so all stop after the same step; a signal that lands on a rank after this exchange is counted at the next
+        step's, never acted on alone (the other ranks would wait for it in the next all-reduce).
+        """
+        signum = requested or 0
         device = "cuda" if dist.get_backend(self.group) == "nccl" else "cpu"
         values = torch.tensor([loss, float(signum > 0), float(signum)], dtype=torch.float64, device=device)
         dist.all_reduce(values, group=self.group)
-        if values[1] > 0 and interrupt.requested is None:
-            interrupt.requested = int(round(float(values[2] / values[1])))
-        return float(values[0]) / self.world_size
+        agreed = int(round(float(values[2] / values[1]))) if values[1] > 0 else None
+        return float(values[0]) / self.world_size, agreed
 
     def describe(self) -> dict:
         """What ``metrics.json`` records of the launch."""

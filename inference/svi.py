@@ -360,11 +360,13 @@ def fit(model: InvariantNet, guide: Callable, data: Split, cfg: TrainConfig,
     steps = _steps(objective, model, guide, evidence_guide, optim, data, heldout, cfg, done, saver, sync)
     bar = tqdm(steps, initial=done, total=cfg.total_steps, disable=not progress, desc="SVI", dynamic_ncols=True)
     in_step = True  # an interrupt now falls inside a step, whose state is incomplete
+    stop = None  # the stop signal acted on after this step
     try:
         with bar, DeferredInterrupt() as interrupt:
             for step, loss, batch in bar:
-                if sync is not None:  # data-parallel: the global batch's loss; a stop signal stops every rank
-                    loss = sync.after_step(loss, interrupt)
+                stop = interrupt.requested
+                if sync is not None:  # data-parallel: the global batch's loss; every rank stops after the same step
+                    loss, stop = sync.after_step(loss, stop)
                 rows = _record(result, objective, model, guide, optim, step, loss, batch, cfg)
                 done, in_step = step, False
                 if rows is not None:
@@ -375,10 +377,10 @@ def fit(model: InvariantNet, guide: Callable, data: Split, cfg: TrainConfig,
                     callback(step, loss)
                 if saver.due(step):
                     saver.save(step)
-                if interrupt.requested is not None:
+                if stop is not None:
                     raise KeyboardInterrupt
                 in_step = True
     except KeyboardInterrupt:
-        raise saver.interrupted(done, in_step, interrupt.requested) from None
+        raise saver.interrupted(done, in_step, stop if stop is not None else interrupt.requested) from None
     result.seconds = seconds_before + time.perf_counter() - clock
     return result

@@ -50,10 +50,6 @@ def tiny_problem(dtype: torch.dtype = torch.float64, first_layer_prior: bool = F
     return model, guide, x, torch.arange(N) % 10
 
 
-class NoSignal:
-    requested = None
-
-
 def _worker(rank: int, world: int, init: str, out: str) -> None:
     """One rank: STEPS steps with rank 0's noise on its shard of the first global batch, then ``fit`` with its own
     noise; saves its parameters and losses."""
@@ -69,7 +65,9 @@ def _worker(rank: int, world: int, init: str, out: str) -> None:
         for step in range(1, STEPS + 1):
             sync.begin_step(step)
             loss = svi_step(make_elbo(CFG), model, guide, optim, x[idx], y[idx]) / N
-            losses.append(sync.after_step(loss, NoSignal()))
+            losses.append(sync.after_step(loss, None)[0])
+        # a stop signal that reached rank 1 only: both ranks agree to stop on it after the same step
+        agreed = [sync.after_step(0.0, None)[1], sync.after_step(0.0, 15 if rank == 1 else None)[1]]
         same = {k: v.detach().clone() for k, v in named_params(model, guide).items()}
         model, guide, x, y = tiny_problem(torch.float32)
         result = fit(model, guide, Split(x, y), CFG, progress=False, sync=GradientSync(rank, world, SEED))
@@ -82,7 +80,8 @@ def _worker(rank: int, world: int, init: str, out: str) -> None:
         cfg = dataclasses.replace(CFG, num_steps=2, eta_objective="evidence", evidence_schedule="sequential")
         fit(model, guide, Split(x, y), cfg, progress=False, evidence_guide=evidence, sync=GradientSync(rank, world, 0))
         sequential = {k: v.detach().clone() for k, v in named_params(model, guide, evidence).items()}
-        torch.save({"same": same, "losses": losses, "own": own, "fit_losses": result.losses, "sequential": sequential,
+        torch.save({"same": same, "losses": losses, "agreed": agreed,
+                    "own": own, "fit_losses": result.losses, "sequential": sequential,
                     "predicting_before": before}, f"{out}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()
@@ -118,6 +117,10 @@ def test_two_process_steps_equal_single_process_steps_on_the_concatenated_batch(
         for name, value in single.items():
             torch.testing.assert_close(rank["same"][name], value, rtol=1e-9, atol=1e-12, msg=name)
         assert rank["losses"] == pytest.approx(losses, rel=1e-12)
+
+
+def test_ranks_agree_on_a_stop_signal_that_reached_one_of_them(two_ranks):
+    assert [rank["agreed"] for rank in two_ranks] == [[None, 15], [None, 15]]
 
 
 def test_fit_keeps_parameters_identical_across_ranks(two_ranks):
