@@ -129,7 +129,7 @@ def stop_with_parent(parent: int) -> None:
         os.kill(os.getpid(), signal.SIGTERM)
 
 
-_WORKER: dict = {}  # this worker process's overrides (threads, device), set once when it starts
+_WORKER: dict = {}  # this worker process's overrides (threads, device) and its grid's pid, set once when it starts
 
 
 def _init_worker(counter, pids, settings: list[dict], parent: int) -> None:
@@ -140,7 +140,7 @@ def _init_worker(counter, pids, settings: list[dict], parent: int) -> None:
         index = counter.value
         counter.value += 1
     pids[index % len(pids)] = os.getpid()
-    _WORKER.update(settings[index % len(settings)])
+    _WORKER.update(settings[index % len(settings)], parent=parent)
 
 
 def _train_logged(config: RunConfig, control: RunControl, log_path: str) -> dict:
@@ -149,8 +149,12 @@ def _train_logged(config: RunConfig, control: RunControl, log_path: str) -> dict
     if "device" in _WORKER:
         config = derive(config, device=_WORKER["device"])
     control = dataclasses.replace(control, threads=_WORKER.get("threads", control.threads))
-    with open(log_path, "w") as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
-        return runner.run(config, control)
+    try:
+        with open(log_path, "w") as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+            return runner.run(config, control)
+    finally:  # the grid is gone (its checkpoint is saved): nobody to report to, and no next job would ever come
+        if "parent" in _WORKER and os.getppid() != _WORKER["parent"]:
+            os._exit(128 + signal.SIGTERM)
 
 
 def grid_control(args: argparse.Namespace) -> RunControl:
