@@ -364,9 +364,8 @@ def fit(model: InvariantNet, guide: Callable, data: Split, cfg: TrainConfig,
     try:
         with bar, DeferredInterrupt() as interrupt:
             for step, loss, batch in bar:
-                stop = interrupt.requested
                 if sync is not None:  # data-parallel: the global batch's loss; every rank stops after the same step
-                    loss, stop = sync.after_step(loss, stop)
+                    loss, agreed = sync.after_step(loss, interrupt.requested)
                 rows = _record(result, objective, model, guide, optim, step, loss, batch, cfg)
                 done, in_step = step, False
                 if rows is not None:
@@ -377,6 +376,7 @@ def fit(model: InvariantNet, guide: Callable, data: Split, cfg: TrainConfig,
                     callback(step, loss)
                 if saver.due(step):
                     saver.save(step)
+                stop = agreed if sync is not None else interrupt.requested  # a signal during this step's work too
                 if stop is not None:
                     raise KeyboardInterrupt
                 in_step = True
