@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import os
 import shlex
 import sys
 from collections.abc import Sequence
@@ -54,7 +55,8 @@ def reuse(cfg: RunConfig, control: RunControl) -> tuple[RunControl, dict | None]
     job = grid.Job(str(control.out), control.out, cfg)
     metrics = grid.finished_metrics(job)
     if metrics is not None:
-        print(f"{control.out} holds this run, finished: nothing to do", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # one line for a data-parallel job, not one per rank
+            print(f"{control.out} holds this run, finished: nothing to do", file=sys.stderr)
         return control, metrics
     resume = grid.has_checkpoint(job)
     return dataclasses.replace(control, resume=resume, overwrite=not resume), None
