@@ -205,24 +205,17 @@ def minibatches(n: int, batch_size: int, generator: torch.Generator, skip: int =
 def _train_step(objective: Callable, model: InvariantNet, guide: Callable, optim: ParamAdam,
                 batch: tuple[torch.Tensor, ...], scale: int, step: int, last_checkpoint: Path | None) -> float:
     """:func:`svi_step` and one scheduler step; a NaN/inf loss or parameter becomes a :class:`NonFiniteError`."""
-    with nonfinite_as_error(optim, step, last_checkpoint):
-        loss = svi_step(objective, model, guide, optim, *batch) / scale
-    if not math.isfinite(loss):
-        raise NonFiniteError(f"non-finite loss {loss}", step, last_checkpoint)
-    optim.schedule_step()
-    return loss
-
-
-@contextlib.contextmanager
-def nonfinite_as_error(optim: ParamAdam, step: int, last_checkpoint: Path | None) -> Iterator[None]:
-    """Distribution validation rejecting a NaN/inf (before any loss exists) becomes a :class:`NonFiniteError`."""
     try:
-        yield
-    except ValueError as err:
+        loss = svi_step(objective, model, guide, optim, *batch) / scale
+    except ValueError as err:  # distribution validation rejects NaN/inf before any loss exists
         problem = nonfinite_problem(err, optim)
         if problem is None:
             raise
         raise NonFiniteError(problem, step, last_checkpoint) from err
+    if not math.isfinite(loss):
+        raise NonFiniteError(f"non-finite loss {loss}", step, last_checkpoint)
+    optim.schedule_step()
+    return loss
 
 
 def _record(result: FitResult, objective: Callable, model: InvariantNet, guide: Callable, optim: ParamAdam, step: int,
