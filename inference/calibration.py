@@ -83,6 +83,7 @@ RECOMMENDED: dict[str, dict] = {  # the recommended setting for relaxed invarian
     "model": {
         "first_layer_prior": True,  # the evidence is that of the model with priors on every weight
         "generators": GENERATOR_PRESETS["affine-iso"],  # six generators, one isotropic scale (the data's) + aspect
+        "max_shift": 1.0,  # translations bounded by half the frame: no sampled shift deletes the input (README)
     },
     "train": {
         "eta_objective": EtaObjective.EVIDENCE,  # eta from a bound on the evidence (a mean-field q over every weight)

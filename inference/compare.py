@@ -166,14 +166,15 @@ def family_generators(family: str, basis: tuple[str, ...]) -> tuple[str, ...]:
 
 
 def fixed_augmentation(cfg: RunConfig) -> dict:
-    """Model settings of the ``fixed-aug`` run: eta fixed at the data's true extent on the generators the data use."""
+    """Model settings of the ``fixed-aug`` run: eta fixed at the data's true extent on the generators the data use,
+    unbounded (``max_shift`` bounds a *learned* translation; a fixed one must average over exactly the true shift)."""
     basis = family_generators("affine", cfg.model.generators or GENERATOR_PRESETS["affine"])
     extent = {name: value for name, value in true_extent(cfg.data, names=basis).items() if value > 0}
     if len(set(extent.values())) > 1:
         raise ValueError(f"the fixed augmentation needs one extent for all of the data's generators, got {extent}")
     if not extent:  # untransformed data: nothing to average over
         return {"generators": (), "learn_eta": False}
-    return {"generators": tuple(extent), "learn_eta": False, "eta_init": next(iter(extent.values()))}
+    return {"generators": tuple(extent), "learn_eta": False, "eta_init": next(iter(extent.values())), "max_shift": None}
 
 
 def swap_guide(cfg: RunConfig, kind: GuideKind, first_layer_prior: bool, output_layer_prior: bool) -> RunConfig:

@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 from inference import compare, plots, report
+from models.network import InvariantNet
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--train-size", "100", "--test-size", "50", "--hidden", "8", "--num-steps", "3", "--num-transforms", "2",
@@ -184,7 +185,9 @@ def test_table2_plan_is_the_papers_grid_with_the_fixed_augmentation_at_the_true_
     assert runs["scaled", "inv-scale"].data.log_scale == pytest.approx(math.log(2))
     aug = runs["translated", "fixed-aug"].model
     assert aug.generators == ("translate_x", "translate_y") and not aug.learn_eta
-    assert aug.eta_init == pytest.approx(8 / 13.5)  # 8 px in normalised units
+    assert runs["translated", "inv-translation"].model.max_shift == 1.0  # the recommended bound on learned shifts
+    net = InvariantNet(aug, num_data=10)  # averages over exactly the data's shifts, the bound notwithstanding
+    assert net.eta_effective[:2].tolist() == pytest.approx([8 / 13.5] * 2)  # 8 px in normalised units
     assert runs["scaled", "fixed-aug"].model.eta_init == pytest.approx(math.log(2))
     assert runs["rotated", "fixed-aug"].model.eta_init == pytest.approx(math.pi)
     assert runs["regular", "fixed-aug"].model.generators == ()

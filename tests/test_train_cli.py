@@ -196,3 +196,16 @@ def test_unknown_generator_is_an_argparse_error(tmp_path, capsys):
         cli(["--out", str(tmp_path), "--generators", "rotate,zoom"])
     assert info.value.code == 2
     assert "unknown generator(s) ['zoom']" in capsys.readouterr().err
+
+
+def test_max_shift_is_unbounded_by_default_bounded_by_the_recommended_setting_and_none_turns_it_off(capsys):
+    from inference import extents, train
+
+    assert train.build_parser().parse_args([]).max_shift is None  # the paper's model
+    assert extents.build_parser().parse_args([]).max_shift == 1.0  # the recommended setting for relaxed invariance
+    assert extents.build_parser().parse_args(["--max-shift", "none"]).max_shift is None
+    assert train.build_parser().parse_args(["--max-shift", "0.5"]).max_shift == 0.5
+    for bad in ("0", "-1", "inf", "wide"):
+        with pytest.raises(SystemExit):
+            train.build_parser().parse_args(["--max-shift", bad])
+        assert "expected a positive number or 'none'" in capsys.readouterr().err
