@@ -110,7 +110,8 @@ def optimiser_changes(saved: Mapping, current: Mapping) -> list[tuple[str, Any, 
 
 def check_compatible(checkpoint: Checkpoint, config: Mapping, data_sha256: str | None = None) -> None:
     """Refuse ``checkpoint`` unless it was written with ``config`` (up to :data:`RESUMABLE_CHANGES`) and, when
-    both are known, with data of hash ``data_sha256``.
+    both are known, with data of hash ``data_sha256``. Settings are compared by value: a config whose hash differs
+    only in how a number is written (``8`` against ``8.0``, as a grid's extent and the same flag typed) is the same.
 
     Raises
     ------
@@ -120,11 +121,10 @@ def check_compatible(checkpoint: Checkpoint, config: Mapping, data_sha256: str |
     if checkpoint.fingerprint != config_fingerprint(config):
         diffs = [f"{name}: {a!r} in the checkpoint, {b!r} now" for name, a, b in
                  differing_settings(checkpoint.config, config) if name not in RESUMABLE_CHANGES]
-        if diffs or not optimiser_changes(checkpoint.config, config):
+        if diffs:
             raise IncompatibleCheckpointError(
-                f"checkpoint {checkpoint.path} comes from an incompatible config "
-                f"({'; '.join(diffs or ['the fingerprints differ'])}): resume with the arguments of the original run "
-                f"(only {', '.join(RESUMABLE_CHANGES)} may change)")
+                f"checkpoint {checkpoint.path} comes from an incompatible config ({'; '.join(diffs)}): resume with "
+                f"the arguments of the original run (only {', '.join(RESUMABLE_CHANGES)} may change)")
     if data_sha256 is not None and checkpoint.data_sha256 not in (None, data_sha256):
         raise IncompatibleCheckpointError(
             f"checkpoint {checkpoint.path} was trained on other data (content sha256 {checkpoint.data_sha256[:12]}, "

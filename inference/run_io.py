@@ -22,6 +22,7 @@ from inference.checkpoint import (
     Checkpoint,
     CheckpointError,
     atomic_write,
+    differing_settings,
     latest_checkpoint,
     list_checkpoints,
 )
@@ -109,7 +110,7 @@ def load_run(run_dir: str | Path, device: str | torch.device = "cpu") -> LoadedR
                        "fitted parameters were not saved): train it again with inference.train to diagnose it")
     try:
         checkpoint, _ = latest_checkpoint(run_dir / CHECKPOINT_DIRNAME)
-        if checkpoint.fingerprint != config.fingerprint():
+        if differing_settings(checkpoint.config, config.training_dict()):  # by value: 8 and 8.0 are one setting
             raise RunError(f"metrics.json and the newest checkpoint of {run_dir} come from different runs: is the "
                            "run being re-created?")
         if checkpoint.step != config.train.total_steps:

@@ -189,6 +189,16 @@ def test_fingerprint_and_incompatible_config_message(tmp_path):
     assert "generators" not in message  # tuples and lists are the same JSON
 
 
+def test_a_setting_written_as_int_or_float_is_the_same_setting(tmp_path):
+    """A grid's extent 8 and the same flag typed as 8.0 hash differently but are one run: its checkpoint resumes."""
+    ckpt = load_checkpoint(save_checkpoint(tmp_path, 1, {}, {"data": {"translation_px": 8}, "train": {"lr": 1e-3}}))
+    same = {"data": {"translation_px": 8.0}, "train": {"lr": 1e-3}}
+    assert ckpt.fingerprint != config_fingerprint(same)
+    check_compatible(ckpt, same)
+    with pytest.raises(IncompatibleCheckpointError, match="data.translation_px: 8 in the checkpoint, 8.5 now"):
+        check_compatible(ckpt, {"data": {"translation_px": 8.5}, "train": {"lr": 1e-3}})
+
+
 def test_rng_state_round_trip_through_a_checkpoint(tmp_path):
     import random
 
