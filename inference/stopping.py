@@ -25,11 +25,14 @@ class NonFiniteError(FloatingPointError):
     """The loss or a parameter became NaN/inf at ``step``; names the newest checkpoint written before it."""
 
     def __init__(self, problem: str, step: int, last_checkpoint: Path | None) -> None:
-        self.step, self.last_checkpoint = step, last_checkpoint
+        self.problem, self.step, self.last_checkpoint = problem, step, last_checkpoint
         kept = (f"the last good checkpoint is kept at {last_checkpoint}" if last_checkpoint is not None
                 else "no checkpoint was written before it")
         super().__init__(f"{problem} at step {step}; {kept}; lower the learning rates (--lr, --eta-lr) "
                          "and continue from it with --resume, or lower the initial eta")
+
+    def __reduce__(self) -> tuple:  # picklable, so that a grid's worker process can report it
+        return type(self), (self.problem, self.step, self.last_checkpoint)
 
 
 STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name))

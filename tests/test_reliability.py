@@ -408,6 +408,17 @@ def test_compare_finishes_the_other_runs_when_one_diverges(data_dir, tmp_path, c
     assert "runs failed" in line and "non-finite" in line
 
 
+def test_a_run_that_diverges_in_a_grid_worker_is_reported_and_the_other_runs_finish(data_dir, tmp_path, capsys):
+    """With ``--jobs 2``: a divergence crosses from the worker process to the grid (pickled), which lists it as a
+    failed run and goes on with the others, instead of losing its process pool."""
+    out = tmp_path / "grid"
+    argv = [*tiny(data_dir, out, "--lr", "1e30", "--eta-lr", "1e30", steps=3)[:-2], "--out", str(out),
+            "--configs", "elbo,ml", "--seeds", "0,1", "--jobs", "2"]
+    assert compare.cli(argv) == 2
+    line = error_line(capsys)
+    assert "4 runs failed" in line and "non-finite" in line, line
+
+
 def test_ctrl_c_in_compare_is_one_line_and_the_same_command_continues(data_dir, tmp_path, capsys, monkeypatch):
     import inference.runner as runner_module
 
