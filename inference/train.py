@@ -44,7 +44,7 @@ from inference.run_folder import check_out
 from inference.runner import RunControl, run
 from inference.stopping import TrainingInterrupted
 from inference.svi import TrainConfig
-from models.config import GENERATOR_PRESETS, Averaging, FirstLayer, ModelConfig, TransformMode
+from models.config import GENERATOR_PRESETS, Averaging, FirstLayer, ModelConfig, TransformMode, check_positive_float
 from models.priors import EtaPrior, PriorKind
 from models.transforms import ALL_GENERATOR_NAMES, generator_basis
 
@@ -58,12 +58,9 @@ def parse_max_shift(text: str) -> float | None:
     if text.strip().lower() == "none":
         return None
     try:
-        value = float(text)
+        return check_positive_float("--max-shift", float(text))
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a positive number or 'none', got {text!r}") from None
-    if not value > 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"expected a positive number or 'none', got {text!r}")
-    return value
 
 
 def parse_generators(text: str) -> tuple[str, ...]:
