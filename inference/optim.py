@@ -137,7 +137,8 @@ def svi_step(objective: Callable, model: Callable, guide: Callable, optim: Param
     """One step of ``optim`` on ``objective``: ``pyro.infer.SVI.step`` over module-local parameters.
 
     The parameters that take part are the ``param`` sites the step's trace records; a parameter hidden from
-    it (``poutine.block``) keeps its value and its optimiser state. Returns the loss; the schedules are
+    it (``poutine.block``) keeps its value and its optimiser state. A model with a ``project_eta_`` method has
+    it called after the step (projected gradient: eta_rotate stays <= pi). Returns the loss; the schedules are
     advanced apart (:meth:`ParamAdam.schedule_step`).
     """
     with poutine.trace(param_only=True) as capture:
@@ -147,6 +148,9 @@ def svi_step(objective: Callable, model: Callable, guide: Callable, optim: Param
         value = site["value"]  # constrained; PyroParam values point back to their unconstrained leaf
         taking_part[name] = value.unconstrained() if hasattr(value, "unconstrained") else value
     optim.step(taking_part)
+    project = getattr(model, "project_eta_", None)  # eta_rotate <= pi (models.network.InvariantNet.project_eta_)
+    if project is not None:
+        project()
     return loss
 
 

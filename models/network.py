@@ -119,6 +119,8 @@ class InvariantNet(PyroModule):
         self.register_buffer("generator_mask", mask)  # (K,)
         is_shift = [name.startswith("translate") for name in self.generator_names]
         self.register_buffer("translation_mask", torch.tensor(is_shift, dtype=torch.float), persistent=False)
+        upper = [math.pi if name == "rotate" else math.inf for name in self.generator_names]
+        self.register_buffer("eta_upper", torch.tensor(upper), persistent=False)  # (K,): U[-pi, pi] is a full turn
         self.register_buffer("prior_loc", torch.tensor(0.0))
         self.register_buffer("prior_scale", torch.tensor(float(config.prior_scale)))
         eta0 = torch.full((len(GENERATOR_NAMES),), float(config.eta_init))
@@ -143,10 +145,25 @@ class InvariantNet(PyroModule):
     def eta_effective(self) -> torch.Tensor:
         """eta with inactive generators masked to zero, shape ``(K,)`` (detached inside :meth:`eta_frozen`)."""
         eta = self.eta * self.generator_mask
+        # a rotation extent past pi is a full turn: min(eta, pi), with eta's gradient (project_eta_ keeps eta <= pi)
+        eta = torch.minimum(eta, self.eta_upper).detach() + (eta - eta.detach())
         if self.config.max_shift is not None:  # translations saturate smoothly at max_shift: b tanh(eta / b)
             b = self.config.max_shift
             eta = torch.where(self.translation_mask.bool(), b * torch.tanh(eta / b), eta)
         return eta.detach() if self._eta_frozen else eta
+
+    @torch.no_grad()
+    def project_eta_(self) -> None:
+        """Project a learned eta back onto its feasible set, eta_rotate <= pi (projected gradient ascent).
+
+        U[-eta, eta] for eta > pi wraps round the circle, so every eta past pi is the same full turn (and
+        :attr:`eta_effective` uses min(eta, pi)); there the bound is flat, and without this projection eta's
+        unconstrained value would random-walk on gradient noise until the numbers break. Called after every
+        optimiser step (:func:`inference.optim.svi_step`); a no-op below pi and for fixed or latent eta.
+        """
+        if self.config.learn_eta and self.config.eta_prior is EtaPrior.NONE:
+            u = self.eta_unconstrained  # eta = exp(u) (constraints.positive)
+            u.copy_(torch.minimum(u, torch.log(self.eta_upper).to(u)))
 
     @contextlib.contextmanager
     def eta_frozen(self) -> Iterator[None]:

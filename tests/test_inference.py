@@ -55,6 +55,30 @@ def test_optimizer_gives_eta_its_own_learning_rate(device, cosine):
     assert lrs and all(lr == pytest.approx(1e-3) for lr in lrs.values())
 
 
+def test_a_step_keeps_a_learned_eta_rotate_at_most_pi(device):
+    """Past pi the bound is flat in eta_rotate (a full turn either way); svi_step projects eta back onto
+    eta_rotate <= pi, so a push upwards leaves it at pi instead of growing without end, while the uncapped
+    generators keep moving, and a push downwards moves eta_rotate off the cap (it is not stuck there)."""
+    torch.manual_seed(0)
+    model, data = tiny(device, eta_init=3.0, generators=("rotate", "shear"))
+    optim = make_optimizer(TrainConfig(num_steps=10, batch_size=4, lr=1e-3, eta_lr=0.2))
+
+    def push(sign: float):
+        def objective(model, guide, x, y):
+            model(x, y)  # records the param site "eta"
+            return sign * model.eta_effective.sum()
+        return objective
+
+    for _ in range(10):
+        svi_step(push(-1.0), model, lambda x, y: None, optim, data.x[:4], data.y[:4])
+    eta = dict(zip(model.generator_names, model.eta.detach().tolist(), strict=True))
+    assert eta["rotate"] == pytest.approx(math.pi, rel=1e-6) and eta["rotate"] <= math.pi * (1 + 1e-6)
+    assert eta["shear"] > 2 * math.pi  # the same steps, uncapped
+    for _ in range(10):  # once Adam's momentum has turned
+        svi_step(push(1.0), model, lambda x, y: None, optim, data.x[:4], data.y[:4])
+    assert model.eta[GENERATOR_NAMES.index("rotate")].item() < math.pi * (1 - 1e-3)
+
+
 def test_fit_records_losses_and_eta_history(device):
     model, data = tiny(device)
     guide = make_guide(model, "hybrid")

@@ -226,8 +226,33 @@ def test_max_shift_bounds_only_the_translations_smoothly(device):
         eff = dict(zip(model.generator_names, model.eta_effective.tolist(), strict=True))
         for name in ("translate_x", "translate_y"):
             assert eff[name] == pytest.approx(math.tanh(raw), rel=1e-6) and eff[name] <= 1.0
-        assert eff["rotate"] == pytest.approx(raw) and eff["shear"] == pytest.approx(raw)
+        assert eff["rotate"] == pytest.approx(min(raw, math.pi)) and eff["shear"] == pytest.approx(raw)
     assert model.eta_effective.requires_grad  # eta still learns through the bound
+
+
+@pytest.mark.parametrize("eta_rotate", [math.pi, 4.0, 50.0])
+def test_a_rotation_extent_past_pi_is_the_full_turn(device, eta_rotate):
+    """U[-eta, eta] with eta >= pi covers every angle, so the model uses min(eta_rotate, pi): eta = 4 or 50 rad
+    gives exactly the network of eta = pi (same weights, same eps); the other generators are not capped."""
+    torch.manual_seed(0)
+    every = make_model(device, learn_eta=False, eta_init=eta_rotate).eta_effective
+    assert every[GENERATOR_NAMES.index("rotate")].item() == pytest.approx(math.pi)
+    assert every[GENERATOR_NAMES.index("shear")].item() == pytest.approx(eta_rotate)
+    x, y = batch(device)
+    theta = weights_for(make_model(device))
+    eps = torch.rand(S, K, device=device) * 2 - 1
+    model = make_model(device, generators=("rotate",), learn_eta=False, eta_init=eta_rotate)
+    reference = make_model(device, generators=("rotate",), learn_eta=False, eta_init=math.pi)
+    out = poutine.condition(model, data={**theta, "eps": eps})(x, y)
+    torch.testing.assert_close(out, poutine.condition(reference, data={**theta, "eps": eps})(x, y), rtol=0, atol=0)
+
+
+def test_eta_rotate_at_pi_still_gets_its_gradient(device):
+    """At the cap the gradient of the bound reaches eta (a learned eta can come back below pi)."""
+    model = make_model(device, eta_init=math.pi)
+    (model.eta_effective * torch.arange(1.0, K + 1, device=device)).sum().backward()
+    grad = model.eta_unconstrained.grad  # d/du of sum_k k eta_k with eta = exp(u)
+    torch.testing.assert_close(grad, torch.arange(1.0, K + 1, device=device) * math.pi)
 
 
 def test_inactive_generators_do_not_change_the_output(device):
@@ -330,11 +355,11 @@ def test_input_mode_equals_weight_mode_for_pixel_permutations(
 def test_exact_c4_average_is_rotation_invariant(device, transform_mode, averaging):
     """Averaging over the four 90-degree rotations makes the network exactly invariant to rot90 of x."""
     shape = (1, 7, 7)
-    eta = 4 * math.pi / 3  # eps in {0, 3/8, 3/4, -3/8} -> angles {0, 90, 180, -90} degrees
+    eta = math.pi  # eps in {0, 1/2, 1, -1/2} -> angles {0, 90, 180, -90} degrees
     model = InvariantNet(ModelConfig(image_shape=shape, hidden=D, num_transforms=4, generators=("rotate",),
                                      eta_init=eta, learn_eta=False, transform_mode=transform_mode,
                                      averaging=averaging), num_data=N).to(device)
-    data = {**weights_for(model), "eps": _rotation_eps([0.0, 0.375, 0.75, -0.375], device)}
+    data = {**weights_for(model), "eps": _rotation_eps([0.0, 0.5, 1.0, -0.5], device)}
     x, y = batch(device, B, shape)
     conditioned = poutine.condition(model, data=data)
     out = conditioned(x, y)
