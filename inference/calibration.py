@@ -60,7 +60,8 @@ class Family:
     def learned(self, eta: dict[str, float], image_size: int = 28) -> float:
         """The learned extent in this family's unit (mean over its generators in the run's basis); pixels on
         ``image_size``-pixel sides. Rotation saturates at 180 deg: U[-eta, eta] with eta >= pi already covers
-        every angle (the raw eta stays in the ``eta_rotate`` column)."""
+        every angle (the model caps eta_rotate at pi; a run made before the cap keeps its raw eta in the
+        ``eta_rotate`` column)."""
         to_unit = pixels_per_unit(image_size) if self.to_unit is None else self.to_unit
         extent = statistics.fmean(eta[g] for g in self.generators if g in eta) * to_unit
         return extent if self.most is None else min(extent, self.most)

@@ -105,6 +105,29 @@ def test_compare_runs_jobs_in_parallel_processes_and_refuses_other_settings(tmp_
     assert compare.cli(changed) == 2  # a finished run made with other settings is refused, not mixed in
 
 
+def test_a_grid_goes_on_from_the_files_git_keeps_of_it(tmp_path, data_dir, capsys):
+    """Grids under benchmarks/results/ are committed without their checkpoints and models (.gitignore): a clean
+    clone has each finished run's config.json, metrics.json and eta_history.csv only, and the same command then
+    reuses every run (trains none) and writes the same tables."""
+    out = tmp_path / "grid"
+    args = ["--dataset", "rotated-mnist", "--data-dir", str(data_dir), "--out", str(out), "--configs", "elbo",
+            "--sweep-deg", "90", "--seeds", "0,1", "--eval-samples", "1", "--elbo-passes", "1", *TINY]
+    assert compare.cli(args) == 0
+    before = (out / "comparison.csv").read_text()
+    files = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
+    as_committed = "\n".join(f"benchmarks/results/grid/{f}" for f in files)
+    check = subprocess.run(["git", "check-ignore", "--no-index", "--stdin"], cwd=ROOT, input=as_committed,
+                           capture_output=True, text=True)
+    ignored = {line.removeprefix("benchmarks/results/grid/") for line in check.stdout.splitlines()}
+    assert any(f.endswith(".pt") for f in ignored) and not any(f.endswith("metrics.json") for f in ignored)
+    for f in ignored:
+        (out / f).unlink()
+    capsys.readouterr()
+    assert compare.cli(args) == 0
+    assert capsys.readouterr().err.count("(done, reused)") == 6  # elbo, fixed-90, learned x 2 seeds
+    assert (out / "comparison.csv").read_text() == before
+
+
 def test_worker_settings_split_the_cores_and_the_gpus():
     from inference.grid import worker_settings
 
