@@ -21,6 +21,7 @@ import argparse
 import dataclasses
 import math
 import os
+import re
 import shlex
 import sys
 from collections.abc import Sequence
@@ -179,9 +180,14 @@ def planned_order(directory: Path) -> list[Path]:
     return folders
 
 
+def _natural(path: Path) -> list:
+    """Sort key of a path with its numbers compared as numbers (``fixed-5`` before ``fixed-45``)."""
+    return [(0, int(part), "") if part.isdigit() else (1, 0, part) for part in re.split(r"(\d+)", str(path))]
+
+
 def finished_runs(directory: Path) -> list[tuple[Key, Path, dict]]:
     """``(key, folder, metrics)`` of every finished run under ``directory`` (``[<dataset>/]<config>/seed-<s>``), in
-    the order of its ``commands.txt``, the others after them in the order of their paths."""
+    the order of its ``commands.txt``, the others after them in the order of their paths (numbers as numbers)."""
     order = {folder: i for i, folder in enumerate(planned_order(directory))}
     found = []
     for path in sorted(directory.rglob(METRICS_FILENAME)):
@@ -194,7 +200,7 @@ def finished_runs(directory: Path) -> list[tuple[Key, Path, dict]]:
         metrics = read_metrics(run_dir)
         label = parts[0] if len(parts) == 3 else metrics["config"]["data"]["dataset"]
         found.append(((label, parts[-2], int(parts[-1][5:])), run_dir, metrics))
-    return sorted(found, key=lambda run: (order.get(run[1].resolve(), len(order)), str(run[1])))
+    return sorted(found, key=lambda run: (order.get(run[1].resolve(), len(order)), _natural(run[1])))
 
 
 def collect(directory: Path, fmt: FigureFormat) -> list[dict]:

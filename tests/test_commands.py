@@ -65,3 +65,17 @@ def test_printed_commands_then_collect_give_the_table_compare_makes(tmp_path, da
     proc = run(*grid)  # compare itself: reuses the four runs (it checks their settings) and writes its tables
     assert proc.stderr.count("(done, reused)") == 4
     assert {name: (out / name).read_text() for name in collected} == collected
+
+
+def test_collected_runs_come_in_the_order_of_the_numbers_in_their_names(tmp_path):
+    """Without commands.txt (a grid still running, or run by ``compare`` itself) --collect orders the runs by their
+    folders with numbers read as numbers, so a sweep reads fixed-5, 45, 135, 175 in tables and figures."""
+    names = ["learned", "fixed-175", "fixed-45", "fixed-135", "fixed-5"]
+    for name in names:
+        for seed in (10, 2):
+            folder = tmp_path / "rotated" / name / f"seed-{seed}"
+            folder.mkdir(parents=True)
+            (folder / "metrics.json").write_text("{}")
+    order = [(key[1], key[2]) for key, _, _ in commands.finished_runs(tmp_path)]
+    assert order == [(name, seed) for name in ("fixed-5", "fixed-45", "fixed-135", "fixed-175", "learned")
+                     for seed in (2, 10)]
