@@ -4,7 +4,7 @@ Generative model (van der Ouderaa & van der Wilk, 2022, Eqs. 1-6)::
 
     W1, b1, W2, b2 ~ N(0, alpha^2)                 prior sample sites (W1, b1 only for ReLU)
     eps            ~ U[-1, 1]^(S x K)              sample site "eps", K = 6 generators
-    eta            > 0                              pyro.param "eta" (empirical Bayes)
+    eta            > 0                              pyro.param "eta" (empirical Bayes); eta_rotate <= pi
     T_s            = expm(sum_k eps_sk eta_k G_k)   s = 1..S
     f_s(x)         = W2 phi((W1 o T_s) x + b1) + b2
     y | x          ~ Categorical(mean_s softmax f_s(x))      (averaging="probs")
@@ -143,7 +143,8 @@ class InvariantNet(PyroModule):
     # ------------------------------------------------------------------ pieces
     @property
     def eta_effective(self) -> torch.Tensor:
-        """eta with inactive generators masked to zero, shape ``(K,)`` (detached inside :meth:`eta_frozen`)."""
+        """eta with inactive generators masked to zero, eta_rotate at most pi and, with ``max_shift``, bounded
+        translations; shape ``(K,)`` (detached inside :meth:`eta_frozen`)."""
         eta = self.eta * self.generator_mask
         # a rotation extent past pi is a full turn: min(eta, pi), with eta's gradient (project_eta_ keeps eta <= pi)
         eta = torch.minimum(eta, self.eta_upper).detach() + (eta - eta.detach())
@@ -156,9 +157,9 @@ class InvariantNet(PyroModule):
     def project_eta_(self) -> None:
         """Project a learned eta back onto its feasible set, eta_rotate <= pi (projected gradient ascent).
 
-        U[-eta, eta] for eta > pi wraps round the circle, so every eta past pi is the same full turn (and
-        :attr:`eta_effective` uses min(eta, pi)); there the bound is flat, and without this projection eta's
-        unconstrained value would random-walk on gradient noise until the numbers break. Called after every
+        U[-eta, eta] with eta >= pi covers every angle, so :attr:`eta_effective` uses min(eta, pi), the full
+        turn; past pi the bound is flat, and without this projection eta's unconstrained value would
+        random-walk on gradient noise until the numbers break. Called after every
         optimiser step (:func:`inference.optim.svi_step`); a no-op below pi and for fixed or latent eta.
         """
         if self.config.learn_eta and self.config.eta_prior is EtaPrior.NONE:
