@@ -91,7 +91,8 @@ RECOMMENDED: dict[str, dict] = {  # the recommended setting for relaxed invarian
         "evidence_schedule": EvidenceSchedule.SEQUENTIAL,  # eta first, then the predicting network at that eta
         "num_steps": 2000,  # per phase: the mean-field guide settles (KL ~10 nats / example, ~50 after 1,000 steps)
         "eta_burnin": 200,  # eta waits while the mean-field guide is still noise (averaging helps a noisy net)
-        "eta_lr": 0.1,  # after the burn-in, eta can still travel from 5 deg to a full turn before the cosine ends
+        "eta_lr": 0.02,  # travels from 5 deg to a full turn in ~200 steps; a larger rate makes eta random-walk on the
+        # noise of its gradient, whose stationary spread grows with the rate (README, "How much invariance")
     },
 }
 """The recommended setting, as :func:`inference.config.derive` sections: :func:`recommended` applies it to a run,

@@ -7,7 +7,7 @@ Usage::
 trains one model per (transformation family, true extent, seed) with every flag of ``python -m inference.train``,
 defaulting to the recommended setting for relaxed invariance (:data:`inference.calibration.RECOMMENDED`: the
 ``evidence`` objective with priors on every weight, on the ``sequential`` schedule, 2,000 steps per phase, a
-200-step eta burn-in, eta's learning rate 0.1, all six generators in the isotropic basis, translations bounded by
+200-step eta burn-in, eta's learning rate 0.02, all six generators in the isotropic basis, translations bounded by
 half the frame), and writes
 ``OUT/<family>-<extent>/seed-<s>/`` (one run each; ``OUT/untransformed/seed-<s>/`` for a = 0), ``OUT/extents.csv``,
 ``OUT/extents.md`` and ``OUT/extents.png`` (``--format pdf`` or ``svg``, ``--dpi``; :mod:`inference.calibration`).
