@@ -211,7 +211,8 @@ def plot(rows: list[dict], out: Path, fmt: FigureFormat | None = None) -> Path:
                ylim=(0, hi))
         ax.legend(fontsize=7, loc="upper left")
         ax.grid(alpha=0.3)
-    fig.suptitle("Learned invariance against the data's transformation U[-a, a]")
+    fig.suptitle("Learned invariance against the data's\ntransformation U[-a, a]" if len(names) == 1
+                 else "Learned invariance against the data's transformation U[-a, a]")  # one panel: two lines
     return (fmt or FigureFormat()).save(fig, out, "extents")
 
 
