@@ -30,6 +30,7 @@ SCRIPTS: dict[str, str] = {
     "inference/compare.py": "test_compare_with_seeds_writes_per_seed_runs_mean_and_std_and_a_figure below",
     "inference/extents.py": "tests/test_extents.py",
     "inference/diagnose.py": "tests/test_diagnostics.py",
+    "inference/shifts.py": "tests/test_shifts.py",
     "benchmarks/bench_step.py": "tests/test_benchmarks.py",
     "benchmarks/bench_api.py": "tests/test_benchmarks.py",
     "benchmarks/bench_ddp.py": "tests/test_benchmarks.py",
