@@ -24,7 +24,9 @@ import sys
 
 import torch
 
-from inference.data import DataConfig, DatasetName, load_datasets
+from inference import train
+from inference.cli import run_cli
+from inference.data import DatasetName, load_datasets
 
 
 def template_shifts(images: torch.Tensor, template: torch.Tensor) -> torch.Tensor:
@@ -93,20 +95,19 @@ def uniform_half_width(shifts: torch.Tensor) -> torch.Tensor:
     return math.sqrt(3.0) * shifts.std(dim=0)
 
 
-def main(argv: list[str] | None = None) -> dict[str, float]:
-    """Print (and return) the spread of a dataset's training images about their class templates."""
+def build_parser() -> argparse.ArgumentParser:
+    """The data flags of ``python -m inference.train`` (``--dataset`` defaults to ``mnist``) plus ``--iterations``."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--dataset", type=DatasetName, default=DatasetName.MNIST, choices=list(DatasetName),
-                   metavar="NAME", help="one of inference.data.DatasetName (default: mnist)")
-    p.add_argument("--data-dir", default=None, help="the data root (README, Data)")
-    p.add_argument("--translation-px", type=float, default=None, help="translated datasets: shifts U[-a, a] px")
-    p.add_argument("--train-size", type=int, default=4000, help="training images measured (default 4000)")
+    train.add_data_args(p)
+    p.set_defaults(dataset=DatasetName.MNIST)  # the untransformed digits, unlike training's default
     p.add_argument("--iterations", type=int, default=0,
                    help="template re-centrings (default 0: the class mean; a sharper template reads more spread)")
-    args = p.parse_args(argv)
-    extra = {} if args.translation_px is None else {"translation_px": args.translation_px}
-    data = load_datasets(DataConfig(dataset=args.dataset, data_dir=args.data_dir, train_size=args.train_size,
-                                    test_size=10, **extra)).train
+    return p
+
+
+def main(args: argparse.Namespace) -> dict[str, float]:
+    """Print (and return) the spread of a dataset's training images about their class templates."""
+    data = load_datasets(train.data_config_from_args(args)).train
     shifts = class_shifts(data.x.mean(dim=1), data.y, args.iterations)  # channels averaged: one image per example
     a = uniform_half_width(shifts)
     result = {"std_y_px": float(shifts[:, 0].std()), "std_x_px": float(shifts[:, 1].std()),
@@ -119,9 +120,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
 
 def cli(argv: list[str] | None = None) -> int:
-    """Console entry point (``invw-shifts``)."""
-    main(argv)
-    return 0
+    """Console entry point (``invw-shifts``): a missing dataset or a bad flag is one line and exit code 2."""
+    return run_cli(main, build_parser().parse_args(argv))
 
 
 if __name__ == "__main__":

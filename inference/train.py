@@ -79,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
     )
-    _add_data_args(p.add_argument_group("data"))
+    add_data_args(p.add_argument_group("data"))
     _add_model_args(p.add_argument_group("model"))
     _add_inference_args(p.add_argument_group("inference"))
     _add_run_args(p.add_argument_group("run"))
@@ -87,7 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _add_data_args(g: argparse._ArgumentGroup) -> None:
+def add_data_args(g: argparse._ArgumentGroup | argparse.ArgumentParser) -> None:
+    """The data flags (:class:`inference.data.DataConfig`), read back by :func:`data_config_from_args`."""
     d = DataConfig()
     g.add_argument("--dataset", type=DatasetName, choices=list(DatasetName), default=d.dataset, metavar="NAME",
                    help=f"one of {[x.value for x in DatasetName]}")
@@ -231,6 +232,13 @@ def check_model_fits(guide: GuideKind, objective: EtaObjective, prior: PriorKind
                          "--output-layer-prior off (or use --guide map to keep them)")
 
 
+def data_config_from_args(args: argparse.Namespace) -> DataConfig:
+    """The :class:`DataConfig` of the flags :func:`add_data_args` adds."""
+    return DataConfig(dataset=args.dataset, data_dir=args.data_dir, allow_download=args.download,
+                      train_size=args.train_size, test_size=args.test_size, rotation_deg=args.rotation_deg,
+                      translation_px=args.translation_px, log_scale=args.log_scale, data_seed=args.data_seed)
+
+
 def config_from_args(args: argparse.Namespace) -> RunConfig:
     """The run's :class:`RunConfig`: read from ``--config``, or built from the flags (validated by the configs)."""
     given = [f"--{k.replace('_', '-')}" for k, v in vars(args).items()
@@ -245,9 +253,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         # `--resume DIR [--lr X]`: the run DIR describes, at the learning rates given
         cfg = RunConfig.load(saved)
         return derive(cfg, train={RESUME_OVERRIDES[flag]: getattr(args, RESUME_OVERRIDES[flag]) for flag in given})
-    data = DataConfig(dataset=args.dataset, data_dir=args.data_dir, allow_download=args.download,
-                      train_size=args.train_size, test_size=args.test_size, rotation_deg=args.rotation_deg,
-                      translation_px=args.translation_px, log_scale=args.log_scale, data_seed=args.data_seed)
+    data = data_config_from_args(args)
     objective = EtaObjective(args.eta_objective)
     first_layer_prior, output_layer_prior = args.first_layer_prior == "on", args.output_layer_prior == "on"
     check_model_fits(GuideKind(args.guide), objective, PriorKind(args.prior), first_layer_prior,
