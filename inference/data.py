@@ -5,7 +5,10 @@ The data root is ``--data-dir`` > ``$INVW_DATA_DIR`` > ``./data``, each source i
 :class:`DataNotFoundError` names the folder and the flag. A dataset is named ``<variant>-<source>`` (plain: the
 source's name alone); each :class:`Variant` transforms every example once, with a generator seeded by
 ``data_seed`` (REFERENCE.md): rotated by U[-180, 180] deg, partially rotated by U[-90, 90] deg (MNIST only),
-translated by U[-8, 8] px, scaled by exp(s), s ~ U[-log 2, log 2] (the defaults; README, "Data").
+translated by U[-8, 8] px, scaled by exp(s), s ~ U[-log 2, log 2] (the defaults; README, "Data"); centred (MNIST
+only): each image moved onto the mean image of its class by whole pixels
+(:func:`inference.alignment.centre_on_templates`), which removes most of the translation MNIST holds of itself, a
+control for the learned eta_translate.
 
 Memory: the source is read as bytes, subset, and converted to float32 and warped :data:`CHUNK` images at a time
 into one preallocated ``(N, C, H, W)`` tensor, so the only whole-set float copy is the result.
@@ -23,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from inference.alignment import centre_on_templates
 from inference.sources import DATA_ENV_VAR, SOURCES, Source, load_source
 from inference.sources import CorruptDataError as CorruptDataError  # re-exported: the data errors live here too
 from inference.sources import DataNotFoundError as DataNotFoundError
@@ -45,6 +49,7 @@ class Variant(StrEnum):
     PARTIALLY_ROTATED = "partially-rotated"
     TRANSLATED = "translated"
     SCALED = "scaled"
+    CENTRED = "centred"
 
 
 class DatasetName(StrEnum):
@@ -55,6 +60,7 @@ class DatasetName(StrEnum):
     PARTIALLY_ROTATED = "partially-rotated-mnist"
     TRANSLATED = "translated-mnist"
     SCALED = "scaled-mnist"
+    CENTRED = "centred-mnist"
     FASHION_MNIST = "fashion-mnist"
     ROTATED_FASHION_MNIST = "rotated-fashion-mnist"
     TRANSLATED_FASHION_MNIST = "translated-fashion-mnist"
@@ -311,6 +317,8 @@ def load_datasets(cfg: DataConfig) -> Datasets:
             order = torch.randperm(len(idx), generator=gen)
             idx, T = idx[order], None if T is None else T[order]
             images, labels = images[idx], labels[idx]
+        if cfg.dataset.variant is Variant.CENTRED:  # the split's own class templates (labels are known)
+            images = centre_on_templates(images, labels)
         splits[name] = Split(float_images(images, T), labels)
         info[f"{name}_size"] = len(labels)
     info["sha256"] = content_sha256(splits["train"], splits["test"])
