@@ -26,7 +26,7 @@ from inference.checkpoint import (
     latest_checkpoint,
     list_checkpoints,
 )
-from inference.config import RunConfig
+from inference.config import CONFIG_FILENAME, RunConfig
 from inference.data import Datasets, load_datasets, resolve_data_dir
 from inference.eta_objectives import EtaObjective
 from inference.history import read_history_csv
@@ -106,8 +106,9 @@ def load_run(run_dir: str | Path, device: str | torch.device = "cpu") -> LoadedR
     except (KeyError, TypeError, ValueError) as err:
         raise RunError(f"{run_dir / 'metrics.json'} holds an unusable config ({type(err).__name__}: {err})") from None
     if not (run_dir / CHECKPOINT_DIRNAME).is_dir():
-        raise RunError(f"{run_dir} has no {CHECKPOINT_DIRNAME}/ folder (the run predates checkpoints, so its "
-                       "fitted parameters were not saved): train it again with inference.train to diagnose it")
+        raise RunError(f"{run_dir} has no {CHECKPOINT_DIRNAME}/ folder, so its fitted parameters are not there "
+                       "(git keeps config.json, metrics.json, eta_history.csv of a run under benchmarks/results): "
+                       f"train it again, python -m inference.train --config {run_dir / CONFIG_FILENAME} --out NEW")
     try:
         checkpoint, _ = latest_checkpoint(run_dir / CHECKPOINT_DIRNAME)
         if differing_settings(checkpoint.config, config.training_dict()):  # by value: 8 and 8.0 are one setting

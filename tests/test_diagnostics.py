@@ -381,8 +381,13 @@ def test_load_run_errors_are_one_line(tiny_runs, tmp_path):
     old = tmp_path / "old"
     old.mkdir()
     (old / "metrics.json").write_text((tiny_runs[0] / "metrics.json").read_text())
-    with pytest.raises(RunError, match="predates checkpoints"):
+    with pytest.raises(RunError, match="no checkpoints/ folder") as err:
         load_run(old)
+    command = str(err.value).split("train it again, ")[1].replace("NEW", str(tmp_path / "new")).split()
+    assert command[:4] == ["python", "-m", "inference.train", "--config"]  # the command the message offers works:
+    (old / "config.json").write_text((tiny_runs[0] / "config.json").read_text())
+    assert train_cli([*command[3:], "--no-progress"]) == 0
+    assert load_run(tmp_path / "new").metrics["test_accuracy"] == load_run(tiny_runs[0]).metrics["test_accuracy"]
 
 
 def test_diagnose_without_checkpoints_is_a_one_line_error(tiny_runs, tmp_path, capsys):
