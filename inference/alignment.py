@@ -90,6 +90,9 @@ def centre_on_templates(images: torch.Tensor, labels: torch.Tensor, passes: int 
     ----------
     images : Tensor, shape (N, C, H, W), any dtype (MNIST's bytes)
     labels : Tensor, shape (N,)
+    passes : int
+        Most alignments against a rebuilt template (each applied to the original images, so nothing a pass moves
+        out of the frame is lost for the next).
 
     Returns
     -------
@@ -105,7 +108,7 @@ def centre_on_templates(images: torch.Tensor, labels: torch.Tensor, passes: int 
             break
         total += step
         pad = int(total.abs().max())
-        padded = torch.nn.functional.pad(images, (pad, pad, pad, pad))  # moved once from the originals: no loss
+        padded = torch.nn.functional.pad(images, (pad, pad, pad, pad))
         rows = torch.arange(h)[None, :] + total[:, :1] + pad  # (N, H)
         cols = torch.arange(w)[None, :] + total[:, 1:] + pad  # (N, W)
         out = padded[torch.arange(n)[:, None, None, None], torch.arange(c)[None, :, None, None],
