@@ -29,8 +29,11 @@ from inference.plots import FigureFormat, new_figure, styled
 from models.transforms import ALL_GENERATOR_NAMES
 
 METRICS = [*(f"eta_{g}" for g in ALL_GENERATOR_NAMES), "test_accuracy", "test_nll", "test_accuracy_one_draw",
-           "test_nll_one_draw", "elbo_per_example", "elbo_stderr", "elbo_loglik", "elbo_kl", "train_seconds"]
-"""Numeric columns of a run, averaged over seeds (eta columns stay empty for generators outside the run's basis)."""
+           "test_nll_one_draw", "elbo_per_example", "elbo_stderr", "elbo_loglik", "elbo_kl", "constant_loglik",
+           "eta_unsupported", "train_seconds"]
+"""Numeric columns of a run, averaged over seeds (eta columns stay empty for generators outside the run's basis;
+``eta_unsupported`` is 1 where the bound that set eta fit the labels no better than the constant prediction
+(:mod:`inference.evidence_check`), 0 where it did, empty where no bound set eta: its mean is the share of seeds)."""
 
 RUN_COLUMNS = ["dataset", "config", "seed", "guide", "generators", "eta_fixed", *METRICS]
 SUMMARY_COLUMNS = ["dataset", "config", "seeds", "guide", "generators", "eta_fixed",
@@ -57,6 +60,9 @@ def run_row(dataset: str, config: str, seed: int, metrics: dict) -> dict:
     out["elbo_stderr"] = metrics.get("elbo_stderr", math.nan)
     terms = metrics.get("elbo_terms", {})
     out["elbo_loglik"], out["elbo_kl"] = terms.get("expected_loglik", math.nan), terms.get("kl", math.nan)
+    check = metrics.get("evidence_check")  # None where no bound set eta; absent in runs from before the check
+    out["constant_loglik"] = math.nan if check is None else check["constant_loglik"]
+    out["eta_unsupported"] = math.nan if check is None else float(not check["fits_labels"])
     return out
 
 
@@ -191,10 +197,24 @@ def write_tables(rows: list[dict], out: Path) -> list[dict]:
                 f"{_pm(s['test_nll_mean'], s['test_nll_std'], '.3f')} | "
                 f"{_pm(s['elbo_per_example_mean'], s['elbo_per_example_std'], '.3f')} | {s['elbo_loglik_mean']:.3f} | "
                 f"{s['elbo_kl_mean']:.3f} | {s['train_seconds_mean']:.0f} |")
+        lines += unsupported_notes(ds)
         sweep = sweep_summary(ds)
         lines += ["", describe_sweep(sweep), ""] if sweep is not None else [""]
     (out / "comparison.md").write_text("\n".join(lines))
     return summary
+
+
+def unsupported_notes(summary: Sequence[dict]) -> list[str]:
+    """Markdown lines naming each configuration whose eta was chosen by the bound's KL term alone in some seeds."""
+    lines = []
+    for s in summary:
+        share = s["eta_unsupported_mean"]
+        if share == share and share > 0:
+            lines += ["", f"**{s['config']}: eta is not the data's in {share:.0%} of the seeds checked.** The bound "
+                      "that set it fits the labels no better than a prediction that ignores the images (expected "
+                      f"log-likelihood {s['elbo_loglik_mean']:.3f} against {s['constant_loglik_mean']:.3f} per "
+                      "example, means over seeds), so its KL term alone chose eta."]
+    return lines
 
 
 def _learned_x(sweep: dict) -> tuple[float, str]:

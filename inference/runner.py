@@ -36,6 +36,7 @@ from inference.config import CONFIG_FILENAME, RunConfig
 from inference.data import Datasets, Split, load_datasets, validate_split
 from inference.eta_objectives import EtaObjective, eta_dict, eta_interval, split_holdout
 from inference.evaluate import accuracy_and_nll, average_draws, elbo_estimate, predictive_draws
+from inference.evidence_check import EvidenceCheck, check_evidence, sets_eta_by_bound
 from inference.history import TrainingRecord, require_tensorboard
 from inference.limits import check_memory, check_threads
 from inference.run_folder import (
@@ -175,6 +176,9 @@ def _run(cfg: RunConfig, control: RunControl, out: Path, sync: GradientSync | No
     atomic_write(out / METRICS_FILENAME, json.dumps(metrics, indent=2).encode())
     print(json.dumps({k: metrics[k] for k in ("eta", "test_accuracy", "test_nll", "elbo_per_example",
                                                "elbo_stderr", "train_seconds")}, indent=2))
+    check = metrics["evidence_check"]
+    if check is not None and not check["fits_labels"]:
+        print(EvidenceCheck.from_dict(check).warning(), file=sys.stderr)
     return metrics
 
 
@@ -187,6 +191,8 @@ def evaluate(cfg: RunConfig, model: InvariantNet, guide: Callable, evidence_guid
     acc_one, nll_one = accuracy_and_nll(draws[0], test.y)  # the first draw alone: a one-draw evaluation
     # the bound on the marginal likelihood: the evidence guide's ELBO under the evidence objective
     elbo = elbo_estimate(model, evidence_guide or guide, train, num_passes=cfg.eval.elbo_passes)
+    check = (check_evidence(model, train.y, elbo.expected_loglik)  # did the data, or the KL alone, choose eta?
+             if sets_eta_by_bound(cfg.model.learn_eta, cfg.model.generators, cfg.train.eta_objective) else None)
     return {
         "eta": eta_dict(model, guide),
         "eta_interval_90": eta_interval(model, guide),  # full Bayes: q(eta)'s central 90% interval, else None
@@ -198,6 +204,7 @@ def evaluate(cfg: RunConfig, model: InvariantNet, guide: Callable, evidence_guid
         "elbo_stderr": elbo.stderr,
         "elbo_terms": {"expected_loglik": elbo.expected_loglik, "kl": elbo.kl},  # per example: loglik - kl = ELBO
         "elbo_guide": "evidence" if evidence_guide is not None else "predictive",
+        "evidence_check": None if check is None else check.to_dict(),
         "eval_seconds": time.perf_counter() - start,
     }
 

@@ -49,6 +49,13 @@ class CategoricalLikelihood:
             log_p = torch.log_softmax(f.mean(-3), -1)
         return log_p, dist.Categorical(logits=log_p)
 
+    def constant_loglik(self, y: torch.Tensor) -> float:
+        """Log-likelihood per example of ``y (N,)`` under the best prediction that ignores the images: the labels'
+        own frequencies p_k, sum_k p_k log p_k (-log C for C balanced classes: chance)."""
+        p = torch.bincount(y.flatten(), minlength=self.num_classes).double() / y.numel()
+        p = p[p > 0]
+        return float((p * p.log()).sum())
+
 
 class GaussianLikelihood:
     """Regression with known noise: y in R^outputs, y ~ N(f(x), sigma^2 I) (the conjugate test case)."""
@@ -72,6 +79,13 @@ class GaussianLikelihood:
         components = dist.Normal(f.movedim(-3, -2), self.noise_scale).to_event(1)  # batch (*lead, B, S)
         mixing = dist.Categorical(logits=torch.zeros(components.batch_shape, device=f.device, dtype=f.dtype))
         return mean, dist.MixtureSameFamily(mixing, components)
+
+    def constant_loglik(self, y: torch.Tensor) -> float:
+        """Log-likelihood per example of ``y (N, outputs)`` under the best prediction that ignores the inputs, their
+        mean: -D/2 log(2 pi sigma^2) - sum_d Var(y_d) / (2 sigma^2), Var over the N examples."""
+        variance = y.double().var(0, correction=0).sum()
+        return float(-0.5 * self.num_outputs * math.log(2 * math.pi * self.noise_scale**2)
+                     - variance / (2 * self.noise_scale**2))
 
 
 def likelihood_of(config: ModelConfig) -> CategoricalLikelihood | GaussianLikelihood:

@@ -86,6 +86,13 @@ def test_tiny_training_run_writes_metrics(tiny_run, data_dir):
     assert metrics["elbo_stderr"] >= 0
     terms = metrics["elbo_terms"]
     assert terms["expected_loglik"] < 0 and terms["kl"] > 0  # hybrid guide: KL(q(W2, b2) || prior) > 0
+    # the bound that set eta against the prediction that ignores the images (-log 10: 20 examples of each class)
+    check = metrics["evidence_check"]
+    assert check["expected_loglik"] == terms["expected_loglik"]
+    assert check["constant_loglik"] == pytest.approx(-math.log(10), abs=1e-12)
+    assert check["fits_labels"] is (check["expected_loglik"] > check["constant_loglik"])
+    assert ("warning: the bound that set eta fits the training labels no better" in proc.stderr) \
+        is (not check["fits_labels"])
     assert cfg["guide"]["kind"] == "hybrid" and cfg["device"] == "cpu"
     data = metrics["data"]
     assert data["train_size"] == 200 and data["test_size"] == 100
@@ -144,6 +151,7 @@ def test_in_process_run_with_other_options(data_dir, tmp_path):
     metrics = json.loads((out / "metrics.json").read_text())
     eta = metrics["eta"]
     assert eta["rotate"] == pytest.approx(math.radians(30.0), rel=1e-6)  # fixed: not learned
+    assert metrics["evidence_check"] is None  # no bound chose eta, so there is nothing to check
     assert all(eta[n] == 0.0 for n in GENERATOR_NAMES if n != "rotate")  # inactive generators
     assert metrics["config"]["model"]["first_layer"] == "rff"
     assert metrics["config"]["train"]["vectorize_particles"] is False
