@@ -145,6 +145,10 @@ def _headline(summary: dict) -> dict:
             "guide_khat": summary.get("guide_khat", {}).get("khat"), "seconds": summary["seconds"]["total"]}
     if "comparison" in summary:
         head["preferred_by_loo_train"] = summary["comparison"]["preferred_by_loo_train"]
+    check = summary.get("evidence_check")
+    if check is not None and not check["fits_labels"]:
+        head["warning"] = (f"eta was chosen by the bound's KL term alone: its data term {check['expected_loglik']:.3f} "
+                           f"is no better than the constant prediction's {check['constant_loglik']:.3f}")
     return head
 
 

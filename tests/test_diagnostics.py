@@ -430,6 +430,9 @@ def test_diagnose_cli_in_a_subprocess_writes_the_file_and_figures(tiny_runs, tmp
     assert idata.predictions["log_lik"].shape == (1, 6, 30)  # the 30 test examples apart
     summary = json.loads((out / "summary.json").read_text())
     assert summary["guide_khat"]["num_draws"] == 20 and summary["guide_khat"]["shared_eps"] is True
+    check = json.loads((tiny_runs[0] / "metrics.json").read_text())["evidence_check"]
+    assert summary["evidence_check"] == check  # the run's own check, repeated where diagnostics are read
+    assert ("eta was chosen by the bound's KL term alone" in proc.stdout) is (not check["fits_labels"])
     assert summary["shared_eps"] is True and summary["draws"] == 6
     assert summary["loo_train"]["n_obs"] == 60 and sum(summary["loo_train"]["pareto_k"].values()) == 60
     assert summary["elpd_test"]["n_obs"] == 30 and summary["predictive_test"]["n_obs"] == 30

@@ -170,6 +170,7 @@ def diagnose_run(run_dir: str | Path, out: Path, opts: DiagnoseOptions, compare:
     idata = run_inference_data(run, train, test, opts)
     timings = {"inference_data": time.perf_counter() - t}
     summary = summarise(run, idata)
+    summary["evidence_check"] = run.metrics.get("evidence_check")  # did the data, or the KL term alone, choose eta?
     shared = shared_eps(run, opts.eps)
     khat_draws = opts.khat_draws if opts.khat_draws is not None else (100 if shared else 32)
     if khat_draws > 0:
