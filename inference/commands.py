@@ -53,14 +53,10 @@ def reuse(cfg: RunConfig, control: RunControl) -> tuple[RunControl, dict | None]
     is), else ``(control to resume its newest checkpoint, or to start it afresh, None)``, as a grid does."""
     if control.resume or control.overwrite:
         raise ValueError("--reuse decides by itself whether to resume: drop --resume / --overwrite")
-    job = grid.Job(str(control.out), control.out, cfg)
-    metrics = grid.finished_metrics(job)
-    if metrics is not None:
-        if os.environ.get("RANK", "0") == "0":  # one line for a data-parallel job, not one per rank
-            print(f"{control.out} holds this run, finished: nothing to do", file=sys.stderr)
-        return control, metrics
-    resume = grid.has_checkpoint(job)
-    return dataclasses.replace(control, resume=resume, overwrite=not resume), None
+    control, metrics = grid.reuse_or_start(grid.Job(str(control.out), control.out, cfg), control)
+    if metrics is not None and os.environ.get("RANK", "0") == "0":  # one line for a data-parallel job, not per rank
+        print(f"{control.out} holds this run, finished: nothing to do", file=sys.stderr)
+    return control, metrics
 
 
 # ------------------------------------------------------------------------------------------------ --print-commands

@@ -90,6 +90,24 @@ def finished_metrics(job: Job) -> dict | None:
     return metrics
 
 
+def reuse_or_start(job: Job, control: RunControl) -> tuple[RunControl, dict | None]:
+    """``(control, metrics)`` of ``job`` finished in its folder, else ``(control that resumes its newest checkpoint
+    or starts it afresh, None)``. Asked when the run starts, not when its grid was planned: another process (a
+    second grid on the same folder, a printed command) may have finished or begun it since, and a plan made
+    earlier would train it again over the finished one."""
+    metrics = finished_metrics(job)
+    if metrics is not None:
+        return control, metrics
+    resume = has_checkpoint(job)
+    return dataclasses.replace(control, out=job.run_dir, resume=resume, overwrite=not resume), None
+
+
+def train_or_reuse(config: RunConfig, control: RunControl) -> dict:
+    """Train the run of ``config`` into ``control.out`` unless it is there, finished (:func:`reuse_or_start`)."""
+    control, finished = reuse_or_start(Job(str(control.out), control.out, config), control)
+    return finished if finished is not None else runner.run(config, control)
+
+
 def has_checkpoint(job: Job) -> bool:
     """Whether ``job``'s folder holds a valid checkpoint (a run interrupted part-way, to be resumed: it then ends
     where an uninterrupted one ends; a checkpoint made with other settings is refused by the run)."""
@@ -151,7 +169,7 @@ def _train_logged(config: RunConfig, control: RunControl, log_path: str) -> dict
     control = dataclasses.replace(control, threads=_WORKER.get("threads", control.threads))
     try:
         with open(log_path, "w") as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
-            return runner.run(config, control)
+            return train_or_reuse(config, control)
     finally:  # the grid is gone (its checkpoint is saved): nobody to report to, and no next job would ever come
         if "parent" in _WORKER and os.getppid() != _WORKER["parent"]:
             os._exit(128 + signal.SIGTERM)
@@ -223,9 +241,8 @@ def run_jobs(jobs: Sequence[Job], control: RunControl | None = None, num_workers
         elif collect_only:
             print(f"[-/{len(jobs)}] {job.label} (not run, skipped)", file=sys.stderr)
         else:
-            later[job.run_dir] = []
-            resume = has_checkpoint(job)  # the folder is the grid's: without a checkpoint, start it afresh
-            todo.append((i, job, dataclasses.replace(template, out=job.run_dir, resume=resume, overwrite=not resume)))
+            later[job.run_dir] = []  # resumed, started afresh or (finished by then elsewhere) reused when it starts
+            todo.append((i, job, dataclasses.replace(template, out=job.run_dir)))
 
     def done(i: int, outcome: dict | BaseException) -> None:
         if isinstance(outcome, BaseException):
@@ -257,7 +274,7 @@ def _run_here(todo: Sequence[tuple[int, Job, RunControl]], done: Callable[[int, 
     for i, job, control in todo:
         print(f"== {job.label} -> {job.run_dir}", file=sys.stderr)
         try:
-            done(i, runner.run(job.config, control))
+            done(i, train_or_reuse(job.config, control))
         except FAILURES as err:
             done(i, err)
 

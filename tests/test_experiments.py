@@ -6,6 +6,7 @@ A coverage test fails when a new script (a module with ``if __name__ == "__main_
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import math
 import os
@@ -244,6 +245,29 @@ def test_table3_plan_is_the_papers_cifar10_grid_on_3_channel_inputs():
     assert len(affine.model.generators) == 6 and affine.train.eta_objective == "evidence"  # the recommended setting
     aug = compare.plan(compare.parse_args(["--out", "x", "--datasets", "translated-cifar10", "--configs", "fixed-aug"]))
     assert aug[0][3].model.eta_init == pytest.approx(8 / 15.5)  # 8 px on 32-pixel sides
+
+
+def test_grid_reuses_a_run_another_process_finished_after_the_grid_was_planned(tmp_path, data_dir):
+    """Two grids on one folder (split by --datasets, or a printed command run by hand): a run that the other
+    finished while this grid trained its earlier runs is reused when its turn comes, not trained again over it."""
+    from inference import runner, train
+
+    args = train.build_parser().parse_args(
+        ["--dataset", "rotated-mnist", "--data-dir", str(data_dir), "--out", "unused", *TINY, "--eval-samples", "1",
+         "--elbo-passes", "1"])
+    config = train.config_from_args(args)
+    control = runner.RunControl(Path("."), progress=False)
+    first, second = grid.Job("first", tmp_path / "first", config), grid.Job("second", tmp_path / "second", config)
+    written = {}
+
+    def other_process_finishes_second(job: grid.Job, metrics: dict) -> None:
+        if job.label == "first":  # the grid planned both runs, unfinished; now the other process ends "second"
+            runner.run(config, dataclasses.replace(control, out=second.run_dir))
+            written["metrics"] = (second.run_dir / "metrics.json").read_bytes()
+
+    results = grid.run_jobs([first, second], control, on_result=other_process_finishes_second)
+    assert (second.run_dir / "metrics.json").read_bytes() == written["metrics"]  # not trained again
+    assert results[1][1]["test_accuracy"] == json.loads(written["metrics"])["test_accuracy"]
 
 
 @pytest.mark.parametrize("workers", [1, 2])
