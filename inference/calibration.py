@@ -3,10 +3,10 @@
 
 :func:`calibrate` trains (or reuses) one run per cell ``(family, true extent a, seed)``, each derived from a base
 :class:`~inference.config.RunConfig` (:func:`cell_config`: MNIST transformed by U[-a, a] of the family; a = 0 is
-untransformed MNIST, one run per seed shared by the families), and writes ``extents.csv`` (one row per run),
-``extents.md`` (mean +- std over seeds per cell) and ``extents.<format>`` (png, pdf or svg: learned against
-true extent with y = x, one panel per family). :func:`recommended` applies the recommended setting for relaxed
-invariance (:data:`RECOMMENDED`).
+the family's untransformed digits, one run per seed shared by the families on the same digits), and writes
+``extents.csv`` (one row per run), ``extents.md`` (mean +- std over seeds per cell) and ``extents.<format>`` (png,
+pdf or svg: learned against true extent with y = x, one panel per family). :func:`recommended` applies the
+recommended setting for relaxed invariance (:data:`RECOMMENDED`).
 
 Families and the units of their extent (the data's transformation is U[-a, a] in these units):
 
@@ -14,9 +14,13 @@ Families and the units of their extent (the data's transformation is U[-a, a] in
 family       data                                learned extent
 ===========  ==================================  ==================================================
 rotation     rotated by U[-a, a] degrees         eta_rotate in degrees, at most 180 (a full turn)
-translation  shifted by U[-a, a] px along x, y   mean of eta_translate_x, _y, in pixels
+translation  centred on their class templates,   mean of eta_translate_x, _y, in pixels
+             then shifted by U[-a, a] px along
+             x, y (``translated-centred-mnist``)
 scale        magnified by exp(U[-a, a])          eta_scale (isotropic basis) or the mean of
                                                  eta_scale_x, _y (paper's basis), in log units
+translation  MNIST as it is, shifted by U[-a, a]  as translation (not a default family: MNIST's own
+-uncentred   px (``translated-mnist``)            translation adds to a; README)
 ===========  ==================================  ==================================================
 
 "others" is the largest eta of the generators outside the family, in the units of T (radians for rotation).
@@ -56,6 +60,7 @@ class Family:
     generators: tuple[str, ...]  # the generators whose eta measures the family's extent
     to_unit: float | None  # multiply eta (units of T) by this to get the extent's unit; None: pixels
     most: float | None = None  # the largest extent there is, in the family's unit (a full turn: 180 deg)
+    untransformed: str = "mnist"  # the dataset at a = 0, which the family's dataset transforms
 
     def learned(self, eta: dict[str, float], image_size: int = 28) -> float:
         """The learned extent in this family's unit (mean over its generators in the run's basis); pixels on
@@ -74,11 +79,17 @@ class Family:
 FAMILIES: dict[str, Family] = {
     "rotation": Family("rotation", "partially-rotated-mnist", "rotation_deg", "deg", (0, 45, 90, 135, 180),
                        ("rotate",), math.degrees(1.0), most=180.0),
-    "translation": Family("translation", "translated-mnist", "translation_px", "px", (0, 2, 4, 8),
-                          ("translate_x", "translate_y"), None),
+    # digits centred on their class templates first: MNIST holds ~1.35 px of its own translation (README)
+    "translation": Family("translation", "translated-centred-mnist", "translation_px", "px", (0, 2, 4, 8),
+                          ("translate_x", "translate_y"), None, untransformed="centred-mnist"),
     "scale": Family("scale", "scaled-mnist", "log_scale", "log", (0, math.log(1.5), math.log(2)),
                     ("scale_x", "scale_y", "scale"), 1.0),  # the paper's basis has the first two, the isotropic one
+    # MNIST shifted as it is: the learned extent then reads the shift and MNIST's own translation together
+    "translation-uncentred": Family("translation-uncentred", "translated-mnist", "translation_px", "px", (0, 2, 4, 8),
+                                    ("translate_x", "translate_y"), None),
 }
+DEFAULT_FAMILIES = ("rotation", "translation", "scale")
+"""The families ``python -m inference.extents`` calibrates unless ``--families`` says otherwise."""
 
 RECOMMENDED: dict[str, dict] = {  # the recommended setting for relaxed invariance (README, "How much invariance")
     "model": {
@@ -118,14 +129,19 @@ COLUMNS = ["family", "true_extent", "unit", "seed", "learned_extent", "ratio", "
 
 
 def cell_dir(out: Path, fam: Family, extent: float, seed: int) -> Path:
-    """A cell's run folder; every family's a = 0 is untransformed MNIST, so they share ``untransformed/``."""
-    return out / ("untransformed" if extent == 0 else f"{fam.name}-{extent:.4g}") / f"seed-{seed}"
+    """A cell's run folder; a = 0 is the family's untransformed dataset, shared by the families on MNIST
+    (``untransformed/``; ``centred-mnist/`` for translation)."""
+    if extent == 0:
+        name = "untransformed" if fam.untransformed == DatasetName.MNIST else fam.untransformed
+    else:
+        name = f"{fam.name}-{extent:.4g}"
+    return out / name / f"seed-{seed}"
 
 
 def cell_config(base: RunConfig, fam: Family, extent: float, seed: int) -> RunConfig:
-    """The run of one cell (a = 0: plain MNIST, one run shared by the families)."""
+    """The run of one cell (a = 0: the family's untransformed dataset, one run shared by the families on it)."""
     if extent == 0:
-        return derive(base, data={"dataset": DatasetName.MNIST}, train={"seed": seed})
+        return derive(base, data={"dataset": DatasetName(fam.untransformed)}, train={"seed": seed})
     return derive(base, data={"dataset": DatasetName(fam.dataset), fam.data_flag: extent}, train={"seed": seed})
 
 

@@ -81,7 +81,6 @@ PAPER_RANGES: dict[Variant, dict] = {  # the paper's transformation of each vari
     Variant.TRANSLATED: {"translation_px": 8.0},
     Variant.SCALED: {"log_scale": math.log(2.0)},
     Variant.PLAIN: {},
-    Variant.CENTRED: {},  # not the paper's: MNIST moved onto its class templates
 }
 DATASETS: dict[str, dict] = {
     **{label: {"dataset": name, **PAPER_RANGES[name.variant]} for label, name in (

@@ -5,10 +5,10 @@ The data root is ``--data-dir`` > ``$INVW_DATA_DIR`` > ``./data``, each source i
 :class:`DataNotFoundError` names the folder and the flag. A dataset is named ``<variant>-<source>`` (plain: the
 source's name alone); each :class:`Variant` transforms every example once, with a generator seeded by
 ``data_seed`` (REFERENCE.md): rotated by U[-180, 180] deg, partially rotated by U[-90, 90] deg (MNIST only),
-translated by U[-8, 8] px, scaled by exp(s), s ~ U[-log 2, log 2] (the defaults; README, "Data"); centred (MNIST
-only): each image moved onto the mean image of its class by whole pixels
-(:func:`inference.alignment.centre_on_templates`), which removes most of the translation MNIST holds of itself, a
-control for the learned eta_translate.
+translated by U[-8, 8] px, scaled by exp(s), s ~ U[-log 2, log 2] (the defaults; README, "Data"). ``centred``
+before the source (``centred-mnist``, ``translated-centred-mnist``) first moves each image onto the mean image of its
+class by whole pixels (:func:`inference.alignment.centre_on_templates`), which removes most of the translation MNIST
+holds of itself: digits whose translation is known, for the calibration of the learned eta_translate.
 
 Memory: the source is read as bytes, subset, and converted to float32 and warped :data:`CHUNK` images at a time
 into one preallocated ``(N, C, H, W)`` tensor, so the only whole-set float copy is the result.
@@ -49,7 +49,6 @@ class Variant(StrEnum):
     PARTIALLY_ROTATED = "partially-rotated"
     TRANSLATED = "translated"
     SCALED = "scaled"
-    CENTRED = "centred"
 
 
 class DatasetName(StrEnum):
@@ -61,6 +60,7 @@ class DatasetName(StrEnum):
     TRANSLATED = "translated-mnist"
     SCALED = "scaled-mnist"
     CENTRED = "centred-mnist"
+    TRANSLATED_CENTRED = "translated-centred-mnist"
     FASHION_MNIST = "fashion-mnist"
     ROTATED_FASHION_MNIST = "rotated-fashion-mnist"
     TRANSLATED_FASHION_MNIST = "translated-fashion-mnist"
@@ -77,10 +77,20 @@ class DatasetName(StrEnum):
         return next(s for s in longest_first if self.value == s or self.value.endswith(f"-{s}"))
 
     @property
+    def centred(self) -> bool:
+        """Whether every image is first moved onto its class template (``[<variant>-]centred-<source>``: the source
+        with most of its own translation removed, :func:`inference.alignment.centre_on_templates`)."""
+        return self._prefix.split("-")[-1] == "centred"
+
+    @property
     def variant(self) -> Variant:
-        """The one-off transformation: the name less its source."""
-        prefix = self.value[: -len(self.source)].rstrip("-")
+        """The one-off transformation: the name less its source (and less ``centred``)."""
+        prefix = self._prefix.removesuffix("centred").rstrip("-")
         return Variant(prefix or Variant.PLAIN)
+
+    @property
+    def _prefix(self) -> str:
+        return self.value[: -len(self.source)].rstrip("-")
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
@@ -317,7 +327,7 @@ def load_datasets(cfg: DataConfig) -> Datasets:
             order = torch.randperm(len(idx), generator=gen)
             idx, T = idx[order], None if T is None else T[order]
             images, labels = images[idx], labels[idx]
-        if cfg.dataset.variant is Variant.CENTRED:  # the split's own class templates (labels are known)
+        if cfg.dataset.centred:  # the split's own class templates (labels are known), before the transformation
             images = centre_on_templates(images, labels)
         splits[name] = Split(float_images(images, T), labels)
         info[f"{name}_size"] = len(labels)

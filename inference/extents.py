@@ -8,9 +8,10 @@ trains one model per (transformation family, true extent, seed) with every flag 
 defaulting to the recommended setting for relaxed invariance (:data:`inference.calibration.RECOMMENDED`: the
 ``evidence`` objective with priors on every weight, on the ``sequential`` schedule, 2,000 steps per phase, a
 200-step eta burn-in, eta's learning rate 0.02, all six generators in the isotropic basis, translations bounded by
-half the frame), and writes
-``OUT/<family>-<extent>/seed-<s>/`` (one run each; ``OUT/untransformed/seed-<s>/`` for a = 0), ``OUT/extents.csv``,
-``OUT/extents.md`` and ``OUT/extents.png`` (``--format pdf`` or ``svg``, ``--dpi``; :mod:`inference.calibration`).
+half the frame), and writes ``OUT/<family>-<extent>/seed-<s>/`` (one run each; for a = 0
+``OUT/untransformed/seed-<s>/``, MNIST, and ``OUT/centred-mnist/seed-<s>/``, the digits centred on their class
+templates that the translation family shifts), ``OUT/extents.csv``, ``OUT/extents.md`` and ``OUT/extents.png``
+(``--format pdf`` or ``svg``, ``--dpi``; :mod:`inference.calibration`).
 Running the same command again continues where it stopped; ``--collect`` trains nothing and builds the table and
 figure from the cells finished so far (e.g. by several processes sharing ``--out``).
 """
@@ -22,7 +23,7 @@ import sys
 from pathlib import Path
 
 from inference import grid, train
-from inference.calibration import FAMILIES, Cell, calibrate, recommended_flags
+from inference.calibration import DEFAULT_FAMILIES, FAMILIES, Cell, calibrate, recommended_flags
 from inference.cli import add_figure_flags, figure_format
 
 
@@ -32,8 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.description = __doc__.split("\n\n")[0]
     p.set_defaults(**recommended_flags())
     g = p.add_argument_group("calibration")
-    g.add_argument("--families", default=",".join(FAMILIES),
-                   help=f"comma list of {list(FAMILIES)}")
+    g.add_argument("--families", default=",".join(DEFAULT_FAMILIES),
+                   help=f"comma list of {list(FAMILIES)} (default: {','.join(DEFAULT_FAMILIES)})")
     g.add_argument("--seeds", type=grid.parse_seeds, default=(0,),
                    help="comma list of seeds, one run per cell and seed")
     g.add_argument("--jobs", type=int, default=1,
@@ -55,7 +56,7 @@ def cells(args: argparse.Namespace) -> list[Cell]:
         raise ValueError(f"unknown or no families {unknown}; choose from {list(FAMILIES)}")
     out = []
     for name in names:
-        grid = getattr(args, f"{name}_grid")
+        grid = getattr(args, f"{name.replace('-', '_')}_grid")
         if not grid or min(grid) < 0:
             raise ValueError(f"--{name}-grid needs extents >= 0, got {grid}")
         out += [(FAMILIES[name], a, s) for a in grid for s in args.seeds]

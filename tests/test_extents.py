@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from inference import calibration
+from inference.config import RunConfig
 from models.transforms import ISOTROPIC_NAMES
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -38,6 +39,23 @@ def test_each_family_reads_its_extent_in_its_own_unit():
     assert scale.others(eta(scale_x=0.6, scale_y=0.8, rotate=0.5)) == pytest.approx(0.5)
     iso = dict(zip(ISOTROPIC_NAMES, (0.1, 0.1, 0.2, 0.7, 0.3, 0.0), strict=True))  # the isotropic basis
     assert scale.learned(iso) == pytest.approx(0.7) and scale.others(iso) == pytest.approx(0.3)  # stretch is other
+
+
+def test_translation_shifts_centred_digits_so_its_truth_is_the_shift(tmp_path):
+    """The translation family's cells shift MNIST centred on its class templates, and its a = 0 is those centred
+    digits; the uncentred family shifts MNIST as it is and shares a = 0 with rotation and scale."""
+    base = calibration.recommended(RunConfig())
+    fams = calibration.FAMILIES
+    for name, zero, shifted, folder in (("translation", "centred-mnist", "translated-centred-mnist", "centred-mnist"),
+                                        ("translation-uncentred", "mnist", "translated-mnist", "untransformed")):
+        fam = fams[name]
+        assert calibration.cell_config(base, fam, 0, 1).data.dataset == zero
+        cfg = calibration.cell_config(base, fam, 4.0, 1)
+        assert (cfg.data.dataset, cfg.data.translation_px, cfg.train.seed) == (shifted, 4.0, 1)
+        assert calibration.cell_dir(tmp_path, fam, 0, 1) == tmp_path / folder / "seed-1"
+        assert calibration.cell_dir(tmp_path, fam, 4.0, 1) == tmp_path / f"{name}-4" / "seed-1"
+    assert calibration.cell_dir(tmp_path, fams["rotation"], 0, 1) == tmp_path / "untransformed" / "seed-1"
+    assert "translation-uncentred" not in calibration.DEFAULT_FAMILIES
 
 
 def test_summary_gives_mean_and_std_over_seeds_and_no_ratio_at_zero():
@@ -72,17 +90,21 @@ def test_cli_runs_every_cell_writes_table_and_figure_and_reuses_finished_cells(t
     env = {**os.environ, "PYTHONWARNINGS": "error"}
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    # a = 0 is untransformed MNIST: trained once per seed (by rotation), reused by translation
-    assert proc.stderr.count("(done, reused)") == 2 and "translation a=0 px seed=1 (done, reused)" in proc.stderr
+    # a = 0 is each family's untransformed digits: MNIST for rotation (and scale), MNIST centred on its class
+    # templates for translation, whose cells shift those centred digits (the truth of the cell is then the shift)
+    assert "(done, reused)" not in proc.stderr
     zero = json.loads((out / "untransformed" / "seed-1" / "metrics.json").read_text())
     assert zero["config"]["data"]["dataset"] == "mnist"
+    zero = json.loads((out / "centred-mnist" / "seed-1" / "metrics.json").read_text())
+    assert zero["config"]["data"]["dataset"] == "centred-mnist"
     with open(out / "extents.csv") as f:
         rows = list(csv.DictReader(f))
     assert [(r["family"], float(r["true_extent"]), int(r["seed"])) for r in rows] == [
         ("rotation", 0, 0), ("rotation", 0, 1), ("rotation", 90, 0), ("rotation", 90, 1), ("translation", 0, 0),
         ("translation", 0, 1), ("translation", 4, 0), ("translation", 4, 1), ("scale", 0.4, 0), ("scale", 0.4, 1)]
     cell = json.loads((out / "translation-4" / "seed-1" / "metrics.json").read_text())
-    assert cell["config"]["data"]["dataset"] == "translated-mnist" and cell["config"]["data"]["translation_px"] == 4
+    assert cell["config"]["data"]["dataset"] == "translated-centred-mnist"
+    assert cell["config"]["data"]["translation_px"] == 4
     assert cell["config"]["seed"] == 1 and cell["config"]["train"]["eta_objective"] == "evidence"
     # the recommended basis: isotropic scale and aspect change in place of scale_x, scale_y
     assert tuple(cell["config"]["model"]["generators"]) == ISOTROPIC_NAMES
@@ -101,7 +123,7 @@ def test_cli_runs_every_cell_writes_table_and_figure_and_reuses_finished_cells(t
     proc = subprocess.run([*cmd, "--collect", "--seeds", "1,2", "--format", "svg"], cwd=ROOT, capture_output=True,
                           text=True, timeout=600, env=env)
     assert proc.returncode == 0 and proc.stderr.count("(not run, skipped)") == 5
-    assert not (out / "untransformed" / "seed-2").exists()
+    assert not (out / "untransformed" / "seed-2").exists() and not (out / "centred-mnist" / "seed-2").exists()
     assert (out / "extents.svg").read_bytes().startswith(b"<?xml")  # --format: the figure in another format
     # a finished cell made with other settings is never mixed in: one-line error, nothing trained or changed
     proc = subprocess.run([*cmd, "--eta-lr", "0.2"], cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)

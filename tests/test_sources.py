@@ -33,9 +33,11 @@ def cifar_root(tmp_path, monkeypatch):
 # --------------------------------------------------------------------------- names
 def test_every_dataset_name_is_its_variant_and_its_source():
     for name in DatasetName:
-        prefix = "" if name.variant is Variant.PLAIN else f"{name.variant.value}-"
-        assert name.value == f"{prefix}{name.source.value}"
+        parts = [] if name.variant is Variant.PLAIN else [name.variant.value]
+        parts += ["centred"] if name.centred else []
+        assert name.value == "-".join([*parts, name.source.value])
         assert name.image_shape == SOURCES[name.source].image_shape
+    assert [d.value for d in DatasetName if d.centred] == ["centred-mnist", "translated-centred-mnist"]
     assert {d.variant for d in CIFAR_NAMES} == {Variant.PLAIN, Variant.ROTATED, Variant.TRANSLATED, Variant.SCALED}
     assert {d.variant for d in FASHION_NAMES} == {d.variant for d in CIFAR_NAMES}
     assert DatasetName("rotated-fashion-mnist").source is Source.FASHION_MNIST  # not MNIST
