@@ -32,7 +32,7 @@ import csv
 import math
 import statistics
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from inference import grid, report
@@ -76,17 +76,19 @@ class Family:
         return max(value for g, value in eta.items() if g not in self.generators)
 
 
+_TRANSLATION = Family("translation", "translated-centred-mnist", "translation_px", "px", (0, 2, 4, 8),
+                      ("translate_x", "translate_y"), None, untransformed="centred-mnist")
+"""Digits centred on their class templates first: MNIST holds ~1.35 px of translation of its own (README)."""
+
 FAMILIES: dict[str, Family] = {
     "rotation": Family("rotation", "partially-rotated-mnist", "rotation_deg", "deg", (0, 45, 90, 135, 180),
                        ("rotate",), math.degrees(1.0), most=180.0),
-    # digits centred on their class templates first: MNIST holds ~1.35 px of its own translation (README)
-    "translation": Family("translation", "translated-centred-mnist", "translation_px", "px", (0, 2, 4, 8),
-                          ("translate_x", "translate_y"), None, untransformed="centred-mnist"),
+    "translation": _TRANSLATION,
     "scale": Family("scale", "scaled-mnist", "log_scale", "log", (0, math.log(1.5), math.log(2)),
                     ("scale_x", "scale_y", "scale"), 1.0),  # the paper's basis has the first two, the isotropic one
     # MNIST shifted as it is: the learned extent then reads the shift and MNIST's own translation together
-    "translation-uncentred": Family("translation-uncentred", "translated-mnist", "translation_px", "px", (0, 2, 4, 8),
-                                    ("translate_x", "translate_y"), None),
+    "translation-uncentred": replace(_TRANSLATION, name="translation-uncentred", dataset="translated-mnist",
+                                     untransformed="mnist"),
 }
 DEFAULT_FAMILIES = ("rotation", "translation", "scale")
 """The families ``python -m inference.extents`` calibrates unless ``--families`` says otherwise."""
