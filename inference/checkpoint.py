@@ -91,11 +91,14 @@ def config_fingerprint(config: Mapping) -> str:
 
 def differing_settings(saved: Mapping, current: Mapping, prefix: str = "") -> list[tuple[str, Any, Any]]:
     """``(dotted key, saved value, current value)`` for every setting whose JSON values differ ("<absent>" on
-    the side that lacks it), nested mappings compared key by key."""
+    the side that lacks it), nested mappings compared key by key. A setting ``saved`` lacks and ``current`` leaves
+    at None (an option added since, off) is no difference: runs made before it was added stay the same runs."""
     saved, current = to_jsonable(saved), to_jsonable(current)
     out = []
     for key in sorted(set(saved) | set(current)):
         a, b = saved.get(key, "<absent>"), current.get(key, "<absent>")
+        if a == "<absent>" and b is None:
+            continue
         if isinstance(a, dict) and isinstance(b, dict):
             out.extend(differing_settings(a, b, prefix=f"{prefix}{key}."))
         elif a != b:

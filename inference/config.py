@@ -87,11 +87,11 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "device", _check_device(self.device))
-        expected = self.data.dataset.image_shape
+        expected = self.data.image_shape
         if self.model.image_shape != expected:
             raise ValueError(f"the model's image_shape {self.model.image_shape} does not fit the images of "
-                             f"{self.data.dataset.value}, {expected}: set ModelConfig(image_shape=DatasetName"
-                             f"({self.data.dataset.value!r}).image_shape)")
+                             f"{self.data.dataset.value}, {expected}: set ModelConfig(image_shape="
+                             "data_config.image_shape)")
 
     # ------------------------------------------------------------------ JSON
     def to_dict(self) -> dict[str, Any]:
@@ -162,7 +162,7 @@ def _tuples(value: Any) -> Any:
 def derive(cfg: RunConfig, **sections: Any) -> RunConfig:
     """``cfg`` with some settings changed, section by section (:func:`dataclasses.replace` on each).
 
-    The model's ``image_shape`` follows a change of dataset unless ``model`` sets it. Example:
+    The model's ``image_shape`` follows a change of data (dataset, canvas) unless ``model`` sets it. Example:
     ``derive(cfg, model={"hidden": 8}, train={"seed": 2}, device="cuda")``.
     """
     changes: dict[str, Any] = {}
@@ -173,7 +173,7 @@ def derive(cfg: RunConfig, **sections: Any) -> RunConfig:
             changes[name] = dataclasses.replace(getattr(cfg, name), **values)
     if "data" in changes and "image_shape" not in (sections.get("model") or {}):
         model = changes.get("model", cfg.model)
-        changes["model"] = dataclasses.replace(model, image_shape=changes["data"].dataset.image_shape)
+        changes["model"] = dataclasses.replace(model, image_shape=changes["data"].image_shape)
     return dataclasses.replace(cfg, **changes)
 
 

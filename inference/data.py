@@ -115,6 +115,7 @@ class DataConfig:
     translation_px: float = 8.0
     log_scale: float = math.log(2.0)
     data_seed: int = 0  # seed of the one-off transformation and of subsetting
+    canvas: int | None = None  # pad every image with zeros to canvas x canvas pixels first; None: the source's size
 
     def __post_init__(self) -> None:
         try:
@@ -131,6 +132,17 @@ class DataConfig:
             if value is not None and not (isinstance(value, numbers.Real) and 0 <= value <= high):
                 raise ValueError(f"{name} must be a number in [0, {high:g}], got {value!r}")
         check_seed("data_seed", self.data_seed)
+        if self.canvas is not None:
+            check_positive_int("canvas", self.canvas)
+            C, H, W = self.dataset.image_shape
+            if self.canvas < max(H, W):
+                raise ValueError(f"canvas must be at least the images' size, {max(H, W)} px, got {self.canvas}")
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        """``(C, H, W)`` of the images this config loads: the source's, or ``canvas`` pixels square."""
+        C, H, W = self.dataset.image_shape
+        return (C, H, W) if self.canvas is None else (C, self.canvas, self.canvas)
 
     @property
     def rotation(self) -> float:
@@ -251,7 +263,7 @@ def true_extent(data_cfg: DataConfig, image_size: int | None = None,
     """
     extent = dict.fromkeys(names, 0.0)
     variant = data_cfg.dataset.variant
-    size = data_cfg.dataset.image_shape[-1] if image_size is None else image_size
+    size = data_cfg.image_shape[-1] if image_size is None else image_size
     if variant in (Variant.ROTATED, Variant.PARTIALLY_ROTATED):
         extent["rotate"] = data_cfg.rotation
     elif variant is Variant.TRANSLATED:
@@ -285,6 +297,14 @@ def transformation_matrices(
     return torch.linalg.matrix_exp(A)
 
 
+def pad_to_canvas(images: torch.Tensor, canvas: int) -> torch.Tensor:
+    """``images (N, C, H, W)`` in the middle of a ``canvas`` x ``canvas`` frame of zeros (an odd margin puts the
+    extra pixel below and to the right), so that shifts within the margin crop nothing."""
+    H, W = images.shape[-2:]
+    top, left = (canvas - H) // 2, (canvas - W) // 2
+    return torch.nn.functional.pad(images, (left, canvas - W - left, top, canvas - H - top))
+
+
 def float_images(images: torch.Tensor, T: torch.Tensor | None) -> torch.Tensor:
     """Bytes ``uint8 (N, C, H, W)`` as float32 in [0, 1], each warped by its ``T (N, 3, 3)`` (bilinear, zero
     padding, clamped to [0, 1]) when given; :data:`CHUNK` images at a time into one preallocated result."""
@@ -302,7 +322,7 @@ def load_datasets(cfg: DataConfig) -> Datasets:
     Returns
     -------
     Datasets
-        ``train`` and ``test`` splits of shape ``(N, C, H, W)`` (``cfg.dataset.image_shape``) and ``info`` with the
+        ``train`` and ``test`` splits of shape ``(N, C, H, W)`` (``cfg.image_shape``) and ``info`` with the
         root, the source, the sizes and whether the whole published dataset (``full_set``) or a part was found.
     """
     root = resolve_data_dir(cfg.data_dir)
@@ -322,11 +342,13 @@ def load_datasets(cfg: DataConfig) -> Datasets:
         gen = torch.Generator().manual_seed(2 * cfg.data_seed + i)  # one stream per split
         images, labels = raw[name]
         idx = balanced_subset(labels, size, gen) if size is not None and size < len(labels) else None
-        T = transformation_matrices(cfg, len(labels) if idx is None else len(idx), images.shape[-1], gen)
+        T = transformation_matrices(cfg, len(labels) if idx is None else len(idx), cfg.image_shape[-1], gen)
         if idx is not None:  # the subset in random order, every example keeping the transformation drawn for it
             order = torch.randperm(len(idx), generator=gen)
             idx, T = idx[order], None if T is None else T[order]
             images, labels = images[idx], labels[idx]
+        if cfg.canvas is not None:  # the source's images in the middle of a larger frame, before anything moves them
+            images = pad_to_canvas(images, cfg.canvas)
         if cfg.dataset.centred:  # the split's own class templates (labels are known), before the transformation
             images = centre_on_templates(images, labels)
         splits[name] = Split(float_images(images, T), labels)

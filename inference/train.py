@@ -104,6 +104,8 @@ def add_data_args(g: argparse._ArgumentGroup | argparse.ArgumentParser) -> None:
     g.add_argument("--translation-px", type=float, default=d.translation_px, help="data translation range in pixels")
     g.add_argument("--log-scale", type=float, default=d.log_scale, help="data scale exp(s), s ~ U[-v, v]")
     g.add_argument("--data-seed", type=int, default=d.data_seed, help="seed of the one-off data transformation")
+    g.add_argument("--canvas", type=int, default=d.canvas, metavar="PX",
+                   help="pad the images with zeros to PX x PX before transforming them (default: the source's size)")
 
 
 def _add_model_args(g: argparse._ArgumentGroup) -> None:
@@ -236,7 +238,8 @@ def data_config_from_args(args: argparse.Namespace) -> DataConfig:
     """The :class:`DataConfig` of the flags :func:`add_data_args` adds."""
     return DataConfig(dataset=args.dataset, data_dir=args.data_dir, allow_download=args.download,
                       train_size=args.train_size, test_size=args.test_size, rotation_deg=args.rotation_deg,
-                      translation_px=args.translation_px, log_scale=args.log_scale, data_seed=args.data_seed)
+                      translation_px=args.translation_px, log_scale=args.log_scale, data_seed=args.data_seed,
+                      canvas=args.canvas)
 
 
 def config_from_args(args: argparse.Namespace) -> RunConfig:
@@ -258,7 +261,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
     first_layer_prior, output_layer_prior = args.first_layer_prior == "on", args.output_layer_prior == "on"
     check_model_fits(GuideKind(args.guide), objective, PriorKind(args.prior), first_layer_prior,
                      output_layer_prior)
-    model = ModelConfig(image_shape=data.dataset.image_shape, hidden=args.hidden, first_layer=args.first_layer,
+    model = ModelConfig(image_shape=data.image_shape, hidden=args.hidden, first_layer=args.first_layer,
                         rff_scale=args.rff_scale, rff_blur=args.rff_blur, transform_mode=args.transform_mode,
                         averaging=args.averaging,
                         num_transforms=args.num_transforms, generators=args.generators,

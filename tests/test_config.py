@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from inference.checkpoint import load_checkpoint
-from inference.config import CONFIG_FILENAME, EvalConfig, GuideConfig, RunConfig, derive
+from inference.checkpoint import differing_settings, load_checkpoint
+from inference.config import CONFIG_FILENAME, EvalConfig, GuideConfig, RunConfig, derive, same_run
 from inference.data import DataConfig
 from inference.svi import TrainConfig
 from inference.train import cli
@@ -52,6 +52,28 @@ def test_the_model_takes_the_images_of_its_dataset():
     assert derive(back, data={"dataset": "scaled-cifar10"}, model={"hidden": 8}).model.image_shape == (3, 32, 32)
     with pytest.raises(ValueError, match="does not fit"):  # a shape given with the change is kept, and checked
         derive(back, data={"dataset": "cifar10"}, model={"image_shape": (1, 28, 28)})
+
+
+def test_a_canvas_sets_the_image_shape_the_model_must_take():
+    cfg = derive(RunConfig(), data={"dataset": "translated-mnist", "canvas": 44})
+    assert cfg.model.image_shape == (1, 44, 44)
+    with pytest.raises(ValueError, match=r"image_shape \(1, 28, 28\) does not fit"):
+        RunConfig(data=DataConfig(dataset="translated-mnist", canvas=44))
+    assert RunConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+
+
+def test_a_run_made_before_an_option_was_added_is_the_same_run_with_the_option_off():
+    """A finished run's saved config lacks settings added since; left at None (off) they change nothing, so grids
+    reuse it and its checkpoints resume. Set to something else, they make another run."""
+    cfg = RunConfig()
+    saved = cfg.to_dict()
+    del saved["data"]["canvas"]
+    assert same_run(saved, cfg) == []
+    assert same_run(saved, derive(cfg, data={"canvas": 32}, model={"image_shape": (1, 32, 32)})) == [
+        "data.canvas", "model.image_shape"]
+    training = cfg.training_dict()
+    del training["data"]["canvas"]
+    assert differing_settings(training, cfg.training_dict()) == []
 
 
 def test_config_json_reruns_a_run_exactly_and_is_the_only_definition(tmp_path, data_dir, capsys):

@@ -16,6 +16,7 @@ from inference.data import (
     load_datasets,
     resolve_data_dir,
     transformation_matrices,
+    true_extent,
 )
 from inference.sources import Source, read_idx
 from models.transforms import warp_images
@@ -210,3 +211,42 @@ def test_test_split_does_not_depend_on_train_size(data_dir):
     a, b = load(100), load(200)
     assert torch.equal(a.test.y, b.test.y)
     assert torch.equal(a.test.x, b.test.x)
+
+
+# --------------------------------------------------------------------------- canvas
+def test_a_canvas_puts_the_images_in_the_middle_of_a_frame_of_zeros(data_dir):
+    plain = load_datasets(DataConfig(dataset="mnist", data_dir=str(data_dir), train_size=30, test_size=10))
+    cfg = DataConfig(dataset="mnist", data_dir=str(data_dir), train_size=30, test_size=10, canvas=44)
+    padded = load_datasets(cfg)
+    assert cfg.image_shape == (1, 44, 44) and padded.train.x.shape == (30, 1, 44, 44)
+    assert torch.equal(padded.train.x[..., 8:36, 8:36], plain.train.x)
+    frame = padded.train.x.clone()
+    frame[..., 8:36, 8:36] = 0
+    assert not frame.any()
+    assert torch.equal(padded.train.y, plain.train.y)
+
+
+def test_on_a_canvas_with_room_a_translation_crops_nothing(data_dir):
+    """The paper's 8-px shifts push strokes out of MNIST's 28-px frame; with 8 px of margin they stay in it, so
+    every shifted digit keeps its ink (bilinear resampling moves it, it does not lose it)."""
+
+    def ink(dataset, canvas=None):
+        cfg = DataConfig(dataset=dataset, data_dir=str(data_dir), train_size=500, test_size=10, canvas=canvas)
+        return load_datasets(cfg).train.x.sum((1, 2, 3))
+
+    kept_28 = ink("translated-mnist") / ink("mnist")
+    kept_44 = ink("translated-mnist", 44) / ink("mnist", 44)
+    assert kept_44.min() > 0.97 and kept_44.max() < 1.03
+    assert kept_28.min() < 0.8  # some digits lose a fifth of their ink or more in the 28-px frame
+
+
+def test_the_true_extent_of_a_translation_is_in_the_units_of_the_canvas():
+    cfg = DataConfig(dataset="translated-mnist", translation_px=8.0, canvas=44)
+    assert true_extent(cfg)["translate_x"] == pytest.approx(8.0 / 21.5)
+    assert true_extent(DataConfig(dataset="translated-mnist"))["translate_y"] == pytest.approx(8.0 / 13.5)
+
+
+@pytest.mark.parametrize("canvas", [0, 27, 20])
+def test_a_canvas_smaller_than_the_images_is_refused(canvas):
+    with pytest.raises(ValueError, match="canvas"):
+        DataConfig(dataset="mnist", canvas=canvas)

@@ -13,6 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from inference.evaluate import predictive_log_probs
+from inference.run_io import load_model
 from inference.train import cli
 from models import GENERATOR_NAMES
 
@@ -159,6 +161,17 @@ def test_in_process_run_with_other_options(data_dir, tmp_path):
     assert rows and all(float(r["rotate"]) == pytest.approx(math.radians(30.0), rel=1e-6) for r in rows)
 
 
+def test_a_run_on_a_canvas_trains_and_loads_on_images_of_that_size(data_dir, tmp_path):
+    out = tmp_path / "canvas"
+    assert cli(tiny_args(data_dir, out, "--dataset", "translated-mnist", "--canvas", "36")) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["config"]["data"]["canvas"] == 36 and metrics["config"]["model"]["image_shape"] == [1, 36, 36]
+    model, guide, config = load_model(out)
+    assert config.data.image_shape == (1, 36, 36)
+    probs = predictive_log_probs(model, guide, torch.zeros(3, 1, 36, 36), num_samples=2).exp()
+    assert probs.shape == (3, 10) and torch.allclose(probs.sum(-1), torch.ones(3))
+
+
 def test_missing_data_dir_is_a_one_line_error(tmp_path):
     missing = tmp_path / "nowhere"
     proc = run_train("--data-dir", str(missing), "--out", str(tmp_path / "out"), "--no-progress")
@@ -190,6 +203,7 @@ def test_tiny_training_run_on_cuda(data_dir, tmp_path):
         (["--hidden", "0"], "hidden must be a positive integer"),
         (["--num-steps", "0"], "num_steps must be a positive integer"),
         (["--train-size", "0"], "train_size must be a positive integer"),
+        (["--canvas", "20"], "canvas must be at least the images' size, 28 px"),
     ],
 )
 def test_invalid_values_are_one_line_errors_in_process(tmp_path, capsys, extra, needle):
