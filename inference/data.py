@@ -9,6 +9,8 @@ translated by U[-8, 8] px, scaled by exp(s), s ~ U[-log 2, log 2] (the defaults;
 before the source (``centred-mnist``, ``translated-centred-mnist``) first moves each image onto the mean image of its
 class by whole pixels (:func:`inference.alignment.centre_on_templates`), which removes most of the translation MNIST
 holds of itself: digits whose translation is known, for the calibration of the learned eta_translate.
+``canvas`` puts every image in the middle of a larger frame of zeros before it is centred or transformed, so that
+shifts crop nothing; the transformation's pixels are then the canvas's.
 
 Memory: the source is read as bytes, subset, and converted to float32 and warped :data:`CHUNK` images at a time
 into one preallocated ``(N, C, H, W)`` tensor, so the only whole-set float copy is the result.
@@ -274,9 +276,7 @@ def true_extent(data_cfg: DataConfig, image_size: int | None = None,
     return extent
 
 
-def transformation_matrices(
-    cfg: DataConfig, n: int, image_size: int, generator: torch.Generator
-) -> torch.Tensor | None:
+def transformation_matrices(cfg: DataConfig, n: int, generator: torch.Generator) -> torch.Tensor | None:
     """One affine matrix per example for the chosen variant, ``(n, 3, 3)`` (None for untouched data).
 
     The matrices act on output coordinates, ``x'(p) = x(T p)``, like :func:`models.warp_images`.
@@ -287,7 +287,7 @@ def transformation_matrices(
     if variant in (Variant.ROTATED, Variant.PARTIALLY_ROTATED):
         A = (u[:, 0] * cfg.rotation)[:, None, None] * G[2]
     elif variant is Variant.TRANSLATED:
-        shift = cfg.translation_px / pixels_per_unit(image_size)  # pixels -> normalised units
+        shift = cfg.translation_px / pixels_per_unit(cfg.image_shape[-1])  # pixels -> normalised units (canvas)
         A = (u[:, 0] * shift)[:, None, None] * G[0] + (u[:, 1] * shift)[:, None, None] * G[1]
     elif variant is Variant.SCALED:
         s = u[:, 0] * cfg.log_scale  # sampling at p / exp(s) magnifies by exp(s)
@@ -342,7 +342,7 @@ def load_datasets(cfg: DataConfig) -> Datasets:
         gen = torch.Generator().manual_seed(2 * cfg.data_seed + i)  # one stream per split
         images, labels = raw[name]
         idx = balanced_subset(labels, size, gen) if size is not None and size < len(labels) else None
-        T = transformation_matrices(cfg, len(labels) if idx is None else len(idx), cfg.image_shape[-1], gen)
+        T = transformation_matrices(cfg, len(labels) if idx is None else len(idx), gen)
         if idx is not None:  # the subset in random order, every example keeping the transformation drawn for it
             order = torch.randperm(len(idx), generator=gen)
             idx, T = idx[order], None if T is None else T[order]

@@ -167,7 +167,7 @@ def test_a_subset_is_shuffled_and_every_example_keeps_its_transformation(data_di
     stored = load_datasets(DataConfig(dataset="mnist", data_dir=str(data_dir))).train
     gen = torch.Generator().manual_seed(2 * cfg.data_seed)  # the training split's stream
     idx = balanced_subset(stored.y, 50, gen)
-    expected = warp_images(stored.x[idx], transformation_matrices(cfg, 50, 28, gen)).clamp(0.0, 1.0)
+    expected = warp_images(stored.x[idx], transformation_matrices(cfg, 50, gen)).clamp(0.0, 1.0)
     same = (train.x.flatten(1)[:, None] == expected.flatten(1)[None]).all(-1)  # (loaded row, expected row)
     assert torch.equal(same.sum(1), torch.ones(50, dtype=torch.long))
     assert torch.equal(train.y, stored.y[idx][same.int().argmax(1)])
